@@ -1,0 +1,98 @@
+"""V4 attention shared by all layer types (arch ref §3): low-rank query with q_norm, per-head unweighted
+RMS norm, a single K=V head with kv_norm, partial interleaved RoPE and output de-rotation, per-head sinks,
+a sliding window plus (csa/hca) compressed entries, and the grouped low-rank output projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv4train.config.model import ModelConfig
+from dsv4train.models.attention_core import CompressedKeys, hybrid_attention
+from dsv4train.models.compressor import Compressor, visible_entries
+from dsv4train.models.indexer import Indexer, kl_loss, select_topk
+from dsv4train.models.norms import RMSNorm, unweighted_rms_norm
+from dsv4train.models.rope import apply_rope, inv_freq, rope_cos_sin
+
+
+@dataclass
+class AttentionAux:
+    indexer_loss: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.window_size
+        self.o_groups, self.o_lora_rank = cfg.o_groups, cfg.o_lora_rank
+        self.eps = cfg.norm_eps
+        self.freqs = inv_freq(cfg, layer_type)
+        self.ratio = cfg.compress_ratio(layer_type)
+        self.indexer_mode = cfg.indexer_mode
+        self.indexer_kl = True  # compute the indexer KL loss when training (the trainer may turn it off)
+        H, c = cfg.n_heads, cfg.head_dim
+        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * c, bias=False)
+        self.wkv = nn.Linear(cfg.dim, c, bias=False)
+        self.kv_norm = RMSNorm(c, cfg.norm_eps)
+        self.wo_a = nn.Linear(H * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H))
+        if layer_type != "swa":
+            self.compressor = Compressor(cfg.dim, c, self.ratio, overlap=layer_type == "csa", eps=cfg.norm_eps)
+        if layer_type == "csa":
+            self.indexer = Indexer(cfg)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, AttentionAux]:
+        B, S, _ = x_BSD.shape
+        H, c = self.n_heads, self.head_dim
+        positions = torch.arange(S, device=x_BSD.device)
+        cos, sin = rope_cos_sin(self.freqs, positions)
+        cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+        qlat_BSR = self.q_norm(self.wq_a(x_BSD))
+        q_BSHC = unweighted_rms_norm(self.wq_b(qlat_BSR).view(B, S, H, c), self.eps)
+        q_BSHC = apply_rope(q_BSHC, cos_h, sin_h)
+        kv_BSC = apply_rope(self.kv_norm(self.wkv(x_BSD)), cos, sin)
+
+        comp, index_scores = None, None
+        if self.layer_type != "swa":
+            n_visible = visible_entries(positions, self.ratio)
+            comp = CompressedKeys(self.compressor(x_BSD, self.freqs), n_visible)
+            if self.layer_type == "csa" and comp.kv_BTC.shape[1] > 0:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._want_kl()):
+                    index_scores = self.indexer.scores(x_BSD, qlat_BSR, cos, sin, self.freqs)
+                if self.indexer_mode == "sparse":
+                    comp.topk_BSK = select_topk(index_scores, n_visible, self.indexer.topk)
+
+        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_BSC, self.attn_sink, self.window, comp)
+        o_BSHC = apply_rope(o_BSHC, cos_h, sin_h, inverse=True)
+        aux = AttentionAux()
+        if index_scores is not None and index_scores.requires_grad:
+            aux.indexer_loss = self._indexer_loss(p_comp, index_scores, comp)
+        return self._project_out(o_BSHC), aux
+
+    def _want_kl(self) -> bool:
+        return self.training and self.indexer_kl
+
+    def _project_out(self, o_BSHC: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output: each of g head groups gets its own d_g map, then one map to d."""
+        B, S = o_BSHC.shape[:2]
+        g = self.o_groups
+        grouped_BSGI = o_BSHC.reshape(B, S, g, -1)
+        wa_GOI = self.wo_a.weight.view(g, self.o_lora_rank, -1)
+        mid_BSGO = torch.einsum("bsgi,goi->bsgo", grouped_BSGI, wa_GOI)
+        return self.wo_b(mid_BSGO.flatten(2))
+
+    def _indexer_loss(self, p_comp: torch.Tensor, scores_BST: torch.Tensor, comp: CompressedKeys) -> torch.Tensor:
+        T = scores_BST.shape[-1]
+        if comp.topk_BSK is None:
+            valid = (torch.arange(T, device=scores_BST.device) < comp.n_visible_S.unsqueeze(-1)).expand_as(scores_BST)
+            return kl_loss(p_comp, scores_BST, valid)
+        idx = comp.topk_BSK
+        student = torch.gather(scores_BST, -1, idx.clamp_min(0))
+        return kl_loss(p_comp, student, idx >= 0)

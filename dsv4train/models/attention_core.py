@@ -1,0 +1,85 @@
+"""One softmax over sliding-window keys, compressed keys and a per-head sink (arch ref §3.7), without any
+O(S^2) tensor:
+
+- window: queries in blocks of W = window; block b attends to the keys of blocks b-1 and b (2W keys) with a
+  fixed relative mask, so scores are [B, S, H, 2W].
+- compressed, dense: all T = S // ratio entries with the causal rule entry i visible iff i < (t+1) // ratio
+  (scores [B, S, H, T]; T is S/4 or S/128).
+- compressed, sparse: the k entries picked by the indexer, gathered per query (scores [B, S, H, k]).
+The three score blocks and the sink column share one fp32 softmax; the sink column is then dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CompressedKeys:
+    """Compressed entries for one layer: either all of them with a causal limit, or gathered top-k."""
+
+    kv_BTC: torch.Tensor
+    n_visible_S: torch.Tensor  # entries each query may see: floor((t+1)/ratio)
+    topk_BSK: torch.Tensor | None = None  # indexer picks (-1 = none); None = dense
+
+
+def _window_blocks(kv_BSC: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
+    """Keys for each query block: [B, nb, 2W, C] (blocks b-1 and b; block -1 is zero padding)."""
+    B, S, C = kv_BSC.shape
+    nb = -(-S // window)
+    padded = F.pad(kv_BSC, (0, 0, window, nb * window - S))
+    return torch.cat((padded[:, :-window].view(B, nb, window, C), padded[:, window:].view(B, nb, window, C)), 2), nb
+
+
+def _window_mask(nb: int, window: int, device: torch.device) -> torch.Tensor:
+    """Additive mask [nb, W, 2W]: query i of a block sees key j iff i < j <= i + W; block 0 has no previous block."""
+    i = torch.arange(window, device=device).view(-1, 1)
+    j = torch.arange(2 * window, device=device).view(1, -1)
+    ok = ((j > i) & (j <= i + window)).expand(nb, -1, -1).clone()
+    ok[0, :, :window] = False
+    return torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf"))
+
+
+def hybrid_attention(q_BSHC: torch.Tensor, kv_BSC: torch.Tensor, sink_H: torch.Tensor, window: int,
+                     comp: CompressedKeys | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (output [B, S, H, C], probabilities on the compressed keys [B, S, H, T or k] or None)."""
+    B, S, H, C = q_BSHC.shape
+    scale = C ** -0.5
+    keys_BNKC, nb = _window_blocks(kv_BSC, window)
+    q_blk = F.pad(q_BSHC, (0, 0, 0, 0, 0, nb * window - S)).view(B, nb, window * H, C)
+    win = torch.matmul(q_blk, keys_BNKC.transpose(-1, -2)) * scale  # [B, nb, W*H, 2W]
+    win = win.view(B, nb, window, H, 2 * window) + _window_mask(nb, window, q_BSHC.device).view(
+        nb, window, 1, 2 * window).to(win.dtype)
+    parts = [win.view(B, nb * window, H, 2 * window)[:, :S]]
+
+    gathered = None
+    if comp is not None and comp.kv_BTC.shape[1] > 0:
+        T = comp.kv_BTC.shape[1]
+        if comp.topk_BSK is None:
+            cs = torch.matmul(q_BSHC.reshape(B, S * H, C), comp.kv_BTC.transpose(-1, -2)).view(B, S, H, T) * scale
+            hidden = torch.arange(T, device=cs.device) >= comp.n_visible_S.unsqueeze(-1)  # [S, T]
+            cs = cs.masked_fill(hidden.unsqueeze(1), float("-inf"))
+        else:
+            idx = comp.topk_BSK
+            k = idx.shape[-1]
+            flat = idx.clamp_min(0) + (torch.arange(B, device=idx.device) * T).view(B, 1, 1)
+            gathered = comp.kv_BTC.reshape(B * T, C)[flat.view(-1)].view(B, S, k, C)  # grad: index_add, O(B*T*C)
+            cs = torch.matmul(q_BSHC, gathered.transpose(-1, -2)) * scale  # [B, S, H, k]
+            cs = cs.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
+        parts.append(cs)
+    parts.append(sink_H.to(win.dtype).view(1, 1, H, 1).expand(B, S, H, 1))
+
+    probs = torch.cat(parts, dim=-1).softmax(dim=-1, dtype=torch.float32).to(kv_BSC.dtype)
+    p_win = probs[..., : 2 * window]
+    p_win = F.pad(p_win, (0, 0, 0, 0, 0, nb * window - S)).view(B, nb, window * H, 2 * window)
+    out = torch.matmul(p_win, keys_BNKC).view(B, nb * window, H, C)[:, :S]
+    p_comp = None
+    if len(parts) == 3:
+        p_comp = probs[..., 2 * window: -1]
+        if gathered is None:
+            out = out + torch.matmul(p_comp.reshape(B, S * H, -1), comp.kv_BTC).view(B, S, H, C)
+        else:
+            out = out + torch.matmul(p_comp, gathered)
+    return out, p_comp

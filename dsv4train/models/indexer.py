@@ -1,0 +1,63 @@
+"""Lightning indexer for CSA layers (arch ref §3.6, §8.4).
+
+score(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . K_s) / sqrt(c_I), with w = weights_proj(x) / sqrt(n_I).
+The indexer never receives gradient from the LM loss: its inputs are detached, top-k is not differentiable.
+It is trained by `kl_loss` against the main attention's mass on the compressed entries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4train.config.model import ModelConfig
+from dsv4train.models.compressor import Compressor
+from dsv4train.models.rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
+        self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
+
+    def scores(self, x_BSD: torch.Tensor, qlat_BSR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               freqs: tuple[float, ...]) -> torch.Tensor:
+        """Index scores [B, S, T] over all compressed entries (future ones included; the caller masks)."""
+        x_BSD, qlat_BSR = x_BSD.detach(), qlat_BSR.detach()
+        B, S, _ = x_BSD.shape
+        keys_BTK = self.compressor(x_BSD, freqs)
+        q_BSHK = self.wq_b(qlat_BSR).view(B, S, self.n_heads, self.head_dim)
+        q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        logits_BSHT = torch.matmul(q_BSHK.float(), keys_BTK.float().transpose(-1, -2).unsqueeze(1))
+        w_BSH = self.weights_proj(x_BSD).float() * self.n_heads ** -0.5
+        return torch.einsum("bsht,bsh->bst", F.relu(logits_BSHT) * self.head_dim ** -0.5, w_BSH)
+
+
+def select_topk(scores_BST: torch.Tensor, n_visible_S: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k visible entries per query; picks past the causal limit become -1. Returns [B, S, min(k, T)]."""
+    T = scores_BST.shape[-1]
+    future = torch.arange(T, device=scores_BST.device) >= n_visible_S.unsqueeze(-1)
+    masked = scores_BST.detach().masked_fill(future, float("-inf"))
+    idx = masked.topk(min(k, T), dim=-1).indices
+    return torch.where(idx >= n_visible_S.view(1, -1, 1), torch.full_like(idx, -1), idx)
+
+
+def kl_loss(teacher_BSHJ: torch.Tensor, student_logits_BSJ: torch.Tensor, valid_BSJ: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(I)) averaged over queries that see at least one entry.
+
+    teacher: main attention probabilities on the same J compressed slots, per head (detached here; summed over
+    heads and renormalised). student: index scores on those slots. valid: which slots count."""
+    p = teacher_BSHJ.detach().float().sum(dim=2).masked_fill(~valid_BSJ, 0.0)
+    mass = p.sum(-1, keepdim=True)
+    has_any = valid_BSJ.any(-1)
+    p = p / mass.clamp_min(1e-30)
+    student = student_logits_BSJ.float().masked_fill(~valid_BSJ, float("-inf"))
+    student = torch.where(has_any.unsqueeze(-1), student, torch.zeros_like(student))  # keep empty rows finite
+    logq = torch.log_softmax(student, dim=-1)
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
+    per_query = terms.sum(-1)
+    n = has_any.sum().clamp_min(1)
+    return per_query.masked_fill(~has_any, 0.0).sum() / n

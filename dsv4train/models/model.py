@@ -1,0 +1,122 @@
+"""The DeepSeek-V4 model in plain PyTorch (arch ref §2). `model(input_ids)` -> logits [B, S, V];
+`model(input_ids, with_aux=True)` -> ModelOutput with MTP logits and the auxiliary losses and counts."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv4train.config.model import ModelConfig
+from dsv4train.models.attention import Attention
+from dsv4train.models.block import Block, BlockAux, HCHead
+from dsv4train.models.mhc import hc_head
+from dsv4train.models.moe import Gate, build_hash_table
+from dsv4train.models.mtp import MTPBlock
+from dsv4train.models.norms import RMSNorm
+
+
+def _owner(name: str) -> str:
+    """Name of the module that owns parameter `name` (last path component), '' at the root."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 1 else ""
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    mtp_logits: torch.Tensor | None
+    balance_loss: torch.Tensor
+    indexer_loss: torch.Tensor
+    expert_counts: torch.Tensor  # [n_moe_layers, E]: main layers in order, then MTP
+
+
+class DSV4Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg, t, hashed=i < cfg.n_hash_layers) for i, t in enumerate(cfg.layer_types))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        HCHead.add_params(self, cfg.hc_mult, cfg.dim)
+        self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.n_mtp_layers))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None,
+                with_aux: bool = False):
+        cfg = self.cfg
+        if input_ids.max() >= cfg.vocab_size or input_ids.min() < 0:
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        emb_BSD = self.embed(input_ids)
+        x_BSND = emb_BSD.unsqueeze(-2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
+        auxes: list[BlockAux] = []
+        for layer in self.layers:
+            x_BSND, aux = layer(x_BSND, input_ids)
+            auxes.append(aux)
+        y = hc_head(x_BSND, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps, cfg.norm_eps)
+        logits = self.head(self.norm(y))
+        if not with_aux:
+            return logits
+
+        mtp_logits = None
+        if len(self.mtp):
+            if mtp_input_ids is None:  # token t+1 at position t; the last position gets a dummy
+                mtp_input_ids = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
+            h, aux = self.mtp[0].forward_mtp(x_BSND, self.embed(mtp_input_ids))
+            mtp_logits = self.head(h)
+            auxes.append(aux)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        balance = sum((a.moe.balance_loss for a in auxes if a.moe.balance_loss is not None), zero)
+        indexer = sum((a.indexer_loss for a in auxes if a.indexer_loss is not None), zero)
+        counts = torch.stack([a.moe.counts_E for a in auxes])
+        return ModelOutput(logits, mtp_logits, balance, indexer, counts)
+
+    # ------------------------------------------------------------------ switches
+    def set_indexer_mode(self, mode: str) -> None:
+        """'dense' (attend to every visible compressed entry) or 'sparse' (indexer top-k) in every CSA layer."""
+        if mode not in ("dense", "sparse"):
+            raise ValueError(f"indexer mode must be 'dense' or 'sparse', got {mode!r}")
+        self.cfg.indexer_mode = mode
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.indexer_mode = mode
+
+    def set_indexer_kl(self, enabled: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.indexer_kl = enabled
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, token_counts=None) -> None:
+        """Deterministic init: each tensor draws from its own generator seeded by (seed, name), so the values do
+        not depend on module order, device or how the model is later sharded. Works after `to_empty()`.
+
+        Choices (V4 does not publish init): linear/embedding/expert weights N(0, init_std); mHC fn
+        N(0, hc_init_std), base 0, scale hc_init_scale (the mHC paper's 0.01 gating factor); norms 1;
+        sinks, compressor position biases and router biases 0; hash tables from `build_hash_table`."""
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.endswith("_base") or leaf in ("attn_sink", "ape"):
+                p.zero_()
+            elif leaf.endswith("_scale"):
+                p.fill_(cfg.hc_init_scale)
+            elif leaf.endswith("_fn"):
+                p.copy_(torch.randn(p.shape, generator=gen) * cfg.hc_init_std)
+            elif leaf == "weight" and _owner(name).endswith("norm"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * cfg.init_std)
+        for i, m in enumerate(g for g in self.modules() if isinstance(g, Gate)):
+            if m.hashed:
+                m.tid2eid.copy_(build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts,
+                                                 seed, token_counts))
+            else:
+                m.bias.zero_()

@@ -1,0 +1,153 @@
+"""DeepSeekMoE with V4's changes (arch ref §5): sqrt(softplus) scores, aux-loss-free bias used for selection
+only, top-k weights normalised then scaled, hash-routed first layers, clamped SwiGLU experts, one shared
+expert, and the sequence-wise balance loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4train.config.model import ModelConfig
+from dsv4train.models.grouped_gemm import grouped_linear
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU(min(gate, limit)) * clamp(up, -limit, limit); limit <= 0 disables the clamp."""
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+def build_hash_table(vocab_size: int, n_experts: int, k: int, seed: int,
+                     token_counts: np.ndarray | None = None) -> torch.Tensor:
+    """Deterministic token -> k distinct experts table for hash-routed layers, shape [vocab, k] int64.
+
+    Tokens are visited from most to least frequent (ties by id); each takes the k experts with the least
+    token mass so far (ties broken by a seeded permutation of the experts). With a corpus histogram this
+    balances routed token mass; without one every token weighs 1 and load is balanced by count."""
+    rng = np.random.default_rng(seed)
+    tie_break = rng.permutation(n_experts).astype(np.float64) * 1e-9
+    weights = np.ones(vocab_size) if token_counts is None else np.asarray(token_counts, dtype=np.float64) + 1.0
+    if weights.shape != (vocab_size,):
+        raise ValueError(f"token_counts must have shape [{vocab_size}], got {weights.shape}")
+    order = np.lexsort((np.arange(vocab_size), -weights))
+    load = np.zeros(n_experts)
+    table = np.empty((vocab_size, k), dtype=np.int64)
+    for tok in order:
+        pick = np.argpartition(load + tie_break, k - 1)[:k]
+        table[tok] = np.sort(pick)
+        load[pick] += weights[tok]
+    return torch.from_numpy(table)
+
+
+@dataclass
+class MoEAux:
+    counts_E: torch.Tensor  # tokens routed to each expert (detached)
+    balance_loss: torch.Tensor | None  # sequence-wise balance loss (None for hash layers)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool):
+        super().__init__()
+        self.hashed, self.k, self.route_scale = hashed, cfg.n_activated_experts, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.k, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None):
+        """(weights [N,k], expert ids [N,k], scores [N,E]); scores in fp32."""
+        scores = torch.sqrt(F.softplus(F.linear(x_ND.float(), self.weight.float())))
+        if self.hashed:
+            if ids_N is None:
+                raise ValueError("hash-routed MoE layers need input_ids")
+            idx = self.tid2eid[ids_N]
+        else:
+            idx = torch.topk(scores.detach() + self.bias, self.k, dim=-1).indices
+        w = scores.gather(1, idx)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return w, idx, scores
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked: w1 (gate) and w3 (up) [E, I, d], w2 (down) [E, d, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, d = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Parameter(torch.empty(E, I, d))
+        self.w2 = nn.Parameter(torch.empty(E, d, I))
+        self.w3 = nn.Parameter(torch.empty(E, I, d))
+
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        N, K = idx_NK.shape
+        E = self.w1.shape[0]
+        flat = idx_NK.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = torch.div(order, K, rounding_mode="floor")
+        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0)
+        xs = x_ND[token_of]
+        h = clamped_swiglu(grouped_linear(xs, self.w1, offsets), grouped_linear(xs, self.w3, offsets), self.limit)
+        ys = grouped_linear(h, self.w2, offsets) * w_NK.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Linear(cfg.dim, cfg.moe_inter_dim, bias=False)
+        self.w2 = nn.Linear(cfg.moe_inter_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.moe_inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor) -> torch.Tensor:
+    """sum_i f_i P_i per sequence, averaged over sequences: f_i = E/(K*S) * #tokens routed to i,
+    P_i = mean_t of the scores normalised over all experts."""
+    B, S, E = scores_BSE.shape
+    K = idx_BSK.shape[-1]
+    counts = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(
+        1, idx_BSK.reshape(B, -1), torch.ones(B, S * K, device=scores_BSE.device))
+    f = counts * (E / (K * S))
+    p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool):
+        super().__init__()
+        self.gate = Gate(cfg, hashed)
+        self.experts = Experts(cfg)
+        self.shared_experts = SharedExpert(cfg) if cfg.n_shared_experts else None
+
+    def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
+        B, S, D = x_BSD.shape
+        x_ND = x_BSD.reshape(-1, D)
+        w, idx, scores = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
+        y = self.experts(x_ND, idx, w).view(B, S, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BSD)
+        counts = torch.bincount(idx.reshape(-1), minlength=scores.shape[-1]).detach()
+        bal = None if self.gate.hashed else sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1))
+        return y, MoEAux(counts, bal)
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, expert_counts: torch.Tensor, speed: float) -> None:
+    """Aux-loss-free balancing: b_i += speed * sign(mean_load - load_i) for every learned router, in layer
+    order (row r of `expert_counts` belongs to the r-th MoE of `model.modules()`; hash rows are skipped)."""
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
+    if len(gates) != expert_counts.shape[0]:
+        raise ValueError(f"expert_counts has {expert_counts.shape[0]} rows but the model has {len(gates)} MoE layers")
+    for gate, load in zip(gates, expert_counts.float()):
+        if not gate.hashed:
+            gate.bias += speed * torch.sign(load.mean() - load).to(gate.bias.device)
