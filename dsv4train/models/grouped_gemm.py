@@ -31,7 +31,15 @@ def _looped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Te
     return torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], dim=0)
 
 
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm needs fp32/bf16 and rows that are whole multiples of 16 bytes."""
+    if not _HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[0] == 0:
+        return False
+    per16 = 16 // x.element_size()
+    return all(n % per16 == 0 for n in (w.shape[-1], w.shape[-2]))
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, use_grouped_mm: bool = True):
-    if use_grouped_mm and _HAS_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] > 0:
+    if use_grouped_mm and _grouped_mm_ok(x, w):
         return _GroupedLinear.apply(x.contiguous(), w, offsets.to(torch.int32))
     return _looped(x, w, offsets)
