@@ -1,0 +1,215 @@
+"""Each model component against its transformers DeepseekV4 counterpart (fp32, random non-trivial weights)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV4Config  # noqa: E402
+from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm  # noqa: E402
+
+from dsv4train.models.attention import Attention  # noqa: E402
+from dsv4train.models.block import Block  # noqa: E402
+from dsv4train.models.compressor import Compressor  # noqa: E402
+from dsv4train.models.mhc import hc_collapse, hc_head, hc_weights  # noqa: E402
+from dsv4train.models.moe import MoE, build_hash_table  # noqa: E402
+from dsv4train.models.rope import inv_freq  # noqa: E402
+from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
+
+HF_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
+
+
+def hf_config(c):
+    return DeepseekV4Config(
+        vocab_size=c.vocab_size, hidden_size=c.dim, moe_intermediate_size=c.moe_inter_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, head_dim=c.head_dim, q_lora_rank=c.q_lora_rank,
+        num_experts_per_tok=c.n_activated_experts, n_routed_experts=c.n_routed_experts,
+        routed_scaling_factor=c.route_scale, layer_types=[HF_TYPES[t] for t in c.layer_types],
+        compress_rates={HF_TYPES["csa"]: c.csa_ratio, HF_TYPES["hca"]: c.hca_ratio}, rope_theta=c.rope_theta,
+        compress_rope_theta=c.compress_rope_theta, hc_mult=c.hc_mult, hc_sinkhorn_iters=c.hc_sinkhorn_iters,
+        hc_eps=c.hc_eps, mlp_layer_types=["hash_moe"] * c.n_hash_layers + ["moe"] * (c.n_layers - c.n_hash_layers),
+        swiglu_limit=c.swiglu_limit, sliding_window=c.window_size, o_groups=c.o_groups, o_lora_rank=c.o_lora_rank,
+        index_n_heads=c.index_n_heads, index_head_dim=c.index_head_dim, index_topk=c.index_topk,
+        partial_rotary_factor=c.rope_head_dim / c.head_dim, rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "yarn", "factor": c.rope_factor, "beta_fast": c.beta_fast,
+                         "beta_slow": c.beta_slow, "original_max_position_embeddings": c.original_seq_len},
+        max_position_embeddings=c.original_seq_len * int(c.rope_factor), num_nextn_predict_layers=0)
+
+
+def randomize(*modules):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.numel() > 32 else 0.0))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_rope_frequencies_match_hf_yarn_and_plain():
+    cfg = tiny_config()
+    rot = hfm.DeepseekV4RotaryEmbedding(hf_config(cfg))
+    torch.testing.assert_close(torch.tensor(inv_freq(cfg, "swa")), rot.main_inv_freq.float())
+    torch.testing.assert_close(torch.tensor(inv_freq(cfg, "csa")), rot.compress_inv_freq.float())
+    assert not torch.allclose(rot.main_inv_freq, rot.compress_inv_freq)
+
+
+@pytest.mark.parametrize("hc_mult", [2, 3, 4])
+def test_mhc_matches_hf_hyper_connection_and_head(hc_mult):
+    cfg = tiny_config(hc_mult=hc_mult)
+    hf_cfg = hf_config(cfg)
+    hc, head = hfm.DeepseekV4HyperConnection(hf_cfg), hfm.DeepseekV4HyperHead(hf_cfg)
+    randomize(hc, head)
+    x = torch.randn(2, 5, hc_mult, cfg.dim)
+    post_ref, comb_ref, collapsed_ref = hc(x)
+    pre, post, comb = hc_weights(x, hc.fn, hc.base, hc.scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
+    torch.testing.assert_close(post, post_ref)
+    torch.testing.assert_close(comb, comb_ref)
+    torch.testing.assert_close(hc_collapse(x, pre), collapsed_ref)
+    y = hc_head(x, head.hc_fn, head.hc_base, head.hc_scale, cfg.hc_eps, cfg.norm_eps)
+    torch.testing.assert_close(y, head(x))
+
+
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_compressor_matches_hf(kind):
+    cfg = tiny_config([kind])
+    hf_cfg = hf_config(cfg)
+    ratio = cfg.compress_ratio(kind)
+    ours = Compressor(cfg.dim, cfg.head_dim, ratio, overlap=kind == "csa", eps=cfg.norm_eps)
+    if kind == "hca":
+        ref = hfm.DeepseekV4HCACompressor(hf_cfg)
+    else:
+        ref = hfm.DeepseekV4CSACompressor(hf_cfg)
+    randomize(ref)
+    ours.load_state_dict({"wkv.weight": ref.kv_proj.weight, "wgate.weight": ref.gate_proj.weight,
+                          "ape": ref.position_bias, "norm.weight": ref.kv_norm.weight})
+    S = 4 * ratio + 3  # a tail shorter than the ratio is dropped
+    x = torch.randn(2, S, cfg.dim)
+    pos = torch.arange(S).unsqueeze(0)
+    if kind == "hca":
+        expected = ref(x, None, pos, None, 0)[0].squeeze(1)
+    else:  # the HF CSA compressor also runs its indexer: replicate only the pooling path through a cache-free call
+        ref.indexer = _NoIndexer()
+        expected = ref(x, torch.randn(2, S, cfg.q_lora_rank), pos, None, 0)[0].squeeze(1)
+    got = ours(x, inv_freq(cfg, kind))
+    assert got.shape == (2, 4, cfg.head_dim)
+    torch.testing.assert_close(got, expected)
+
+
+class _NoIndexer(torch.nn.Module):
+    def forward(self, hidden_states, *args):
+        B, S, _ = hidden_states.shape
+        return torch.zeros(B, S, 1, dtype=torch.long)
+
+
+def _attention_names(ours: Attention) -> dict:
+    m = {"wq_a.weight": "q_a_proj.weight", "q_norm.weight": "q_a_norm.weight", "wq_b.weight": "q_b_proj.weight",
+         "wkv.weight": "kv_proj.weight", "kv_norm.weight": "kv_norm.weight", "wo_a.weight": "o_a_proj.weight",
+         "wo_b.weight": "o_b_proj.weight", "attn_sink": "sinks"}
+    comp = {"wkv.weight": "kv_proj.weight", "wgate.weight": "gate_proj.weight", "ape": "position_bias",
+            "norm.weight": "kv_norm.weight"}
+    out = {}
+    for name in ours.state_dict():
+        if name in m:
+            out[name] = m[name]
+        elif name.startswith("compressor."):
+            out[name] = "compressor." + comp[name[len("compressor."):]]
+        elif name.startswith("indexer.compressor."):
+            out[name] = "compressor.indexer." + comp[name[len("indexer.compressor."):]]
+        elif name == "indexer.wq_b.weight":
+            out[name] = "compressor.indexer.q_b_proj.weight"
+        elif name == "indexer.weights_proj.weight":
+            out[name] = "compressor.indexer.scorer.weights_proj.weight"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa"])
+def test_attention_layer_matches_hf(kind):
+    cfg = tiny_config([kind], indexer_mode="sparse")
+    hf_cfg = hf_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    ref = hfm.DeepseekV4Attention(hf_cfg, 0).eval()
+    randomize(ref)
+    ours = Attention(cfg, kind).eval()
+    ref_sd = ref.state_dict()
+    ours.load_state_dict({k: ref_sd[v] for k, v in _attention_names(ours).items()})
+    S = 37
+    x = torch.randn(2, S, cfg.dim)
+    pos = torch.arange(S).unsqueeze(0)
+    rot = hfm.DeepseekV4RotaryEmbedding(hf_cfg)
+    pe = {t: rot(x, pos, layer_type=t) for t in ("main", "compress")}
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    mask = mask.masked_fill(torch.arange(S).view(-1, 1) - torch.arange(S).view(1, -1) >= cfg.window_size, float("-inf"))
+    expected, _ = ref(x, pe, pos, mask.view(1, 1, S, S).expand(2, 1, S, S))
+    with torch.no_grad():
+        got, _ = ours(x)
+    assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_moe_matches_hf(hashed):
+    cfg = tiny_config(["swa"], n_hash_layers=1 if hashed else 0)
+    hf_cfg = hf_config(cfg)
+    ref = hfm.DeepseekV4SparseMoeBlock(hf_cfg, 0)
+    randomize(ref)
+    ours = MoE(cfg, hashed)
+    I = cfg.moe_inter_dim
+    sd = {"gate.weight": ref.gate.weight, "experts.w1": ref.experts.gate_up_proj[:, :I],
+          "experts.w3": ref.experts.gate_up_proj[:, I:], "experts.w2": ref.experts.down_proj,
+          "shared_experts.w1.weight": ref.shared_experts.gate_proj.weight,
+          "shared_experts.w3.weight": ref.shared_experts.up_proj.weight,
+          "shared_experts.w2.weight": ref.shared_experts.down_proj.weight}
+    if hashed:
+        table = build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed=3)
+        ref.gate.tid2eid.copy_(table)
+        sd["gate.tid2eid"] = table
+    else:
+        ref.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.2)
+        sd["gate.bias"] = ref.gate.e_score_correction_bias
+    ours.load_state_dict(sd)
+    x = torch.randn(2, 11, cfg.dim) * 3  # large enough that the SwiGLU clamp is active
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        got, aux = ours(x, ids)
+        expected = ref(x, input_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert int(aux.counts_E.sum()) == 2 * 11 * cfg.n_activated_experts
+
+
+def test_block_matches_hf_decoder_layer():
+    cfg = tiny_config(["csa"], hc_mult=3, n_hash_layers=1)
+    hf_cfg = hf_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    ref = hfm.DeepseekV4DecoderLayer(hf_cfg, 0).eval()
+    randomize(ref)
+    table = build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed=2)
+    ref.mlp.gate.tid2eid.copy_(table)
+    ours = Block(cfg, "csa", hashed=True).eval()
+    rs = ref.state_dict()
+    I = cfg.moe_inter_dim
+    sd = {f"attn.{k}": rs[f"self_attn.{v}"] for k, v in _attention_names(ours.attn).items()}
+    sd.update({"attn_norm.weight": rs["input_layernorm.weight"], "ffn_norm.weight": rs["post_attention_layernorm.weight"],
+               "ffn.gate.weight": rs["mlp.gate.weight"], "ffn.gate.tid2eid": table,
+               "ffn.experts.w1": rs["mlp.experts.gate_up_proj"][:, :I], "ffn.experts.w3": rs["mlp.experts.gate_up_proj"][:, I:],
+               "ffn.experts.w2": rs["mlp.experts.down_proj"],
+               "ffn.shared_experts.w1.weight": rs["mlp.shared_experts.gate_proj.weight"],
+               "ffn.shared_experts.w3.weight": rs["mlp.shared_experts.up_proj.weight"],
+               "ffn.shared_experts.w2.weight": rs["mlp.shared_experts.down_proj.weight"]})
+    for sub in ("attn", "ffn"):
+        for p in ("fn", "base", "scale"):
+            sd[f"hc_{sub}_{p}"] = rs[f"{sub}_hc.{p}"]
+    ours.load_state_dict(sd)
+    S = 29
+    x = torch.randn(2, S, 3, cfg.dim)
+    ids = torch.randint(0, cfg.vocab_size, (2, S))
+    pos = torch.arange(S).unsqueeze(0)
+    rot = hfm.DeepseekV4RotaryEmbedding(hf_cfg)
+    pe = {t: rot(x, pos, layer_type=t) for t in ("main", "compress")}
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    mask = mask.masked_fill(torch.arange(S).view(-1, 1) - torch.arange(S).view(1, -1) >= cfg.window_size, float("-inf"))
+    with torch.no_grad():
+        expected = ref(x, input_ids=ids, position_embeddings=pe, position_ids=pos,
+                       attention_mask=mask.view(1, 1, S, S).expand(2, 1, S, S))
+        got, _ = ours(x, ids)
+    assert rel_err(got, expected) < 1e-5
