@@ -15,13 +15,17 @@ from dsv4train.models.norms import rms_normalize
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Project [..., n, n] logits towards a doubly stochastic matrix, exactly as the reference kernel:
-    softmax over rows (+eps), a column pass, then `iters - 1` (row, column) passes. Ends on a column pass."""
-    p = torch.softmax(logits, dim=-1) + eps
-    p = p / (p.sum(dim=-2, keepdim=True) + eps)
+    softmax over rows (+eps), a column pass, then `iters - 1` (row, column) passes. Ends on a column pass.
+
+    Computed in an [n, n, tokens] layout so every reduction adds long contiguous vectors (about 4x faster on
+    CPU than reducing the 4-wide inner dims of [tokens, n, n])."""
+    shape, n = logits.shape, logits.shape[-1]
+    p = torch.softmax(logits.reshape(-1, n, n).permute(1, 2, 0), dim=1) + eps  # [row, col, token]
+    p = p / (p.sum(0, keepdim=True) + eps)
     for _ in range(iters - 1):
-        p = p / (p.sum(dim=-1, keepdim=True) + eps)
-        p = p / (p.sum(dim=-2, keepdim=True) + eps)
-    return p
+        p = p / (p.sum(1, keepdim=True) + eps)
+        p = p / (p.sum(0, keepdim=True) + eps)
+    return p.permute(2, 0, 1).reshape(shape).contiguous()
 
 
 def hc_weights(x_BSND: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
