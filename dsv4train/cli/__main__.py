@@ -1,0 +1,5 @@
+import sys
+
+from dsv4train.cli.main import main
+
+sys.exit(main())

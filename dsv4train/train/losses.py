@@ -1,0 +1,17 @@
+"""Training losses: next-token CE, MTP CE (position t predicts token t+2), and the weighted total."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE)
+
+
+def mtp_targets(labels_BS: torch.Tensor) -> torch.Tensor:
+    """labels[:, t] is token t+1; MTP at t predicts token t+2 = labels[:, t+1]. The last position has none."""
+    return torch.cat((labels_BS[:, 1:], torch.full_like(labels_BS[:, :1], IGNORE)), dim=1)
