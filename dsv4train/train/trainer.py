@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsv4train.config.errors import ConfigError
 from dsv4train.models.model import DSV4Model
 from dsv4train.models.moe import update_router_bias
 from dsv4train.train.losses import lm_loss, mtp_targets
@@ -36,8 +37,6 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from dsv4train.config.errors import ConfigError
-
         for key in ("steps", "micro_batch_size", "eval_every", "log_every", "eval_batches"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}: must be > 0, got {getattr(self, key)}")
