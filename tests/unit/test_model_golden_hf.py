@@ -10,7 +10,7 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm  # noqa:
 from dsv4train.models.attention import Attention  # noqa: E402
 from dsv4train.models.block import Block  # noqa: E402
 from dsv4train.models.compressor import Compressor  # noqa: E402
-from dsv4train.models.hf import hf_config_kwargs, to_hf_state_dict  # noqa: E402
+from dsv4train.models.hf import hf_config_kwargs, hf_layer_key, to_hf_state_dict  # noqa: E402
 from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.mhc import hc_collapse, hc_head, hc_weights  # noqa: E402
 from dsv4train.models.moe import MoE, build_hash_table  # noqa: E402
@@ -68,8 +68,8 @@ def test_compressor_matches_hf(kind):
     else:
         ref = hfm.DeepseekV4CSACompressor(hf_cfg)
     randomize(ref)
-    ours.load_state_dict({"wkv.weight": ref.kv_proj.weight, "wgate.weight": ref.gate_proj.weight,
-                          "ape": ref.position_bias, "norm.weight": ref.kv_norm.weight})
+    ours.load_state_dict(from_hf_layer(ours.state_dict(), ref.state_dict(), "attn.compressor.",
+                                       "self_attn.compressor.", 0))
     S = 4 * ratio + 3  # a tail shorter than the ratio is dropped
     x = torch.randn(2, S, cfg.dim)
     pos = torch.arange(S).unsqueeze(0)
@@ -89,24 +89,18 @@ class _NoIndexer(torch.nn.Module):
         return torch.zeros(B, S, 1, dtype=torch.long)
 
 
-def _attention_names(ours: Attention) -> dict:
-    m = {"wq_a.weight": "q_a_proj.weight", "q_norm.weight": "q_a_norm.weight", "wq_b.weight": "q_b_proj.weight",
-         "wkv.weight": "kv_proj.weight", "kv_norm.weight": "kv_norm.weight", "wo_a.weight": "o_a_proj.weight",
-         "wo_b.weight": "o_b_proj.weight", "attn_sink": "sinks"}
-    comp = {"wkv.weight": "kv_proj.weight", "wgate.weight": "gate_proj.weight", "ape": "position_bias",
-            "norm.weight": "kv_norm.weight"}
+def from_hf_layer(keys, hf_sd: dict, prefix: str, strip: str, inter: int) -> dict:
+    """Our layer-level state dict from an HF one, through the shipped name map `hf_layer_key`.
+    `prefix` turns a key of our module into a block key (e.g. "attn."); `strip` is removed from the HF name
+    when the HF tensors come from a sub-module (e.g. "self_attn."). Fused gate_up is split into w1 / w3."""
     out = {}
-    for name in ours.state_dict():
-        if name in m:
-            out[name] = m[name]
-        elif name.startswith("compressor."):
-            out[name] = "compressor." + comp[name[len("compressor."):]]
-        elif name.startswith("indexer.compressor."):
-            out[name] = "compressor.indexer." + comp[name[len("indexer.compressor."):]]
-        elif name == "indexer.wq_b.weight":
-            out[name] = "compressor.indexer.q_b_proj.weight"
-        elif name == "indexer.weights_proj.weight":
-            out[name] = "compressor.indexer.scorer.weights_proj.weight"
+    for key in keys:
+        w3 = key.endswith("experts.w3")
+        name = hf_layer_key(prefix + (key.replace("experts.w3", "experts.w1") if w3 else key))
+        value = hf_sd[name[len(strip):]]
+        if key.endswith("experts.w1") or w3:
+            value = value[:, inter:] if w3 else value[:, :inter]
+        out[key] = value
     return out
 
 
@@ -118,8 +112,7 @@ def test_attention_layer_matches_hf(kind):
     ref = hfm.DeepseekV4Attention(hf_cfg, 0).eval()
     randomize(ref)
     ours = Attention(cfg, kind).eval()
-    ref_sd = ref.state_dict()
-    ours.load_state_dict({k: ref_sd[v] for k, v in _attention_names(ours).items()})
+    ours.load_state_dict(from_hf_layer(ours.state_dict(), ref.state_dict(), "attn.", "self_attn.", 0))
     S = 37
     x = torch.randn(2, S, cfg.dim)
     pos = torch.arange(S).unsqueeze(0)
@@ -140,19 +133,11 @@ def test_moe_matches_hf(hashed):
     ref = hfm.DeepseekV4SparseMoeBlock(hf_cfg, 0)
     randomize(ref)
     ours = MoE(cfg, hashed)
-    I = cfg.moe_inter_dim
-    sd = {"gate.weight": ref.gate.weight, "experts.w1": ref.experts.gate_up_proj[:, :I],
-          "experts.w3": ref.experts.gate_up_proj[:, I:], "experts.w2": ref.experts.down_proj,
-          "shared_experts.w1.weight": ref.shared_experts.gate_proj.weight,
-          "shared_experts.w3.weight": ref.shared_experts.up_proj.weight,
-          "shared_experts.w2.weight": ref.shared_experts.down_proj.weight}
     if hashed:
-        table = build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed=3)
-        ref.gate.tid2eid.copy_(table)
-        sd["gate.tid2eid"] = table
+        ref.gate.tid2eid.copy_(build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed=3))
     else:
         ref.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.2)
-        sd["gate.bias"] = ref.gate.e_score_correction_bias
+    sd = from_hf_layer(ours.state_dict(), ref.state_dict(), "ffn.", "mlp.", cfg.moe_inter_dim)
     ours.load_state_dict(sd)
     x = torch.randn(2, 11, cfg.dim) * 3  # large enough that the SwiGLU clamp is active
     ids = torch.randint(0, cfg.vocab_size, (2, 11))
@@ -172,19 +157,7 @@ def test_block_matches_hf_decoder_layer():
     table = build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed=2)
     ref.mlp.gate.tid2eid.copy_(table)
     ours = Block(cfg, "csa", hashed=True).eval()
-    rs = ref.state_dict()
-    I = cfg.moe_inter_dim
-    sd = {f"attn.{k}": rs[f"self_attn.{v}"] for k, v in _attention_names(ours.attn).items()}
-    sd.update({"attn_norm.weight": rs["input_layernorm.weight"], "ffn_norm.weight": rs["post_attention_layernorm.weight"],
-               "ffn.gate.weight": rs["mlp.gate.weight"], "ffn.gate.tid2eid": table,
-               "ffn.experts.w1": rs["mlp.experts.gate_up_proj"][:, :I], "ffn.experts.w3": rs["mlp.experts.gate_up_proj"][:, I:],
-               "ffn.experts.w2": rs["mlp.experts.down_proj"],
-               "ffn.shared_experts.w1.weight": rs["mlp.shared_experts.gate_proj.weight"],
-               "ffn.shared_experts.w3.weight": rs["mlp.shared_experts.up_proj.weight"],
-               "ffn.shared_experts.w2.weight": rs["mlp.shared_experts.down_proj.weight"]})
-    for sub in ("attn", "ffn"):
-        for p in ("fn", "base", "scale"):
-            sd[f"hc_{sub}_{p}"] = rs[f"{sub}_hc.{p}"]
+    sd = from_hf_layer(ours.state_dict(), ref.state_dict(), "", "", cfg.moe_inter_dim)
     ours.load_state_dict(sd)
     S = 29
     x = torch.randn(2, S, 3, cfg.dim)
