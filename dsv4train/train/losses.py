@@ -1,4 +1,4 @@
-"""Training losses: next-token CE, MTP CE (position t predicts token t+2), and the weighted total."""
+"""Training losses: next-token CE and the MTP targets (position t predicts token t+2). The trainer weights and sums them."""
 
 from __future__ import annotations
 

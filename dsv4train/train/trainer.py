@@ -89,15 +89,16 @@ def train(model: DSV4Model, train_samples: torch.Tensor, val_samples: torch.Tens
                     + cfg.indexer_loss_weight * out.indexer_loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
+            lr = lr_at(step, cfg)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             update_router_bias(model, out.expert_counts, cfg.bias_update_speed)
             counts = out.expert_counts.float()
-            last = {"step": step + 1, "loss": ce.item(), "mtp_loss": mtp.item(), "lr": lr_at(step, cfg),
+            last = {"step": step + 1, "loss": ce.item(), "mtp_loss": mtp.item(), "lr": lr,
                     "balance_loss": out.balance_loss.item(), "indexer_loss": out.indexer_loss.item(),
                     "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_step / (time.perf_counter() - t0),
                     "expert_load_max_over_mean": (counts.max(-1).values / counts.mean(-1)).tolist()}
