@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 def load_pretrained(path, **kwargs):
     """Load a dsv4 checkpoint or a transformers `save_pretrained` folder of DeepseekV4ForCausalLM.
 
-    Returns a model whose `model(input_ids)` gives logits [B, S, V]."""
-    from dsv4train.models.hf import load_pretrained as _load
+    Also takes a training run directory or one of its `checkpoints/step_<N>/` folders. Returns a model in eval
+    mode whose `model(input_ids)` gives logits [B, S, V]. See `dsv4train.models.pretrained.load_pretrained`."""
+    from dsv4train.models.pretrained import load_pretrained as _load
 
     return _load(path, **kwargs)

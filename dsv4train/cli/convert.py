@@ -1,0 +1,54 @@
+"""`dsv4 convert from-hf SRC DST` and `dsv4 convert to-hf SRC DST`: move weights between a transformers
+`save_pretrained` folder of DeepseekV4ForCausalLM and a dsv4 folder. SRC of `to-hf` may also be a dsv4 folder,
+a training run directory or a `checkpoints/step_<N>/` folder. DST must not exist or be empty."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4 convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("direction", choices=("from-hf", "to-hf"))
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--dtype", choices=list(DTYPES), default="keep",
+                   help="floating-point dtype of the written tensors (default: as loaded, fp32)")
+    return p
+
+
+def convert_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from dsv4train.config.errors import ConfigError
+    from dsv4train.models.pretrained import detect_format, load_pretrained, save_dsv4, save_hf
+
+    if args.dst.exists() and (not args.dst.is_dir() or any(args.dst.iterdir())):
+        print(f"dsv4 convert: {args.dst} already exists and is not empty; choose a new destination", file=sys.stderr)
+        return 2
+    try:
+        fmt = detect_format(args.src)
+        if args.direction == "from-hf" and fmt != "hf":
+            raise ConfigError(f"{args.src} is not a transformers folder (no config.json); `from-hf` needs one")
+        if args.direction == "to-hf" and fmt == "hf":
+            raise ConfigError(f"{args.src} is already a transformers folder")
+        t0 = time.perf_counter()
+        model = load_pretrained(args.src)
+        save = save_dsv4 if args.direction == "from-hf" else save_hf
+        save(model, args.dst, dtype=DTYPES[args.dtype])
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        print(f"dsv4 convert: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst} ({'dsv4' if args.direction == 'from-hf' else 'transformers'} format, "
+          f"{n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers) in {time.perf_counter() - t0:.1f} s")
+    if args.direction == "to-hf" and model.cfg.n_mtp_layers:
+        print("note: the MTP layer has no transformers counterpart and was not written")
+    return 0

@@ -1,0 +1,163 @@
+"""Model weights on disk: the dsv4 format and transformers' `save_pretrained` format, both safetensors.
+
+- dsv4 folder: `dsv4_model.json` ({"format": "dsv4", "version": 1, "model": ModelConfig fields}) and
+  `model.safetensors` with our canonical names (official V4 names, stacked experts, MTP kept).
+- transformers folder: `config.json` (model_type "deepseek_v4") and `model.safetensors`, or shards listed in
+  `model.safetensors.index.json`, with DeepseekV4ForCausalLM names. MTP is not part of that format.
+- A training run directory or one of its `checkpoints/step_<N>/` folders is read by `train/checkpoint.py`.
+
+`load_pretrained` picks the format from the files present. Writers refuse a folder that already has files, so
+nothing already written is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsv4train.config.errors import ConfigError
+from dsv4train.config.model import ModelConfig
+from dsv4train.models.hf import config_from_hf, from_hf_state_dict, hf_config_kwargs, to_hf_state_dict
+from dsv4train.models.model import DSV4Model
+
+DSV4_META = "dsv4_model.json"
+WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+FORMAT_VERSION = 1
+
+
+def _fresh_dir(path: Path) -> Path:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not an empty folder; choose a new destination "
+                              "(nothing was written)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _to_save(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous().clone()  # safetensors refuses shared storage (e.g. the halves of a chunk)
+    return out
+
+
+def save_dsv4(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a dsv4 folder at `path` (must not exist or be empty)."""
+    path = _fresh_dir(path)
+    save_file(_to_save(model.state_dict(), dtype), str(path / WEIGHTS), metadata={"format": "pt"})
+    meta = {"format": "dsv4", "version": FORMAT_VERSION, "model": asdict(model.cfg)}
+    (path / DSV4_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def hf_config_json(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """A `config.json` that transformers reads as DeepseekV4Config for the same model."""
+    return {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+            "dtype": str(dtype).removeprefix("torch."), "bos_token_id": 0, "eos_token_id": 1,
+            "tie_word_embeddings": False, **hf_config_kwargs(cfg)}
+
+
+def save_hf(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a transformers `save_pretrained` folder of DeepseekV4ForCausalLM (MTP is dropped)."""
+    path = _fresh_dir(path)
+    sd = _to_save(to_hf_state_dict(model.state_dict()), dtype)
+    save_file(sd, str(path / WEIGHTS), metadata={"format": "pt"})
+    saved_dtype = dtype or model.embed.weight.dtype
+    (path / "config.json").write_text(json.dumps(hf_config_json(model.cfg, saved_dtype), indent=2) + "\n")
+    return path
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if (path / HF_INDEX).exists():
+        files = sorted(set(json.loads((path / HF_INDEX).read_text())["weight_map"].values()))
+    elif (path / WEIGHTS).exists():
+        files = [WEIGHTS]
+    else:
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS} nor {HF_INDEX}")
+    sd = {}
+    for name in files:
+        sd.update(load_file(str(path / name)))
+    return sd
+
+
+def detect_format(path) -> str:
+    """'dsv4', 'hf' or 'checkpoint' (a training run or DCP step folder); a clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / DSV4_META).exists():
+        return "dsv4"
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / ".metadata").exists() or (path / "checkpoints").is_dir():
+        return "checkpoint"
+    raise FileNotFoundError(f"{path} is not a dsv4 folder ({DSV4_META}), a transformers folder (config.json) or a "
+                            "training run / checkpoint folder")
+
+
+def read_config(path) -> ModelConfig:
+    """The ModelConfig stored with the weights at `path` (dsv4 or transformers folder)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "dsv4":
+        meta = json.loads((path / DSV4_META).read_text())
+        if meta.get("format") != "dsv4" or int(meta.get("version", 0)) > FORMAT_VERSION:
+            raise ConfigError(f"{path / DSV4_META}: unsupported format/version {meta.get('format')}/"
+                              f"{meta.get('version')}; this dsv4train reads version <= {FORMAT_VERSION}")
+        return ModelConfig(**meta["model"])
+    if fmt == "hf":
+        return config_from_hf(json.loads((path / "config.json").read_text()), name=path.resolve().name)
+    raise ConfigError(f"{path}: read the config of a training checkpoint with dsv4train.train.checkpoint")
+
+
+def build_empty(cfg: ModelConfig, device="cpu") -> DSV4Model:
+    """A model with allocated but unset storage (no random init), ready for `load_state_dict`."""
+    with torch.device("meta"):
+        model = DSV4Model(cfg)
+    return model.to_empty(device=device)
+
+
+def _check_vocab(cfg: ModelConfig, vocab_size: int | None, path) -> None:
+    if vocab_size is not None and vocab_size != cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size: the checkpoint at {path} has {cfg.vocab_size} tokens but "
+                          f"{vocab_size} were expected (is the tokenizer the one this model was trained with?)")
+
+
+def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
+                 vocab_size: int | None = None) -> DSV4Model:
+    """Load a dsv4 or transformers folder into a DSV4Model in eval mode."""
+    path = Path(path)
+    fmt = detect_format(path)
+    cfg = read_config(path)
+    _check_vocab(cfg, vocab_size, path)
+    model = build_empty(cfg, device)
+    sd = _read_safetensors(path)
+    if fmt == "hf":
+        sd = from_hf_state_dict(sd, model.state_dict().keys())
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: the weights do not match its config: {e}") from None
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, vocab_size: int | None = None):
+    """Model from a dsv4 folder, a transformers `save_pretrained` folder, a training run directory (newest
+    complete checkpoint) or one `checkpoints/step_<N>/` folder. `vocab_size`, if given, must match."""
+    if detect_format(path) == "checkpoint":
+        from dsv4train.train.checkpoint import load_model_from_checkpoint
+
+        model = load_model_from_checkpoint(path, device=device)
+        _check_vocab(model.cfg, vocab_size, path)
+        return (model.to(dtype) if dtype is not None else model).eval()
+    return load_weights(path, device=device, dtype=dtype, vocab_size=vocab_size)
