@@ -65,7 +65,7 @@ def hybrid_attention(q_BSHC: torch.Tensor, kv_BSC: torch.Tensor, sink_H: torch.T
             idx = comp.topk_BSK
             k = idx.shape[-1]
             flat = idx.clamp_min(0) + (torch.arange(B, device=idx.device) * T).view(B, 1, 1)
-            gathered = comp.kv_BTC.reshape(B * T, C)[flat.view(-1)].view(B, S, k, C)  # grad: index_add, O(B*T*C)
+            gathered = comp.kv_BTC.reshape(B * T, C).index_select(0, flat.view(-1)).view(B, S, k, C)  # grad: index_add
             cs = torch.matmul(q_BSHC, gathered.transpose(-1, -2)) * scale  # [B, S, H, k]
             cs = cs.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
         parts.append(cs)

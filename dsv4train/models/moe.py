@@ -92,7 +92,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token_of = torch.div(order, K, rounding_mode="floor")
         offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0)
-        xs = x_ND[token_of]
+        xs = x_ND.index_select(0, token_of)  # backward is index_add (parallel), not index_put (serial on CPU)
         h = clamped_swiglu(grouped_linear(xs, self.w1, offsets), grouped_linear(xs, self.w3, offsets), self.limit)
         ys = grouped_linear(h, self.w2, offsets) * w_NK.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
