@@ -7,14 +7,14 @@ import sys
 
 COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
+    "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
     "bench": ("dsv4train.cli.bench", "bench_main", "efficiency [--flavor ...]: params, FLOPs, KV cache vs V3.2"),
+    "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
+    "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),
     "convert": ("dsv4train.cli.convert", "convert_main", "from-hf SRC DST | to-hf SRC DST: move weights to/from transformers"),
 }
 
 PENDING = {
-    "pretrain": "the Hydra-configured pre-training engine lands with issue 3 (use `dsv4 demo` for now)",
-    "report": "`dsv4 report` lands with issue 3",
-    "data": "`dsv4 data prepare` lands with issue 3",
     "sft": "post-training is not built yet", "grpo": "post-training is not built yet",
     "distill": "post-training is not built yet", "pipeline": "post-training is not built yet",
     "eval": "evaluation is not built yet",

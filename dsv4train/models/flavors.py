@@ -3,7 +3,7 @@ sizes (build them on the meta device only)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
@@ -64,3 +64,23 @@ def get_flavor(name: str, **overrides) -> ModelConfig:
     if name not in _FLAVORS:
         raise ConfigError(f"model.name: unknown flavor {name!r}; choose one of {flavor_names()}")
     return replace(_FLAVORS[name], **overrides)
+
+
+def flavor_yaml(name: str) -> str:
+    """The flavor as a Hydra `conf/model/<name>.yaml` (every field, lists inline)."""
+    import yaml
+
+    header = f"# model={name}: generated from dsv4train/models/flavors.py; regenerate with\n" \
+             "#   python -m dsv4train.models.flavors conf/model\n"
+    return header + yaml.safe_dump(asdict(get_flavor(name)), default_flow_style=None, sort_keys=False, width=120)
+
+
+if __name__ == "__main__":  # python -m dsv4train.models.flavors conf/model
+    import sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for flavor in flavor_names():
+        (out / f"{flavor}.yaml").write_text(flavor_yaml(flavor))
+        print(f"wrote {out / flavor}.yaml")

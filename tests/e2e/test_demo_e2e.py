@@ -6,22 +6,23 @@ import pytest
 import torch
 
 from dsv4train.cli.main import main
-from dsv4train.data.packing import pack_documents
 from dsv4train.train.losses import IGNORE, mtp_targets
-from dsv4train.train.trainer import TrainConfig
+from dsv4train.config.pretrain import TrainConfig
 
 pytestmark = pytest.mark.e2e
 
 
 def test_demo_trains_and_validation_loss_falls(tmp_path):
     run_dir = tmp_path / "demo"
-    rc = main(["demo", "--run-dir", str(run_dir), "--steps", "40", "--max-docs", "120", "--seq-len", "128"])
+    rc = main(["demo", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"), "--steps", "40",
+               "--max-docs", "120", "train.seq_len=128", "train.eval_every=20", "train.progress_bar=false"])
     assert rc == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0
+    assert summary["val_loss_last"] < summary["val_loss_at_start"] - 1.0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all({"step", "loss", "lr", "tokens_per_sec"} <= r.keys() for r in rows)
-    assert (run_dir / "data" / "tokenizer.json").is_file()
+    assert len(rows) == 40 and all({"step", "loss", "lr", "tokens_per_sec"} <= r.keys() for r in rows)
+    assert (tmp_path / "data" / "tokenizer.json").is_file() and (tmp_path / "data" / "stdlib.idx").is_file()
+    assert (run_dir / "plots" / "loss.png").is_file() and (run_dir / "checkpoints" / "step_40").is_dir()
 
 
 def test_pending_commands_fail_with_a_message(capsys):
@@ -30,17 +31,15 @@ def test_pending_commands_fail_with_a_message(capsys):
     assert main(["nonsense"]) == 2
 
 
-def test_packing_and_mtp_targets():
-    rows = pack_documents([[5, 6, 7], [8, 9]], eos_id=1, seq_len=3)
-    assert rows.tolist() == [[5, 6, 7, 1], ]  # 7 tokens -> one row of 4, the tail is dropped
+def test_mtp_targets():
     labels = torch.tensor([[1, 2, 3]])
     assert mtp_targets(labels).tolist() == [[2, 3, IGNORE]]
-    with pytest.raises(ValueError, match="not enough"):
-        pack_documents([[1]], eos_id=1, seq_len=8)
 
 
 def test_bad_train_config_names_the_key():
     from dsv4train.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.warmup_steps"):
-        TrainConfig(steps=10, warmup_steps=10)
+    with pytest.raises(ConfigError, match="train.steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="train.nan_policy"):
+        TrainConfig(nan_policy="ignore")

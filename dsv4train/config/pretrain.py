@@ -1,0 +1,118 @@
+"""The pre-training config: one dataclass per Hydra group (conf/<group>/*.yaml) and `PretrainConfig` holding them.
+
+Hydra validates unknown keys and types against these schemas; `__post_init__` checks values and cross-field
+rules and raises ConfigError naming the key. Below the entry point only these dataclasses are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsv4train.config.data import DataConfig
+from dsv4train.config.errors import ConfigError
+from dsv4train.config.model import ModelConfig
+from dsv4train.config.optim import OptimConfig
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3  # until the LR decays, then mtp_weight_decay (arch ref §8.2)
+    mtp_weight_decay: float = 0.1
+    balance_loss_weight: float = 1e-4
+    indexer_loss_weight: float = 1.0
+    bias_update_speed: float = 1e-3
+    dense_indexer_steps: int = 0  # CSA attends densely (indexer learns by KL) for this many steps, then top-k
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 1
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2
+    nan_policy: str = "skip"  # skip: drop the step's update and go on (up to max_nan_skips in a row); stop
+    max_nan_skips: int = 5
+    device: str = "auto"  # auto | cpu | cuda
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
+                    "log_every", "keep_checkpoints"):
+            _need(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("checkpoint_every", "dense_indexer_steps", "max_nan_skips"):
+            _need(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _need(self.grad_clip > 0, "train.grad_clip", f"must be > 0, got {self.grad_clip}")
+        _need(self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}")
+        _need(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # fp32 | bf16 (autocast) | fp8 | fp8_fp4
+    compute_dtype: str = "float32"
+    fp8: bool = False
+    fp4_experts: bool = False
+
+    def __post_init__(self) -> None:
+        _need(self.compute_dtype in ("float32", "bfloat16"), "precision.compute_dtype",
+              f"must be float32 or bfloat16, got {self.compute_dtype!r}")
+        _need(not (self.fp8 or self.fp4_experts), "precision.name",
+              f"{self.name!r}: FP8/FP4 training is not built yet (issue 5); use precision=fp32 or precision=bf16")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("dp", "tp", "pp", "ep", "cp"):
+            value = getattr(self, key)
+            _need(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")
+            _need(value == 1, f"parallel.{key}", f"= {value}: multi-process layouts are not built yet (issue 4); "
+                                                 "the engine runs on one process")
+
+
+@dataclass
+class TrackerConfig:
+    name: str = "jsonl"  # jsonl | wandb | tensorboard (jsonl is always written as well)
+    project: str = "dsv4train"
+    mode: str = "offline"  # wandb: offline unless set to online
+
+    def __post_init__(self) -> None:
+        _need(self.name in ("jsonl", "wandb", "tensorboard"), "tracker.name",
+              f"must be jsonl, wandb or tensorboard, got {self.name!r}")
+        _need(self.mode in ("offline", "online", "disabled"), "tracker.mode",
+              f"must be offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # re-running with the same dir resumes from its newest complete checkpoint
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _need(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+              f"({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")

@@ -1,0 +1,80 @@
+"""One optimizer step over a list of micro-batches, and the validation loss. The loss is
+CE + mtp_weight·MTP + balance_weight·balance + indexer_weight·indexer-KL (arch ref §5.3, §6, §8.4)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dsv4train.config.pretrain import TrainConfig
+from dsv4train.models.model import DSV4Model
+from dsv4train.train.losses import lm_loss, mtp_targets
+
+
+@dataclass
+class StepResult:
+    loss: float  # the weighted total
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    indexer_loss: float
+    grad_norm: float
+    expert_counts: torch.Tensor  # [n_moe_layers, E], summed over the micro-batches
+    skipped: bool = False
+    reason: str = ""
+
+    def metrics(self) -> dict:
+        counts = self.expert_counts.float()
+        load = (counts.max(-1).values / counts.mean(-1).clamp_min(1e-9)).tolist()
+        return {"loss": self.loss, "lm_loss": self.lm_loss, "mtp_loss": self.mtp_loss,
+                "balance_loss": self.balance_loss, "indexer_loss": self.indexer_loss, "grad_norm": self.grad_norm,
+                "expert_load_max_over_mean": load, "skipped": self.skipped}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: float, t: TrainConfig,
+               device: torch.device, dtype: torch.dtype) -> StepResult:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    parts = torch.zeros(5, dtype=torch.float64)
+    counts = None
+    for batch in batches:
+        rows = batch["tokens"].to(device, non_blocking=True)
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        with _autocast(device, dtype):
+            out = model(inputs, mtp_input_ids=labels, with_aux=True)
+        ce = lm_loss(out.logits, labels)
+        mtp = lm_loss(out.mtp_logits, mtp_targets(labels)) if out.mtp_logits is not None else ce.new_zeros(())
+        loss = ce + mtp_weight * mtp + t.balance_loss_weight * out.balance_loss + t.indexer_loss_weight * out.indexer_loss
+        (loss / len(batches)).backward()
+        parts += torch.stack([loss, ce, mtp, out.balance_loss, out.indexer_loss]).detach().double().cpu()
+        counts = out.expert_counts if counts is None else counts + out.expert_counts
+    parts /= len(batches)
+    loss, ce, mtp, bal, idx = parts.tolist()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    result = StepResult(loss, ce, mtp, bal, idx, float(grad_norm), counts.detach())
+    if not torch.isfinite(parts).all() or not torch.isfinite(grad_norm):
+        result.skipped, result.reason = True, f"loss {loss}, grad norm {float(grad_norm)}"
+        optimizer.zero_grad(set_to_none=True)
+        return result
+    optimizer.step()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
+    model.eval()
+    total = 0.0
+    for batch in batches:
+        rows = batch["tokens"].to(device)
+        with _autocast(device, dtype):
+            total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).item()
+    model.train()
+    return total / len(batches)
