@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dsv4train.config.errors import ConfigError
+from dsv4train.utils.device import accelerator_name
 
 
 def open_run_dir(path) -> Path:
@@ -43,11 +44,10 @@ def git_revision() -> dict:
 
 
 def environment() -> dict:
-    cuda = torch.cuda.is_available()
     return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "argv": sys.argv,
             "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name(0) if cuda else None, "git": git_revision()}
+            "accelerator": accelerator_name(), "git": git_revision()}
 
 
 def write_snapshot(run_dir: Path, resolved_yaml: str, resume_step: int) -> None:

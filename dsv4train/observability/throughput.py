@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from dsv4train.utils.device import synchronize
+
 
 @torch.no_grad()
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -16,12 +18,10 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int 
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 

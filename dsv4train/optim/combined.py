@@ -37,6 +37,11 @@ class CombinedOptimizer:
     def state(self) -> dict:
         return {p: s for opt in self for p, s in opt.state.items()}
 
+    def muon_update_rms(self) -> float | None:
+        """RMS of Muon's last orthogonalised update (before the LR); None without Muon parameters."""
+        rms = getattr(self.optimizers.get("muon"), "last_update_rms", None)
+        return None if rms is None else float(rms)
+
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
             group["lr"] = lr

@@ -94,6 +94,7 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sq_sum, count = None, 0
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -110,4 +111,8 @@ class Muon(Optimizer):
                 o = orthogonal_update(u, group["ns"], group["rms"], group["row_blocks"], group["eps"],
                                       group["ns_dtype"])
                 p.mul_(1 - lr * wd).add_(o, alpha=-lr)
+                sq = o.float().square().sum()
+                sq_sum, count = (sq if sq_sum is None else sq_sum + sq), count + o.numel()
+        # RMS of the orthogonalised update before the LR (≈ `rms`, 0.18): a tensor, so logging pays the sync
+        self.last_update_rms = None if sq_sum is None else (sq_sum / count).sqrt()
         return loss

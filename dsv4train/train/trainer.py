@@ -8,12 +8,10 @@ router bias update -> log / eval / checkpoint -> preemption check -> summary.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -30,36 +28,8 @@ from dsv4train.optim.groups import build_optimizers
 from dsv4train.optim.schedule import lr_at, mtp_weight_at
 from dsv4train.train import checkpoint
 from dsv4train.train.step import StepResult, evaluate, train_step
+from dsv4train.utils.device import pick_device, rng_state, seed_everything, set_rng_state
 from dsv4train.utils.signals import PreemptionFlag
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
@@ -125,7 +95,7 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
             step += 1
             tps = tokens_per_step / (time.perf_counter() - t0)
             metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu(flops_per_token, tps, peak),
-                       "router_bias_norm": _router_bias_norm(model)}
+                       "router_bias_norm": _router_bias_norm(model), "muon_update_rms": optimizer.muon_update_rms()}
             if step % t.eval_every == 0 or step == t.steps:
                 last_val = metrics["val_loss"] = evaluate(model, val_batches, device, dtype)
             if step % t.log_every == 0 or "val_loss" in metrics:

@@ -103,6 +103,7 @@ def test_run_dir_contents_and_load_pretrained(tmp_path, data_dir):
     for m in records:
         assert {"step", "loss", "lr", "tokens_per_sec", "grad_norm", "mfu", "expert_load_max_over_mean"} <= set(m)
     assert "val_loss" in records[3] and "val_loss" in records[5]
+    assert all(0.1 < m["muon_update_rms"] < 0.2 for m in records), [m["muon_update_rms"] for m in records]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3", "step_6"]
     assert "name: toy" in (run / "config.resolved.yaml").read_text()
     env = json.loads((run / "env.jsonl").read_text().splitlines()[0])
