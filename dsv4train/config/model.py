@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dsv4train.config.errors import ConfigError
+from dsv4train.config.errors import require, require_positive
 
 LAYER_TYPES = ("swa", "csa", "hca")
 INDEXER_MODES = ("dense", "sparse")
@@ -69,15 +69,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"model.{key}: {msg}")
+            require(ok, f"model.{key}", msg)
 
         self.layer_types = list(self.layer_types)
-        for key in ("vocab_size", "dim", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
-                    "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters",
-                    "csa_ratio", "hca_ratio", "max_seq_len"):
-            need(int(getattr(self, key)) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        need(self.window_size > 0, "window_size", f"must be > 0, got {self.window_size}")
+        require_positive(self, "model", ("vocab_size", "dim", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                                         "o_lora_rank", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
+                                         "hc_mult", "hc_sinkhorn_iters", "csa_ratio", "hca_ratio", "max_seq_len",
+                                         "window_size"))
         need(len(self.layer_types) > 0, "layer_types", "needs at least one layer")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         need(not bad, "layer_types", f"entries must be one of {LAYER_TYPES}, got {bad}")

@@ -9,14 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv4train.config.data import DataConfig
-from dsv4train.config.errors import ConfigError
+from dsv4train.config.errors import require, require_positive
 from dsv4train.config.model import ModelConfig
 from dsv4train.config.optim import OptimConfig
-
-
-def _need(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
@@ -43,14 +38,11 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
-                    "log_every", "keep_checkpoints"):
-            _need(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "dense_indexer_steps", "max_nan_skips"):
-            _need(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _need(self.grad_clip > 0, "train.grad_clip", f"must be > 0, got {self.grad_clip}")
-        _need(self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}")
-        _need(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        require_positive(self, "train", ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every",
+                                         "eval_batches", "log_every", "keep_checkpoints", "grad_clip"))
+        require_positive(self, "train", ("checkpoint_every", "dense_indexer_steps", "max_nan_skips"), allow_zero=True)
+        require(self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}")
+        require(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass
@@ -61,9 +53,9 @@ class PrecisionConfig:
     fp4_experts: bool = False
 
     def __post_init__(self) -> None:
-        _need(self.compute_dtype in ("float32", "bfloat16"), "precision.compute_dtype",
+        require(self.compute_dtype in ("float32", "bfloat16"), "precision.compute_dtype",
               f"must be float32 or bfloat16, got {self.compute_dtype!r}")
-        _need(not (self.fp8 or self.fp4_experts), "precision.name",
+        require(not (self.fp8 or self.fp4_experts), "precision.name",
               f"{self.name!r}: FP8/FP4 training is not built yet (issue 5); use precision=fp32 or precision=bf16")
 
 
@@ -76,10 +68,10 @@ class ParallelConfig:
     cp: int = 1
 
     def __post_init__(self) -> None:
+        require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp"))
         for key in ("dp", "tp", "pp", "ep", "cp"):
             value = getattr(self, key)
-            _need(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")
-            _need(value == 1, f"parallel.{key}", f"= {value}: multi-process layouts are not built yet (issue 4); "
+            require(value == 1, f"parallel.{key}", f"= {value}: multi-process layouts are not built yet (issue 4); "
                                                  "the engine runs on one process")
 
 
@@ -90,9 +82,9 @@ class TrackerConfig:
     mode: str = "offline"  # wandb: offline unless set to online
 
     def __post_init__(self) -> None:
-        _need(self.name in ("jsonl", "wandb", "tensorboard"), "tracker.name",
+        require(self.name in ("jsonl", "wandb", "tensorboard"), "tracker.name",
               f"must be jsonl, wandb or tensorboard, got {self.name!r}")
-        _need(self.mode in ("offline", "online", "disabled"), "tracker.mode",
+        require(self.mode in ("offline", "online", "disabled"), "tracker.mode",
               f"must be offline, online or disabled, got {self.mode!r}")
 
 
@@ -114,5 +106,5 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _need(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+        require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
               f"({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
