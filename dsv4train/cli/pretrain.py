@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.hydra_entry import CONF_DIR, register_schemas, to_config
+from dsv4train.observability.run_dir import open_run_dir
 
 
 def _task(cfg: DictConfig) -> None:
@@ -33,6 +34,13 @@ def _task(cfg: DictConfig) -> None:
 def pretrain_main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
+    for arg in argv:  # Hydra creates run.dir before our code runs; check it first so the error names the key
+        if arg.startswith("run.dir=") and "," not in arg:
+            try:
+                open_run_dir(arg.split("=", 1)[1])
+            except ConfigError as e:
+                print(f"dsv4 pretrain: {e}", file=sys.stderr)
+                return 2
     register_schemas()
     sys.argv = ["dsv4 pretrain", *argv]
     app = hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base=None)(_task)

@@ -175,7 +175,7 @@ def test_unwritable_run_dir_and_missing_data_are_named(tmp_path, data_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     r = _pretrain(blocker / "run", data_dir, "train.steps=1")
-    assert r.returncode != 0 and "run" in r.stderr
+    assert r.returncode == 2 and "run.dir: cannot write" in r.stderr
     assert blocker.read_text() == "not a folder"
     r = _pretrain(tmp_path / "run", tmp_path / "no_such_data", "train.steps=1")
     assert r.returncode == 2 and "no_such_data" in r.stderr
