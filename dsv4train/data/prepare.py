@@ -1,18 +1,26 @@
 """`dsv4 data prepare`: raw text -> tokenizer -> megatron indexed dataset, in one output folder.
 
 Inputs: the offline stdlib corpus, text files or folders (one document per file), `.jsonl` (one JSON object per
-line with a text field) and `.parquet` (read with `datasets`). The folder holds `tokenizer.json`,
+line with a text field) and `.parquet` (streamed with `datasets`). The folder holds `tokenizer.json`,
 `<name>.bin/.idx` per dataset (one entry per document, EOS appended, so boundaries are kept) and
 `manifest.json`. `--append` adds a dataset to an existing folder with its tokenizer.
+
+Everything is read and checked before the first byte is written; a failure while writing removes what this
+call wrote, so a folder is either as it was or complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dsv4train.config.errors import ConfigError
@@ -20,14 +28,16 @@ from dsv4train.data.corpus import stdlib_documents
 from dsv4train.data.indexed import write_documents
 from dsv4train.data.tokenizer import BOS, EOS, train_tokenizer
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
-MANIFEST = "manifest.json"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+TABLE_SUFFIXES = (".jsonl", ".parquet")
+MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
+MIN_VOCAB = 256 + 3  # the byte alphabet and BOS/EOS/PAD
 
 
 @dataclass
 class PrepareArgs:
     out: Path
-    name: str
+    name: str = "main"
     inputs: list[Path] = field(default_factory=list)
     stdlib: bool = False
     max_docs: int | None = None
@@ -37,94 +47,197 @@ class PrepareArgs:
     append: bool = False
 
 
-def _read_jsonl(path: Path, key: str) -> list[str]:
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if key not in row:
-            raise ConfigError(f"{path}:{n}: no {key!r} field (choose it with --text-key)")
-        docs.append(str(row[key]))
-    return docs
+@dataclass
+class _Tok:
+    tok: Tokenizer
+    source: str  # a path, or how it was trained
+    bos_id: int | None
+    eos_id: int
+    path: Path | None = None  # copied verbatim into the folder when given
 
 
-def _read_parquet(path: Path, key: str) -> list[str]:
+def input_files(inputs: list[Path]) -> list[Path]:
+    """The files to read, in a fixed order; every missing or unsupported input is named."""
+    files = []
+    for path in inputs:
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ConfigError(f"input folder {path} has no {'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} files")
+            files += found
+        elif path.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES:
+            files.append(path)
+        else:
+            raise ConfigError(f"input {path}: unsupported type {path.suffix!r}; expected a folder or "
+                              f"{'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}")
+    return files
+
+
+def _read_jsonl(path: Path, key: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or key not in row:
+                raise ConfigError(f"{path}:{n}: no {key!r} field (choose it with --text-key)")
+            yield str(row[key])
+
+
+def _read_parquet(path: Path, key: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
         raise ConfigError(f"{path}: reading parquet needs the `datasets` package (pip install datasets)") from None
-    table = datasets.Dataset.from_parquet(str(path))
-    if key not in table.column_names:
+    datasets.disable_progress_bars()
+    table = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    if key not in (table.column_names or []):
         raise ConfigError(f"{path}: no {key!r} column (columns: {table.column_names}); choose it with --text-key")
-    return [str(t) for t in table[key]]
+    for row in table.select_columns([key]):
+        yield str(row[key])
 
 
 def read_documents(args: PrepareArgs) -> list[str]:
+    files = input_files(args.inputs)
     docs = list(stdlib_documents(args.max_docs)) if args.stdlib else []
-    for path in args.inputs:
-        if not path.exists():
-            raise FileNotFoundError(f"input {path} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            if f.suffix == ".jsonl":
-                docs += _read_jsonl(f, args.text_key)
-            elif f.suffix == ".parquet":
-                docs += _read_parquet(f, args.text_key)
-            elif f.suffix in TEXT_SUFFIXES:
-                docs.append(f.read_text(encoding="utf-8", errors="replace"))
-    docs = [d for d in docs if d.strip()]
-    if args.max_docs is not None:
-        docs = docs[: args.max_docs]
+    for f in tqdm(files, desc="read", unit="file", disable=len(files) < 20):
+        if f.suffix == ".jsonl":
+            docs += _read_jsonl(f, args.text_key)
+        elif f.suffix == ".parquet":
+            docs += _read_parquet(f, args.text_key)
+        else:
+            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+    docs = [d for d in docs if d.strip()][: args.max_docs]
     if not docs:
-        raise ConfigError("no documents found: give --stdlib or --input with .txt/.md/.py/.rst/.jsonl/.parquet")
+        raise ConfigError("no documents found: give --stdlib or --input with text, .jsonl or .parquet files")
     return docs
 
 
-def _tokenizer(args: PrepareArgs, docs: list[str]):
-    from tokenizers import Tokenizer
+def _special_id(tok: Tokenizer, path: Path, which: str, v4_token: str) -> int | None:
+    """V4's special token if the vocabulary has it, else the one an HF folder's tokenizer_config.json names."""
+    if tok.token_to_id(v4_token) is not None:
+        return tok.token_to_id(v4_token)
+    config = path.parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get(f"{which}_token")
+    value = value.get("content") if isinstance(value, dict) else value
+    return tok.token_to_id(value) if isinstance(value, str) else None
 
-    existing = args.out / "tokenizer.json"
-    if args.append:
-        return Tokenizer.from_file(str(existing)), "existing"
+
+def _load_tokenizer(given: Path) -> tuple[Tokenizer, Path]:
+    """A tokenizer.json, or the one inside an HF tokenizer folder."""
+    path = given / TOKENIZER if given.is_dir() else given
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path)), path
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise ConfigError(f"tokenizer {path} cannot be read by `tokenizers` ({e})") from None
+
+
+def _given_tokenizer(given: Path) -> _Tok:
+    tok, path = _load_tokenizer(given)
+    eos = _special_id(tok, path, "eos", EOS)
+    if eos is None:
+        raise ConfigError(f"tokenizer {path} has no {EOS!r} token and no eos_token in a tokenizer_config.json "
+                          "beside it; documents need an end-of-document id")
+    return _Tok(tok, str(path.resolve()), _special_id(tok, path, "bos", BOS), eos, path)
+
+
+def resolve_tokenizer(args: PrepareArgs, docs: list[str], manifest: dict | None) -> _Tok:
+    """The folder's tokenizer when appending (a --tokenizer must match it), a given one, or a freshly trained one."""
+    if manifest is not None:
+        tok = Tokenizer.from_file(str(args.out / TOKENIZER))
+        if args.tokenizer is not None and _load_tokenizer(args.tokenizer)[0].to_str() != tok.to_str():
+            raise ConfigError(f"--tokenizer {args.tokenizer} differs from {args.out / TOKENIZER}; every dataset in "
+                              "a folder shares one tokenizer (drop --tokenizer or use a new --out)")
+        return _Tok(tok, manifest["tokenizer"], manifest["bos_id"], manifest["eos_id"])
     if args.tokenizer is not None:
-        path = args.tokenizer / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer {path} does not exist")
-        return Tokenizer.from_file(str(path)), str(path)
-    return train_tokenizer(docs, args.vocab_size), f"trained byte-level BPE, vocab {args.vocab_size}"
+        return _given_tokenizer(args.tokenizer)
+    tok = train_tokenizer(docs, args.vocab_size)
+    return _Tok(tok, f"trained byte-level BPE, vocab {args.vocab_size}", tok.token_to_id(BOS), tok.token_to_id(EOS))
+
+
+def _check(args: PrepareArgs) -> dict | None:
+    """Refuse bad arguments and an output folder in the wrong state; returns the manifest when appending."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name) or args.name in ("manifest", "tokenizer"):
+        raise ConfigError(f"--name {args.name!r}: use letters, digits, '_', '-', '.' (not manifest/tokenizer)")
+    if args.tokenizer is None and args.vocab_size < MIN_VOCAB:
+        raise ConfigError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ConfigError(f"--max-docs {args.max_docs}: must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"{args.out} is a file, not a folder")
+    if not args.append:
+        if args.out.exists() and any(args.out.iterdir()):
+            raise FileExistsError(f"{args.out} already exists and is not empty; choose a new --out, or add a "
+                                  "dataset to it with --append")
+        return None
+    path = args.out / MANIFEST
+    if not path.is_file() or not (args.out / TOKENIZER).is_file():
+        raise FileNotFoundError(f"--append needs a folder made by `dsv4 data prepare`; {path} or its "
+                                f"{TOKENIZER} is missing")
+    manifest = json.loads(path.read_text())
+    if args.name in manifest["datasets"]:
+        raise FileExistsError(f"dataset {args.name!r} already exists in {args.out}; pick another --name")
+    return manifest
+
+
+def _encoded(tok: _Tok, docs: list[str], name: str, chunk: int = 256) -> Iterator[list[int]]:
+    with tqdm(total=len(docs), desc=f"tokenize {name}", unit="doc") as bar:
+        for i in range(0, len(docs), chunk):
+            for enc in tok.tok.encode_batch(docs[i: i + chunk], add_special_tokens=False):
+                yield enc.ids + [tok.eos_id]
+            bar.update(len(docs[i: i + chunk]))
+
+
+def _write(args: PrepareArgs, tok: _Tok, docs: list[str], manifest: dict | None, t0: float) -> dict:
+    out, created, written = args.out, not args.out.exists(), []
+    if manifest is None:
+        vocab = max(tok.tok.get_vocab_size(), max(tok.tok.get_vocab().values()) + 1)
+        manifest = {"tokenizer": tok.source, "vocab_size": vocab, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                    "datasets": {}}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        partial = out / f".{args.name}.partial"
+        written += [Path(f"{partial}.bin"), Path(f"{partial}.idx")]
+        n_docs, n_tokens = write_documents(partial, _encoded(tok, docs, args.name), manifest["vocab_size"])
+        for suffix in (".bin", ".idx"):
+            written.append(out / f"{args.name}{suffix}")
+            os.replace(f"{partial}{suffix}", written[-1])
+        if not (out / TOKENIZER).exists():
+            written.append(out / TOKENIZER)
+            if tok.path is not None:
+                shutil.copyfile(tok.path, written[-1])
+            else:
+                tok.tok.save(str(written[-1]))
+        manifest["datasets"][args.name] = {
+            "documents": n_docs, "tokens": n_tokens,
+            "inputs": (["stdlib"] if args.stdlib else []) + [str(p.resolve()) for p in args.inputs],
+            "seconds": round(time.perf_counter() - t0, 1)}
+        written.append(out / f".{MANIFEST}.partial")
+        written[-1].write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(written[-1], out / MANIFEST)  # the folder is complete once this lands
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return manifest
 
 
 def prepare(args: PrepareArgs) -> dict:
-    """Write the dataset; returns the manifest. Refuses to touch a non-empty folder unless appending."""
-    out = args.out
-    manifest_path = out / MANIFEST
-    if args.append:
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"--append needs an existing prepared folder; {manifest_path} is missing")
-        manifest = json.loads(manifest_path.read_text())
-        if args.name in manifest["datasets"]:
-            raise ConfigError(f"dataset {args.name!r} already exists in {out}; pick another --name")
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty; choose a new --out or use --append")
+    """Write the dataset; returns the manifest. Refuses a non-empty folder unless appending."""
     t0 = time.perf_counter()
+    manifest = _check(args)
     docs = read_documents(args)
-    tok, tok_source = _tokenizer(args, docs)
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise ConfigError(f"the tokenizer has no {EOS!r} token; dsv4train needs V4's BOS/EOS special tokens")
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.append:
-        tok.save(str(out / "tokenizer.json"))
-        manifest = {"tokenizer": tok_source, "vocab_size": tok.get_vocab_size(), "bos_id": tok.token_to_id(BOS),
-                    "eos_id": eos, "datasets": {}}
-    encoded = (e.ids + [eos] for e in (tok.encode(d) for d in tqdm(docs, desc=f"tokenize {args.name}", unit="doc")))
-    n_docs, n_tokens = write_documents(out / args.name, encoded, manifest["vocab_size"])
-    manifest["datasets"][args.name] = {"documents": n_docs, "tokens": n_tokens,
-                                       "inputs": (["stdlib"] if args.stdlib else []) + [str(p) for p in args.inputs],
-                                       "seconds": round(time.perf_counter() - t0, 1)}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    tok = resolve_tokenizer(args, docs, manifest)
+    return _write(args, tok, docs, manifest, t0)
