@@ -1,0 +1,155 @@
+"""What happens around each training step besides the step itself: evaluation, tracking, the progress bar,
+preemption and checkpoints. Each is a callback with three hooks; the trainer calls them in list order, so a
+callback sees what earlier ones added (the tracker logs the `val_loss` the evaluator put in `metrics`, the
+checkpointer sees the stop the preemption callback asked for)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv4train.config.pretrain import PretrainConfig
+from dsv4train.observability.trackers import Trackers
+from dsv4train.train import checkpoint
+from dsv4train.train.step import evaluate
+from dsv4train.utils.device import rng_state
+from dsv4train.utils.signals import PreemptionFlag
+
+
+@dataclass
+class Loop:
+    """The state of a run that callbacks read (and, for `stop_reason` and the val losses, write)."""
+
+    cfg: PretrainConfig
+    run_dir: Path
+    model: torch.nn.Module
+    optimizer: object
+    train_data: object  # PackedLoader: its state goes into checkpoints
+    device: torch.device
+    dtype: torch.dtype
+    step: int = 0
+    start_step: int = 0
+    nan_skips: int = 0
+    stop_reason: str | None = None  # set to end the run after this step (e.g. "SIGTERM")
+    val_first: float | None = None
+    val_last: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == self.cfg.train.steps
+
+    def trainer_state(self) -> dict:
+        """What a checkpoint needs besides model and optimizer to continue bit for bit."""
+        return {"step": self.step, "nan_skips": self.nan_skips, "loader": self.train_data.state_dict(),
+                "rng": rng_state()}
+
+
+class Callback:
+    def on_train_start(self, loop: Loop) -> None:
+        pass
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        pass
+
+    def on_train_end(self, loop: Loop, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release resources; called once, also when the run stops with an error."""
+
+
+class EvalCallback(Callback):
+    """Validation loss at the start of a fresh run, every `every` steps and at the last step."""
+
+    def __init__(self, val_batches: list[dict], every: int):
+        self.val_batches, self.every = val_batches, every
+
+    def _evaluate(self, loop: Loop) -> float:
+        return evaluate(loop.model, self.val_batches, loop.device, loop.dtype)
+
+    def on_train_start(self, loop: Loop) -> None:
+        if loop.step == 0:
+            loop.val_first = loop.val_last = self._evaluate(loop)
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        if loop.step % self.every == 0 or loop.is_last_step:
+            loop.val_last = metrics["val_loss"] = self._evaluate(loop)
+
+
+class TrackerCallback(Callback):
+    """Every `every` steps (and every step with a validation loss) to metrics.jsonl and the chosen tracker."""
+
+    def __init__(self, trackers: Trackers, every: int):
+        self.trackers, self.every = trackers, every
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        if loop.step % self.every == 0 or "val_loss" in metrics:
+            self.trackers.log(metrics, loop.step)
+
+    def on_train_end(self, loop: Loop, summary: dict) -> None:
+        self.trackers.summary(summary)
+
+    def close(self) -> None:
+        self.trackers.finish()
+
+
+class ProgressCallback(Callback):
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def on_train_start(self, loop: Loop) -> None:
+        self.bar = tqdm(total=loop.cfg.train.steps, initial=loop.step, desc="pretrain", unit="step",
+                        disable=not self.enabled)
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(lm_loss=f"{metrics['lm_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                             tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PreemptionCallback(Callback):
+    """SIGTERM / SIGUSR1 (Slurm's warning) end the run after the current step, with a checkpoint."""
+
+    def __init__(self):
+        self.flag = PreemptionFlag()
+
+    def on_train_start(self, loop: Loop) -> None:
+        self.flag.__enter__()
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        if self.flag.signum is not None:
+            loop.stop_reason = self.flag.name
+
+    def close(self) -> None:
+        self.flag.__exit__()
+
+
+class CheckpointCallback(Callback):
+    """`checkpoints/step_<N>/` every `every` steps (0: never on a schedule), at the last step and on a stop."""
+
+    def __init__(self, every: int, keep: int):
+        self.every, self.keep = every, keep
+
+    def on_step_end(self, loop: Loop, metrics: dict) -> None:
+        due = self.every and loop.step % self.every == 0
+        if due or loop.is_last_step or loop.stop_reason:
+            checkpoint.save(loop.ckpt_root, loop.step, loop.model, loop.optimizer, loop.trainer_state(), self.keep)
+
+
+def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers) -> list[Callback]:
+    t = cfg.train
+    return [EvalCallback(val_batches, t.eval_every), TrackerCallback(trackers, t.log_every),
+            ProgressCallback(t.progress_bar), PreemptionCallback(), CheckpointCallback(t.checkpoint_every,
+                                                                                     t.keep_checkpoints)]
