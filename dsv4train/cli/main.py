@@ -12,6 +12,7 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
     "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),
     "convert": ("dsv4train.cli.convert", "convert_main", "from-hf SRC DST | to-hf SRC DST: move weights to/from transformers"),
+    "plan": ("dsv4train.cli.plan", "plan_main", "[overrides] [--gpu-memory-gb 80] [--json]: dry run of a parallel layout"),
 }
 
 PENDING = {

@@ -47,32 +47,52 @@ class TrainConfig:
 
 @dataclass
 class PrecisionConfig:
+    """Numerics of the step (docs/precision.md). `fp8`: FP8 (E4M3) GEMMs with block scales for the linears the
+    reference quantises; `fp4_experts`: FP4 (E2M1) QAT of the routed expert weights, dequantised to FP8.
+    Applied to a built model by `dsv4train.quant.apply_precision(model, cfg.precision)`."""
+
     name: str = "fp32"  # fp32 | bf16 (autocast) | fp8 | fp8_fp4
     compute_dtype: str = "float32"
     fp8: bool = False
     fp4_experts: bool = False
+    backend: str = "emulated"  # emulated (exact fake-quant in torch, any device) | te (transformer-engine, CUDA)
+    fp8_block: int = 128  # FP8 activation tile 1xB and weight block BxB (128 in V3/V4; toy models need 32 or 16)
+    fp4_block: int = 32  # FP4 scale block 1xb along the input dim (32 in V4); must divide fp8_block
 
     def __post_init__(self) -> None:
         require(self.compute_dtype in ("float32", "bfloat16"), "precision.compute_dtype",
               f"must be float32 or bfloat16, got {self.compute_dtype!r}")
-        require(not (self.fp8 or self.fp4_experts), "precision.name",
-              f"{self.name!r}: FP8/FP4 training is not built yet (issue 5); use precision=fp32 or precision=bf16")
+        require(self.backend in ("emulated", "te"), "precision.backend",
+              f"must be emulated or te, got {self.backend!r}")
+        for key in ("fp8_block", "fp4_block"):
+            value = getattr(self, key)
+            require(value > 0 and value & (value - 1) == 0, f"precision.{key}",
+                  f"must be a positive power of two, got {value}")
+        require(self.fp8_block % self.fp4_block == 0, "precision.fp4_block",
+              f"({self.fp4_block}) must divide precision.fp8_block ({self.fp8_block}) so FP4 sub-blocks tile the "
+              "FP8 blocks")
+        require(self.fp8 or not self.fp4_experts, "precision.fp4_experts",
+              "FP4 expert weights are dequantised to FP8 for the GEMM; set precision.fp8=true as well "
+              "(precision=fp8_fp4)")
+        require(self.backend != "te" or self.fp8_block == 128, "precision.fp8_block",
+              f"= {self.fp8_block}: the te backend uses transformer-engine's fixed 128 blocks; use 128 or "
+              "precision.backend=emulated")
 
 
 @dataclass
 class ParallelConfig:
+    """world = pp·dp·cp·ep·tp processes (torchrun). dp·ep ranks read different batches; dense weights are
+    FSDP-sharded over dp·cp·ep, experts split over ep and sharded over dp·cp. See docs/parallelism.md."""
+
     dp: int = 1
     tp: int = 1
     pp: int = 1
     ep: int = 1
     cp: int = 1
+    timeout_s: int = 600  # a collective that does not finish in this time fails the run instead of hanging
 
     def __post_init__(self) -> None:
-        require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp"))
-        for key in ("dp", "tp", "pp", "ep", "cp"):
-            value = getattr(self, key)
-            require(value == 1, f"parallel.{key}", f"= {value}: multi-process layouts are not built yet (issue 4); "
-                                                 "the engine runs on one process")
+        require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp", "timeout_s"))
 
 
 @dataclass

@@ -171,3 +171,36 @@ class PackedLoader:
         self.rows = int(state["rows"])
         for s, c in zip(self.sources, state["sources"]):
             s.cursor = _Cursor(**{k: int(v) for k, v in c.items()})
+
+
+def rank_rows(batch: dict, rank: int, n_ranks: int) -> dict:
+    """Rows [rank·b, (rank+1)·b) of a batch of n_ranks·b rows."""
+    b = batch["tokens"].shape[0] // n_ranks
+    return {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+
+
+class RankSlice:
+    """This data-parallel rank's share of a loader's global batches: every rank walks the same stream (so the
+    loader state in a checkpoint is one and the same for all ranks, and resumes in any layout) and keeps its
+    own rows. `loader` must produce n_ranks·micro_batch_size rows per batch."""
+
+    def __init__(self, loader: PackedLoader, rank: int, n_ranks: int):
+        if loader.batch_size % n_ranks:
+            raise ValueError(f"global batch {loader.batch_size} does not split into {n_ranks} equal shares")
+        self.loader, self.rank, self.n_ranks = loader, rank, n_ranks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loader.vocab_size
+
+    def next_batch(self) -> dict:
+        return rank_rows(self.loader.next_batch(), self.rank, self.n_ranks)
+
+    def val_batches(self, n: int) -> list[dict]:
+        return [rank_rows(b, self.rank, self.n_ranks) for b in self.loader.val_batches(n)]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)

@@ -17,6 +17,13 @@ from dsv4train.models.norms import RMSNorm, unweighted_rms_norm
 from dsv4train.models.rope import apply_rope, inv_freq, rope_cos_sin
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A parameter as this process holds it. Under tensor parallelism (dsv4train/parallel/tp.py) `attn_sink` and
+    `wo_a.weight` are distributed shards, and `to_local()` gives the local heads / output groups."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
 @dataclass
 class AttentionAux:
     indexer_loss: torch.Tensor | None = None
@@ -33,6 +40,7 @@ class Attention(nn.Module):
         self.ratio = cfg.compress_ratio(layer_type)
         self.indexer_mode = cfg.indexer_mode
         self.indexer_kl = True  # compute the indexer KL loss when training (the trainer may turn it off)
+        self.sum_over_head_shards = None  # tensor parallelism sets it: sums a head-reduced tensor over TP ranks
         H, c = cfg.n_heads, cfg.head_dim
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
@@ -69,7 +77,7 @@ class Attention(nn.Module):
                 if self.indexer_mode == "sparse":
                     comp.topk_BSK = select_topk(index_scores, n_visible, self.indexer.topk)
 
-        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_BSC, self.attn_sink, self.window, comp)
+        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_BSC, local_shard(self.attn_sink), self.window, comp)
         o_BSHC = apply_rope(o_BSHC, cos_h, sin_h, inverse=True)
         aux = AttentionAux()
         if index_scores is not None and index_scores.requires_grad:
@@ -84,11 +92,13 @@ class Attention(nn.Module):
         B, S = o_BSHC.shape[:2]
         g = self.o_groups
         grouped_BSGI = o_BSHC.reshape(B, S, g, -1)
-        wa_GOI = self.wo_a.weight.view(g, self.o_lora_rank, -1)
+        wa_GOI = local_shard(self.wo_a.weight).view(g, self.o_lora_rank, -1)
         mid_BSGO = torch.einsum("bsgi,goi->bsgo", grouped_BSGI, wa_GOI)
         return self.wo_b(mid_BSGO.flatten(2))
 
     def _indexer_loss(self, p_comp: torch.Tensor, scores_BST: torch.Tensor, comp: CompressedKeys) -> torch.Tensor:
+        if self.sum_over_head_shards is not None:  # the teacher is the mass of ALL heads, not only the local ones
+            p_comp = self.sum_over_head_shards(p_comp.detach().sum(2, keepdim=True))
         T = scores_BST.shape[-1]
         if comp.topk_BSK is None:
             valid = (torch.arange(T, device=scores_BST.device) < comp.n_visible_S.unsqueeze(-1)).expand_as(scores_BST)

@@ -40,6 +40,8 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, use_grouped_mm: bool = True):
+    if w.dtype != x.dtype:  # under autocast x is bf16 while the fp32 master weights are not cast for us
+        w = w.to(x.dtype)
     if use_grouped_mm and _grouped_mm_ok(x, w):
         return _GroupedLinear.apply(x.contiguous(), w, offsets.to(torch.int32))
     return _looped(x, w, offsets)

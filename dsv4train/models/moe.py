@@ -86,16 +86,29 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, I, d))
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        N, K = idx_NK.shape
-        E = self.w1.shape[0]
+        K = idx_NK.shape[1]
         flat = idx_NK.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = torch.div(order, K, rounding_mode="floor")
-        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0)
+        counts_E = torch.bincount(flat, minlength=self.w1.shape[0])
         xs = x_ND.index_select(0, token_of)  # backward is index_add (parallel), not index_put (serial on CPU)
-        h = clamped_swiglu(grouped_linear(xs, self.w1, offsets), grouped_linear(xs, self.w3, offsets), self.limit)
-        ys = grouped_linear(h, self.w2, offsets) * w_NK.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+        ys = self.mlp(xs, counts_E, self.w1, self.w2, self.w3)
+        ys = ys * w_NK.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
+
+    def mlp(self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            w3: torch.Tensor) -> torch.Tensor:
+        """The experts on rows sorted by expert. Routing (above, or expert-parallel dispatch) calls this with the
+        weights it holds; FP8/FP4 training overrides it (dsv4train/quant)."""
+        return expert_mlp(xs, counts_E, w1, w2, w3, self.limit)
+
+
+def expert_mlp(xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+               limit: float) -> torch.Tensor:
+    """Clamped-SwiGLU experts on rows sorted by expert (`counts_E[e]` rows for expert e, in order)."""
+    offsets = torch.cumsum(counts_E, 0)
+    h = clamped_swiglu(grouped_linear(xs, w1, offsets), grouped_linear(xs, w3, offsets), limit)
+    return grouped_linear(h, w2, offsets)
 
 
 class SharedExpert(nn.Module):

@@ -57,6 +57,18 @@ def orthogonal_update(u: torch.Tensor, ns: str = "hybrid", rms: float = 0.18, ro
     return (o.to(u.dtype) * scale).reshape(u.shape)
 
 
+def momentum_input(m: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
+    """M <- mu*M + G in place; returns the NS input U (mu*M + G with Nesterov, else M). Elementwise, so it runs
+    unchanged on a local shard (parallel/muon.py)."""
+    m.mul_(mu).add_(grad)
+    return grad.add(m, alpha=mu) if nesterov else m
+
+
+def apply_update(p: torch.Tensor, o: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """W <- W*(1 - lr*wd) - lr*O in place (decoupled weight decay); elementwise, like momentum_input."""
+    p.mul_(1 - lr * weight_decay).add_(o, alpha=-lr)
+
+
 class Muon(Optimizer):
     """Muon for 2-D matrices and 3-D stacks [E, n, m]. Group options: lr, momentum, nesterov, weight_decay,
     ns ("hybrid" | "quintic"), ns_dtype ("auto" | "bfloat16" | "float32"), rms, eps, row_blocks.
@@ -105,12 +117,10 @@ class Muon(Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m = state["momentum_buffer"]
-                m.mul_(mu).add_(p.grad)
-                u = p.grad.add(m, alpha=mu) if group["nesterov"] else m
+                u = momentum_input(state["momentum_buffer"], p.grad, mu, group["nesterov"])
                 o = orthogonal_update(u, group["ns"], group["rms"], group["row_blocks"], group["eps"],
                                       group["ns_dtype"])
-                p.mul_(1 - lr * wd).add_(o, alpha=-lr)
+                apply_update(p, o, lr, wd)
                 sq = o.float().square().sum()
                 sq_sum, count = (sq if sq_sum is None else sq_sum + sq), count + o.numel()
         # RMS of the orthogonalised update before the LR (≈ `rms`, 0.18): a tensor, so logging pays the sync

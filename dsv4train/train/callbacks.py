@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.observability.trackers import Trackers
+from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train import checkpoint
 from dsv4train.train.step import evaluate
 from dsv4train.utils.device import rng_state
@@ -30,6 +31,7 @@ class Loop:
     train_data: object  # PackedLoader: its state goes into checkpoints
     device: torch.device
     dtype: torch.dtype
+    rt: ParallelRuntime = field(default_factory=ParallelRuntime)
     step: int = 0
     start_step: int = 0
     nan_skips: int = 0
@@ -73,7 +75,7 @@ class EvalCallback(Callback):
         self.val_batches, self.every = val_batches, every
 
     def _evaluate(self, loop: Loop) -> float:
-        return evaluate(loop.model, self.val_batches, loop.device, loop.dtype)
+        return evaluate(loop.model, self.val_batches, loop.device, loop.dtype, loop.rt)
 
     def on_train_start(self, loop: Loop) -> None:
         if loop.step == 0:
@@ -129,8 +131,8 @@ class PreemptionCallback(Callback):
         self.flag.__enter__()
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
-        if self.flag.signum is not None:
-            loop.stop_reason = self.flag.name
+        if loop.rt.any_rank(self.flag.signum is not None):  # every rank stops after the same step
+            loop.stop_reason = self.flag.name or "signal on another rank"
 
     def close(self) -> None:
         self.flag.__exit__()
@@ -145,11 +147,14 @@ class CheckpointCallback(Callback):
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
         due = self.every and loop.step % self.every == 0
         if due or loop.is_last_step or loop.stop_reason:
-            checkpoint.save(loop.ckpt_root, loop.step, loop.model, loop.optimizer, loop.trainer_state(), self.keep)
+            checkpoint.save(loop.ckpt_root, loop.step, loop.model, loop.optimizer, loop.trainer_state(), self.keep,
+                            loop.rt)
 
 
-def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers) -> list[Callback]:
+def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers | None) -> list[Callback]:
+    """Evaluation, then (on the main rank, the one with `trackers`) tracking and the progress bar, then
+    preemption and checkpoints. Every rank runs eval, preemption and checkpoints: they are collective."""
     t = cfg.train
-    return [EvalCallback(val_batches, t.eval_every), TrackerCallback(trackers, t.log_every),
-            ProgressCallback(t.progress_bar), PreemptionCallback(), CheckpointCallback(t.checkpoint_every,
-                                                                                     t.keep_checkpoints)]
+    main_only = [] if trackers is None else [TrackerCallback(trackers, t.log_every), ProgressCallback(t.progress_bar)]
+    return [EvalCallback(val_batches, t.eval_every), *main_only, PreemptionCallback(),
+            CheckpointCallback(t.checkpoint_every, t.keep_checkpoints)]

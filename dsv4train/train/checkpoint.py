@@ -1,6 +1,7 @@
 """Training checkpoints: `run_dir/checkpoints/step_<N>/`, written with torch.distributed.checkpoint (DCP).
 
-A checkpoint holds the model, the optimizer, and `trainer_state.pt` (step, data-loader state, RNG states,
+A checkpoint holds the model, the optimizer (as DCP shards: global tensor shapes, so a checkpoint written in one
+parallel layout loads in any other), and `trainer_state.pt` (step, data-loader state, RNG states,
 counters) plus `meta.json` (the model config, the step, the time). It is written under `.tmp_step_<N>` and renamed
 when every file is on disk, so a folder named `step_<N>` is always complete; a killed write leaves only a
 `.tmp_*` folder, which the next run removes. Only the newest `keep` complete checkpoints are kept.
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
+from dsv4train.parallel.runtime import ParallelRuntime
 
 META = "meta.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -65,25 +67,33 @@ def remove_partial(ckpt_root: Path) -> list[str]:
     return removed
 
 
-def save(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
+def save(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, keep: int,
+         rt: ParallelRuntime | None = None) -> Path:
+    """Write `step_<step>` (every rank calls this: DCP writes each rank's shards, rank 0 the rest)."""
+    rt = rt or ParallelRuntime()
     final = ckpt_root / f"step_{step}"
     if final.exists():
         return final  # already written (e.g. a signal arrived right after a scheduled save)
     tmp = ckpt_root / f".tmp_step_{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if rt.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    rt.barrier()
     state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
     with _quiet_dcp():
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    meta = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": asdict(model.cfg)}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    for _, old in step_dirs(ckpt_root)[:-keep]:
-        shutil.rmtree(old)
+    if rt.is_main:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        meta = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": asdict(model.cfg),
+                "parallel": asdict(rt.dims)}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        for _, old in step_dirs(ckpt_root)[:-keep]:
+            shutil.rmtree(old)
+    rt.barrier()
     return final
 
 

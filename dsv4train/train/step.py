@@ -10,6 +10,7 @@ import torch
 
 from dsv4train.config.pretrain import TrainConfig
 from dsv4train.models.model import DSV4Model
+from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train.losses import lm_loss, mtp_targets
 
 
@@ -40,7 +41,10 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: float, t: TrainConfig,
-               device: torch.device, dtype: torch.dtype) -> StepResult:
+               device: torch.device, dtype: torch.dtype, rt: ParallelRuntime | None = None) -> StepResult:
+    """Forward/backward over this rank's micro-batches, clip, step. Losses and expert counts are reduced over
+    the data-parallel ranks, so every rank gets the same numbers and makes the same skip decision."""
+    rt = rt or ParallelRuntime()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     parts = torch.zeros(5, dtype=torch.float64)
@@ -56,10 +60,11 @@ def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: flo
         (loss / len(batches)).backward()
         parts += torch.stack([loss, ce, mtp, out.balance_loss, out.indexer_loss]).detach().double().cpu()
         counts = out.expert_counts if counts is None else counts + out.expert_counts
-    parts /= len(batches)
+    parts = rt.mean_over_data(parts / len(batches))
+    counts = rt.sum_over_data(counts.detach())
     loss, ce, mtp, bal, idx = parts.tolist()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    result = StepResult(loss, ce, mtp, bal, idx, float(grad_norm), counts.detach())
+    grad_norm = rt.clip_grad_norm(model.parameters(), t.grad_clip)
+    result = StepResult(loss, ce, mtp, bal, idx, float(grad_norm), counts)
     if not torch.isfinite(parts).all() or not torch.isfinite(grad_norm):
         result.skipped, result.reason = True, f"loss {loss}, grad norm {float(grad_norm)}"
         optimizer.zero_grad(set_to_none=True)
@@ -69,12 +74,15 @@ def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: flo
 
 
 @torch.no_grad()
-def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
+def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype: torch.dtype,
+             rt: ParallelRuntime | None = None) -> float:
+    """Mean LM loss over `batches` (this rank's rows of them), averaged over the data-parallel ranks."""
+    rt = rt or ParallelRuntime()
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64)
     for batch in batches:
         rows = batch["tokens"].to(device)
         with _autocast(device, dtype):
-            total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).item()
+            total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).double().cpu()
     model.train()
-    return total / len(batches)
+    return float(rt.mean_over_data(total / len(batches)))

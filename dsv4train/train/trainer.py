@@ -1,6 +1,6 @@
-"""The pre-training loop on one process. `pretrain(cfg)` reads top to bottom:
+"""The pre-training loop, on one process or under torchrun. `pretrain(cfg)` reads top to bottom:
 
-set up (run dir, data, model, optimizer, trackers) -> resume from the newest checkpoint if any ->
+set up (layout check, run dir, process group, data, model, parallelize, optimizer, trackers) -> resume from the newest checkpoint if any ->
 for each step: schedules -> forward/backward over micro-batches -> NaN policy -> optimizer step ->
 router bias update -> metrics -> callbacks (eval, tracking, progress bar, preemption, checkpoint) -> summary.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 import torch
 from omegaconf import OmegaConf
 
 from dsv4train.config.pretrain import PretrainConfig
-from dsv4train.data.loader import PackedLoader, check_vocab
+from dsv4train.data.loader import PackedLoader, RankSlice, check_vocab
 from dsv4train.models.flops import train_flops_per_token
 from dsv4train.models.model import DSV4Model
 from dsv4train.models.moe import update_router_bias
@@ -24,29 +25,39 @@ from dsv4train.observability.throughput import measured_matmul_peak, mfu
 from dsv4train.observability.trackers import build_trackers
 from dsv4train.optim.groups import build_optimizers
 from dsv4train.optim.schedule import lr_at, mtp_weight_at
+from dsv4train.parallel.dims import ParallelDims
+from dsv4train.parallel.runtime import ParallelRuntime
+from dsv4train.quant import apply_precision
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, Loop, default_callbacks
 from dsv4train.train.step import train_step
 from dsv4train.utils.device import pick_device, seed_everything, set_rng_state
+from dsv4train.utils.dist import env_world_size, init_distributed
 
 
 def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
     t = cfg.train
-    run_dir = open_run_dir(cfg.run.dir)
-    device = pick_device(t.device)
+    dims = ParallelDims.from_config(cfg.parallel)
+    dims.validate(env_world_size(), cfg.model, t.seq_len, t.micro_batch_size)  # before any process-group work
+    device = init_distributed(pick_device(t.device), cfg.parallel.timeout_s)
+    rt = ParallelRuntime(dims, device)
+    run_dir = open_run_dir(_same_run_dir(cfg, rt))
     dtype = torch.bfloat16 if cfg.precision.compute_dtype == "bfloat16" else torch.float32
     seed_everything(cfg.seed)
 
-    train_data = PackedLoader(cfg.data, t.seq_len, t.micro_batch_size, "train")
-    val_data = PackedLoader(cfg.data, t.seq_len, t.micro_batch_size, "val")
+    global_rows = t.micro_batch_size * rt.data_ranks  # each data rank reads its own rows of every batch
+    train_data = RankSlice(PackedLoader(cfg.data, t.seq_len, global_rows, "train"), rt.data_rank, rt.data_ranks)
+    val_data = RankSlice(PackedLoader(cfg.data, t.seq_len, global_rows, "val"), rt.data_rank, rt.data_ranks)
     check_vocab(train_data.vocab_size, cfg.model.vocab_size)
 
     model = DSV4Model(cfg.model).to(device)
-    model.init_weights(cfg.seed)
-    optimizer = build_optimizers(model, cfg.optim)
-    loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype)
+    model.init_weights(cfg.seed)  # the same full weights on every rank, then sharded
+    model = rt.parallelize(apply_precision(model, cfg.precision))
+    optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
+    loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype, rt)
 
-    removed = checkpoint.remove_partial(loop.ckpt_root)
+    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []
+    rt.barrier()
     resume_from = checkpoint.latest(loop.ckpt_root)
     if resume_from is not None:
         checkpoint.check_same_model(resume_from, cfg.model)
@@ -56,19 +67,32 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
         loop.step = loop.start_step = state["step"]
         loop.nan_skips = state["nan_skips"]
     config_dict = asdict(cfg)
-    write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-    _print_start(cfg, model, loop, resume_from, removed)
+    if rt.is_main:
+        write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
+        _print_start(cfg, model, loop, resume_from, removed)
 
-    trackers = build_trackers(cfg.tracker, run_dir, config_dict)
+    trackers = build_trackers(cfg.tracker, run_dir, config_dict) if rt.is_main else None
     callbacks = default_callbacks(cfg, val_data.val_batches(t.eval_batches), trackers)
     try:
         summary = _train(loop, callbacks)
     finally:
         for cb in callbacks:
             cb.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _print_summary(summary)
+    if rt.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _print_summary(summary)
     return summary
+
+
+def _same_run_dir(cfg: PretrainConfig, rt: ParallelRuntime) -> str:
+    """Rank 0's run.dir for every rank. A default run.dir holds the launch time, which processes started a second
+    apart resolve differently; the empty folder Hydra made for such a rank is removed."""
+    chosen = rt.from_main(cfg.run.dir)
+    own = Path(cfg.run.dir)
+    if chosen != cfg.run.dir and own.is_dir() and not any(own.iterdir()):
+        own.rmdir()
+    cfg.run.dir = chosen
+    return chosen
 
 
 def _train(loop: Loop, callbacks: list[Callback]) -> dict:
@@ -76,7 +100,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
     t = cfg.train
     peak = measured_matmul_peak(loop.device, loop.dtype)
     flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * loop.rt.data_ranks
     for cb in callbacks:
         cb.on_train_start(loop)
 
@@ -88,7 +112,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
         batches = [loop.train_data.next_batch() for _ in range(t.grad_accum)]
         t0 = time.perf_counter()
         mtp_weight = mtp_weight_at(loop.step, cfg.optim, t.steps, t.mtp_weight, t.mtp_weight_decay)
-        last = train_step(model, optimizer, batches, mtp_weight, t, loop.device, loop.dtype)
+        last = train_step(model, optimizer, batches, mtp_weight, t, loop.device, loop.dtype, loop.rt)
         if last.skipped:
             loop.nan_skips += 1
             if t.nan_policy == "stop" or loop.nan_skips > t.max_nan_skips:
@@ -101,7 +125,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
             update_router_bias(model, last.expert_counts, t.bias_update_speed)
         loop.step += 1
         tps = tokens_per_step / (time.perf_counter() - t0)
-        metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu(flops_per_token, tps, peak),
+        metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu(flops_per_token, tps / loop.rt.dims.world_size, peak),
                    "router_bias_norm": _router_bias_norm(model), "muon_update_rms": optimizer.muon_update_rms()}
         for cb in callbacks:
             cb.on_step_end(loop, metrics)
@@ -131,8 +155,10 @@ def _router_bias_norm(model: DSV4Model) -> float:
 def _print_start(cfg: PretrainConfig, model: DSV4Model, loop: Loop, resume_from, removed: list[str]) -> None:
     n = sum(p.numel() for p in model.parameters())
     t = cfg.train
+    dims = loop.rt.dims
+    where = f"{loop.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
     print(f"dsv4 pretrain: model '{cfg.model.name}' ({n / 1e6:.2f}M params, {cfg.model.n_layers} layers) on "
-          f"{loop.device}, {t.steps} steps of {t.micro_batch_size}x{t.grad_accum}x{t.seq_len} tokens, "
+          f"{where}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} tokens, "
           f"optim {cfg.optim.name}, run dir {loop.run_dir}")
     if removed:
         print(f"  removed incomplete checkpoint writes: {', '.join(removed)}")

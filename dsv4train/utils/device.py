@@ -49,3 +49,16 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def dist_backend(device: torch.device) -> str:
+    """The collective backend for a device: NCCL for CUDA, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def bind_local_device(device: torch.device, local_rank: int) -> torch.device:
+    """One GPU per process (torchrun's LOCAL_RANK); CPU processes share the host."""
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return device

@@ -1,0 +1,694 @@
+"""Communication volume of one training step, per layout: every collective counted at the dispatcher, next to the
+formula for it derived from the code (dsv4train/parallel/*, dsv4train/train/step.py).
+
+    PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy --seq 128 --rows 2 [--write-docs]
+    PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
+
+Layouts dp2, ep2, dp2×ep2 (and tp2 when `ParallelDims.validate` accepts it) on gloo CPU processes. Each runs two
+optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank; the second
+(steady-state) step is reported, and what the first step adds (DistributedMuon's plan) is listed below it.
+
+How it counts: a `torch.distributed.tensor.debug.CommDebugMode` subclass (a TorchDispatchMode) records every c10d
+and functional collective that reaches the dispatcher, with its element count, dtype, group and split sizes.
+That sees FSDP2's all-gathers / reduce-scatters (which call `dist.all_gather_single` / `reduce_scatter_single`,
+so a shim over `dist.all_gather_into_tensor` would miss them), EP's functional `all_to_all_single_autograd` in
+forward and in backward, and plain `dist.all_reduce` / `dist.all_to_all_single` (ops `c10d.allreduce_`,
+`c10d.alltoall_base_`); a shim over those two `dist` functions cross-checks the count. CommDebugMode's own module
+tracker is switched off: it raises IndexError when the shared output head runs a second time (for MTP) inside
+the root forward (torch 2.13); its per-op `comm_counts` is kept and checked against our records.
+
+Bytes are "wire bytes sent per rank" of the bandwidth-optimal algorithm: all-gather (n-1)·shard,
+reduce-scatter (1-1/n)·input, all-reduce 2·(1-1/n)·buffer (ring), all-to-all the rows sent to OTHER ranks
+(exact, from the split sizes), broadcast the buffer on the root. Mean over ranks (max in brackets where ranks
+differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsv4train.config.errors import ConfigError
+from dsv4train.config.model import ModelConfig
+from dsv4train.config.optim import OptimConfig
+from dsv4train.config.pretrain import TrainConfig
+from dsv4train.models.flavors import get_flavor
+from dsv4train.models.model import DSV4Model
+from dsv4train.optim.groups import describe_groups
+from dsv4train.parallel.dims import ParallelDims
+from dsv4train.parallel.runtime import ParallelRuntime
+
+LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"tp": 2})
+SECTION = "## Communication volume per step"
+_EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
+
+
+# ------------------------------------------------------------------------------------------------ counting
+class CommVolumeMode(CommDebugMode):
+    """CommDebugMode that also records bytes, group and phase of every collective (module tracker off)."""
+
+    def __init__(self):
+        super().__init__()
+        tracker = self.advanced_module_tracker
+        tracker.name, tracker.module_parents_dict = "Global", {"Global": set()}
+        self.records: list[dict] = []
+        self.phase = "step"
+
+    def __enter__(self):
+        self.comm_counts.clear()
+        self.comm_module_counts.clear()
+        self.comm_module_counts["Global"] = {"forward": defaultdict(int), "backward": defaultdict(int)}
+        TorchDispatchMode.__enter__(self)
+        return self
+
+    def __exit__(self, *exc):
+        return TorchDispatchMode.__exit__(self, *exc)
+
+    @contextlib.contextmanager
+    def tagged(self, phase: str):
+        old, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = old
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if out is NotImplemented or isinstance(func, torch._ops.HigherOrderOperator):
+            return out
+        name = str(func._overloadpacket)
+        if name.startswith(("c10d.", "_c10d_functional.")) and _kind(name):
+            phase = self.phase
+            if phase == "step":
+                phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            self.records.append(_describe(name, args, kwargs or {}, phase))
+        return out
+
+
+def _kind(name: str) -> str | None:
+    op = name.split(".", 1)[1]
+    for pattern, kind in (("reduce_scatter", "reduce_scatter"), ("allgather|all_gather", "all_gather"),
+                          ("allreduce|all_reduce", "all_reduce"), ("alltoall|all_to_all", "all_to_all"),
+                          ("broadcast", "broadcast")):
+        if re.match(f"_?({pattern})", op):
+            return kind
+    return None
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _tensors(y)]
+    return []
+
+
+def _group(args) -> dist.ProcessGroup:
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(a)
+            except Exception:  # a ReduceOp or Work object
+                continue
+    name = next(a for a in reversed(args) if isinstance(a, str))
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+def _describe(name: str, args, kwargs, phase: str) -> dict:
+    kind, functional = _kind(name), name.startswith("_c10d_functional.")
+    pg = _group(list(args) + list(kwargs.values()))
+    n, me = pg.size(), pg.rank()
+    # the input tensors of each op (functional ops: the first argument; c10d ops: see their schemas)
+    if functional or kind in ("all_reduce", "broadcast"):
+        inputs = _tensors(args[0])
+    else:
+        inputs = _tensors(args[1])
+    in_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    rec = {"op": name, "kind": kind, "phase": phase, "group": pg.group_name, "n": n, "in_bytes": in_bytes}
+    if kind == "all_gather":
+        rec["wire"] = (n - 1) * in_bytes
+    elif kind == "reduce_scatter":
+        rec["wire"] = (n - 1) * in_bytes // n
+    elif kind == "all_reduce":
+        rec["wire"] = 2 * (n - 1) * in_bytes / n
+    elif kind == "broadcast":
+        root = args[2] if not functional else args[1]
+        rec["wire"] = in_bytes if me == root else 0
+    else:  # all_to_all: rows to other ranks, from the split sizes (empty = equal splits)
+        x = inputs[0]
+        in_splits = list(args[2] if functional else args[4])
+        out_splits = list(args[1] if functional else args[3])
+        rows = x.shape[0] if x.dim() else 1
+        in_splits = in_splits or [rows // n] * n
+        out_splits = out_splits or in_splits
+        row_bytes = x.numel() * x.element_size() // max(rows, 1)
+        rec["wire"] = sum(s for j, s in enumerate(in_splits) if j != me) * row_bytes
+        rec.update(rank=me, ranks=dist.get_process_group_ranks(pg), row_bytes=row_bytes, send_rows=[int(s) for s in in_splits],
+                   recv_rows=[int(s) for s in out_splits])
+        if not functional and x.dtype == torch.int64 and x.dim() == 2 and x.shape[0] == n:
+            rec["histogram"] = x.sum(1).tolist()  # EP's per-destination row counts (this rank's routing)
+    return rec
+
+
+class _TaggedRuntime(ParallelRuntime):
+    """The trainer's runtime with the metric and grad-norm collectives tagged with their phase."""
+
+    mode: CommVolumeMode | None = None
+
+    def _tag(self, phase):
+        return self.mode.tagged(phase) if self.mode is not None else contextlib.nullcontext()
+
+    def mean_over_data(self, t):
+        with self._tag("metrics"):
+            return super().mean_over_data(t)
+
+    def sum_over_data(self, t):
+        with self._tag("metrics"):
+            return super().sum_over_data(t)
+
+    def clip_grad_norm(self, params, max_norm):
+        with self._tag("grad_norm"):
+            return super().clip_grad_norm(params, max_norm)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def model_config(flavor: str, seq: int) -> ModelConfig:
+    base = get_flavor(flavor)
+    return get_flavor(flavor, max_seq_len=max(base.max_seq_len, seq))
+
+
+def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, optim: str, out_path: str,
+            steps: int = 2):
+    from dsv4train.data.loader import rank_rows
+    from dsv4train.optim.groups import build_optimizers
+    from dsv4train.train.step import train_step
+
+    cfg = flavor if isinstance(flavor, ModelConfig) else model_config(flavor, seq)
+    rt = _TaggedRuntime(ParallelDims(**layout))
+    model = DSV4Model(cfg)
+    model.init_weights(0)
+    rt.parallelize(model)
+    opt = rt.distribute_optimizer(build_optimizers(model, OptimConfig(name=optim, muon_ns_dtype="float32")))
+    mesh = rt.dims.mesh
+    groups = {mesh[d].get_group().group_name: d for d in ("tp", "ep", "efsdp", "fsdp")}  # later wins on equal
+    groups.setdefault(dist.group.WORLD.group_name, "world")
+
+    g = torch.Generator().manual_seed(1)
+    global_rows = rows * rt.data_ranks
+    batches = [{"tokens": torch.randint(0, cfg.vocab_size, (global_rows, seq + 1), generator=g)}
+               for _ in range(steps)]
+    step_fn = opt.step
+
+    def tagged_step(*a, **k):
+        with rt.mode.tagged("optimizer"):
+            return step_fn(*a, **k)
+
+    opt.step = tagged_step
+    shim = defaultdict(int)
+    originals = {f: getattr(dist, f) for f in ("all_reduce", "all_to_all_single")}
+
+    def _shimmed(fname):
+        def call(*a, **k):
+            shim[fname] += 1
+            return originals[fname](*a, **k)
+        return call
+
+    result = []
+    for batch in batches:
+        shim.clear()
+        for f in originals:
+            setattr(dist, f, _shimmed(f))
+        try:
+            with CommVolumeMode() as mode:
+                rt.mode = mode
+                train_step(model, opt, [rank_rows(batch, rt.data_rank, rt.data_ranks)], 0.3, TrainConfig(),
+                           torch.device("cpu"), torch.float32, rt)
+        finally:
+            rt.mode = None
+            for f, fn in originals.items():
+                setattr(dist, f, fn)
+        counted = defaultdict(int)
+        for r in mode.records:
+            counted[r["op"]] += 1
+        debug_counts = {str(k).replace("c10d_functional.", "_c10d_functional."): v
+                        for k, v in mode.comm_counts.items()}
+        assert debug_counts == dict(counted), f"CommDebugMode counts {debug_counts} != records {dict(counted)}"
+        assert shim["all_reduce"] == counted["c10d.allreduce_"], (dict(shim), dict(counted))
+        assert shim["all_to_all_single"] == counted["c10d.alltoall_base_"], (dict(shim), dict(counted))
+        for r in mode.records:
+            r["group"] = groups.get(r["group"], f"size {r['n']}")
+        muon = getattr(opt, "optimizers", {}).get("muon") if hasattr(opt, "optimizers") else None
+        result.append({"records": mode.records, "debug_counts": debug_counts,
+                       "muon_last_comm": dict(getattr(muon, "last_comm", {}) or {})})
+    everyone = [None] * world
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(everyone, f)
+
+
+def measure(layout: dict, flavor, seq: int, rows: int, optim: str = "muon", steps: int = 2) -> list[list[dict]]:
+    """Per rank, per step: {"records": [...], "debug_counts": {...}, "muon_last_comm": {...}}. `flavor` is a
+    flavor name or a ModelConfig."""
+    from dsv4train.testing.distributed import run_distributed_test
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.json")
+        run_distributed_test(_worker, world_size=ParallelDims(**layout).world_size,
+                             args=(layout, flavor, seq, rows, optim, path, steps), timeout_s=300.0)
+        with open(path) as f:
+            return json.load(f)
+
+
+def check_layout(layout: dict, cfg: ModelConfig, seq: int, rows: int) -> str | None:
+    """None when the layout can run, else why not (e.g. TP not built yet)."""
+    dims = ParallelDims(**layout)
+    try:
+        dims.validate(dims.world_size, cfg, seq, rows)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ formulas
+def _padded(shape, n: int) -> int:
+    """Elements FSDP2 moves for one parameter sharded on dim 0 over n ranks: dim 0 padded to a multiple of n."""
+    if len(shape) == 0:
+        return n
+    d0, rest = shape[0], math.prod(shape[1:])
+    return -(-d0 // n) * n * rest
+
+
+def _blocks(d0: int, n: int) -> list[tuple[int, int]]:
+    """(offset, rows) of each rank's FSDP2 block of dim 0 (torch.chunk sizes, empty blocks at the end)."""
+    chunk = -(-d0 // n)
+    return [(min(r * chunk, d0), max(0, min(chunk, d0 - r * chunk))) for r in range(n)]
+
+
+def param_split(cfg: ModelConfig, ep: int) -> dict:
+    """Shapes of the FSDP units: "root", "blocks" (one list per layer) and, with EP, "experts" (one local stack
+    per MoE layer incl. MTP, shapes as each rank holds them before efsdp)."""
+    with torch.device("meta"):
+        model = DSV4Model(cfg)
+    units = {"root": [], "blocks": [[] for _ in cfg.layer_types], "experts": defaultdict(list), "names": {}}
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if ep > 1 and _EXPERT.search(name):
+            shape = (shape[0] // ep,) + shape[1:]
+            units["experts"][name.rsplit(".", 1)[0]].append(shape)
+        elif name.startswith("layers."):
+            units["blocks"][int(name.split(".")[1])].append(shape)
+        else:
+            units["root"].append(shape)
+        units["names"][name] = (shape, "experts" if ep > 1 and _EXPERT.search(name) else "dense")
+    units["experts"] = list(units["experts"].values())
+    units["model"] = model
+    return units
+
+
+def muon_owner_elements(model, cfg: ModelConfig, optim: OptimConfig, n: int, ep: int) -> tuple[int, int]:
+    """(elements, matrices) of Muon parameters that DistributedMuon owner-computes when FSDP2 shards them on
+    dim 0 over n ranks: every 2-D matrix whose blocks are not runs of whole matrices (`wo_a` blocks holding whole
+    output groups and 3-D expert stacks, sharded on the expert dim, are local). With EP the expert stacks are
+    local too."""
+    if n == 1 or optim.name != "muon":
+        return 0, 0
+    total = mats = 0
+    for name, label in describe_groups(model, optim).items():
+        if not label.startswith("muon"):
+            continue
+        p = dict(model.named_parameters())[name]
+        if p.ndim == 3:
+            continue  # expert stacks: whole experts per FSDP / EP block
+        unit = p.shape[0] // cfg.o_groups if label == "muon:row_blocks" else p.shape[0]
+        if all(rows == 0 or (off % unit == 0 and rows % unit == 0) for off, rows in _blocks(p.shape[0], n)):
+            continue
+        total += p.numel()
+        mats += 1
+    return total, mats
+
+
+def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "muon") -> dict:
+    """term -> {"phase", "calls", "formula", "bytes", "exact": bytes incl. FSDP2 padding or None, "vars"}.
+    Bytes are wire bytes sent per rank per step (see the module docstring), fp32 parameters and activations."""
+    d = ParallelDims(**layout)
+    nf, ne, ep, W = d.dp * d.cp * d.ep, d.dp * d.cp, d.ep, d.world_size
+    units = param_split(cfg, ep)
+    B = 4
+    L = len(cfg.layer_types) + cfg.n_mtp_layers  # MoE layers: every block is MoE, MTP too
+    E, K, D, N = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, rows * seq
+    numel = lambda shapes: sum(math.prod(s) for s in shapes)
+    dense_units = [units["root"]] + units["blocks"]
+    P_dense = sum(numel(u) for u in dense_units)
+    P_dense_pad = sum(_padded(s, nf) for u in dense_units for s in u)
+    P_exp_local = sum(numel(u) for u in units["experts"])
+    P_exp_pad = sum(_padded(s, ne) for u in units["experts"] for s in u)
+    out = {}
+
+    def term(name, phase, calls, formula, value, exact=None):
+        out[name] = {"phase": phase, "calls": calls, "formula": formula, "bytes": value, "exact": exact}
+
+    f = 1 - 1 / nf
+    for phase in ("forward", "backward"):
+        term(f"FSDP all-gather, dense ({phase})", phase, len(dense_units),
+             "(1-1/n_f)·P_dense·4", f * P_dense * B, (nf - 1) * P_dense_pad // nf * B)
+    term("FSDP reduce-scatter, dense", "backward", len(dense_units), "(1-1/n_f)·P_dense·4", f * P_dense * B,
+         (nf - 1) * P_dense_pad // nf * B)
+    if ep > 1:
+        fe = 1 - 1 / ne
+        ce = len(units["experts"]) if ne > 1 else 0  # FSDP2 issues nothing on a 1-rank mesh
+        for phase in ("forward", "backward"):
+            term(f"FSDP all-gather, experts ({phase})", phase, ce, "(1-1/n_e)·(P_exp/ep)·4", fe * P_exp_local * B,
+                 (ne - 1) * P_exp_pad // ne * B)
+        term("FSDP reduce-scatter, experts", "backward", ce, "(1-1/n_e)·(P_exp/ep)·4", fe * P_exp_local * B,
+             (ne - 1) * P_exp_pad // ne * B)
+        term("EP counts all-to-all", "forward", L, "L·(ep-1)·(E/ep)·8", L * (ep - 1) * (E // ep) * 8,
+             L * (ep - 1) * (E // ep) * 8)
+        a2a = L * 2 * N * K * (1 - 1 / ep) * D * B
+        term("EP dispatch+combine (forward)", "forward", 2 * L, "L·2·N·K·(1-1/ep)·D·4 (uniform routing)", a2a)
+        term("EP dispatch+combine (backward)", "backward", 2 * L, "same as forward", a2a)
+    metric_bytes = 5 * 8 + L * E * 8
+    term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", 2 * f * metric_bytes,
+         2 * f * metric_bytes)
+    gn = 2 * f * 4 + ((2 * (1 - 1 / ne) * 4 + 2 * (1 - 1 / ep) * 4) if ep > 1 else 0)
+    term("grad-norm all-reduce", "grad_norm", 1 + (2 if ep > 1 else 0),
+         "2·(1-1/n_f)·4" + (" + 2·(1-1/n_e)·4 + 2·(1-1/ep)·4" if ep > 1 else ""), gn, gn)
+    if optim == "muon":
+        P_own, mats = muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), nf, ep)
+        term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, "2·(1-1/n_f)·P_own·4/n_f",
+             2 * f * P_own * B / nf)
+        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", 2 * (1 - 1 / W) * 16, 2 * (1 - 1 / W) * 16)
+    else:
+        P_own, mats = 0, 0
+    pads = defaultdict(int)  # padding elements by parameter kind (name without the layer index)
+    for name, (shape, where) in units["names"].items():
+        extra = _padded(shape, ne if where == "experts" else nf) - math.prod(shape)
+        if extra:
+            pads[re.sub(r"^(layers|mtp)\.\d+\.", r"\1.*.", name)] += extra
+    out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])),n_f=nf, n_e=ne, ep=ep, W=W, P_dense=P_dense, P_dense_padded=P_dense_pad,
+                        P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
+                        P_own=P_own, muon_owner_matrices=mats, units=len(dense_units))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ attribution
+def term_of(rec: dict, ep: int) -> str:
+    """The formula term a recorded collective belongs to (by phase, kind and group)."""
+    kind, phase, group = rec["kind"], rec["phase"], rec["group"]
+    if group == "tp":
+        return f"TP {kind.replace('_', '-')} ({phase})"
+    if phase in ("forward", "backward"):
+        if kind in ("all_gather", "reduce_scatter"):
+            unit = "experts" if group == "efsdp" and ep > 1 else "dense"
+            return (f"FSDP all-gather, {unit} ({phase})" if kind == "all_gather"
+                    else f"FSDP reduce-scatter, {unit}")
+        if kind == "all_to_all":
+            if rec["op"].startswith("_c10d_functional."):
+                return f"EP dispatch+combine ({phase})"
+            if "histogram" in rec:
+                return "EP counts all-to-all"
+    if phase == "metrics" and kind == "all_reduce":
+        return "loss/metric all-reduce"
+    if phase == "grad_norm" and kind == "all_reduce":
+        return "grad-norm all-reduce"
+    if phase == "optimizer":
+        if kind == "all_to_all":
+            return "Muon owner-compute all-to-all"
+        if kind == "all_reduce":
+            return "Muon RMS all-reduce"
+        if kind == "all_gather":
+            return "Muon plan all_gather_object (first step)"
+    return f"other: {rec['op']} ({phase}, {group})"
+
+
+def summarize(per_rank_steps: list[list[dict]], ep: int, step: int = -1) -> dict:
+    """term -> {"calls", "mean", "max", "min", "phase"} over ranks for one step (default: the last)."""
+    per_rank = []
+    for steps in per_rank_steps:
+        acc = defaultdict(lambda: {"calls": 0, "bytes": 0.0, "phase": ""})
+        for r in steps[step]["records"]:
+            t = acc[term_of(r, ep)]
+            t["calls"] += 1
+            t["bytes"] += r["wire"]
+            t["phase"] = r["phase"]
+        per_rank.append(acc)
+    terms = {}
+    for name in sorted({k for acc in per_rank for k in acc}):
+        vals = [acc[name]["bytes"] if name in acc else 0.0 for acc in per_rank]
+        calls = {acc[name]["calls"] if name in acc else 0 for acc in per_rank}
+        phase = next(acc[name]["phase"] for acc in per_rank if name in acc)
+        terms[name] = {"calls": max(calls), "calls_differ": len(calls) > 1, "mean": sum(vals) / len(vals),
+                       "max": max(vals), "min": min(vals), "phase": phase}
+    return terms
+
+
+def ep_routing_exact(per_rank_steps: list[list[dict]], step: int = -1) -> list[tuple[float, float]]:
+    """Per rank (measured, predicted) EP row all-to-all wire bytes of the step, the prediction from every layer's
+    routing histogram (the input of the counts all-to-all, hist[r][j] = rows rank r routes to EP rank j's
+    experts): forward dispatch sends Σ_{j≠r} hist[r][j] rows, combine returns the Σ_{j≠r} hist[j][r] rows rank r
+    received, and backward runs both again reversed (same rows), so 2·(sent + received) rows of D elements."""
+    counts = [[r for r in steps[step]["records"] if "histogram" in r and r["phase"] == "forward"]
+              for steps in per_rank_steps]
+    out = []
+    for g, steps in enumerate(per_rank_steps):
+        recs = [r for r in steps[step]["records"] if r["op"] == "_c10d_functional.all_to_all_single"]
+        measured = sum(r["wire"] for r in recs)
+        row_bytes = recs[0]["row_bytes"] if recs else 0
+        rows = 0
+        for layer, c in enumerate(counts[g]):
+            me = c["rank"]
+            rows += sum(x for j, x in enumerate(c["histogram"]) if j != me)
+            rows += sum(counts[other][layer]["histogram"][me] for other in c["ranks"] if other != g)
+        out.append((measured, 2 * rows * row_bytes))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt_bytes(b: float) -> str:
+    if b == 0:
+        return "0"
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(b) >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+PHASES = ("forward", "backward", "metrics", "grad_norm", "optimizer")
+
+
+def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str, data) -> tuple[str, list[str]]:
+    """Markdown table for one layout and the list of findings (formula vs measured)."""
+    d = ParallelDims(**layout)
+    model_terms = d.tp == 1 and d.pp == 1 and d.cp == 1
+    form = formulas(cfg, layout, seq, rows, optim) if model_terms else {"_vars": {}}
+    v = form.pop("_vars")
+    meas = summarize(data, d.ep)
+    first = summarize(data, d.ep, step=0)
+    lines = ["| term | phase | calls | formula (per rank) | formula | measured (mean [max]) | measured/formula |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    names = list(form) + [k for k in meas if k not in form]
+    totals = defaultdict(lambda: [0.0, 0.0])
+    for name in names:
+        f, m = form.get(name), meas.get(name)
+        if f is None and (m is None or name.endswith("(first step)")):
+            continue
+        calls_m = m["calls"] if m else 0
+        calls = f"{calls_m}" if f is None or f["calls"] == calls_m else f"{calls_m} (formula {f['calls']})"
+        mb = m["mean"] if m else 0.0
+        mtxt = _fmt_bytes(mb) + (f" [{_fmt_bytes(m['max'])}]" if m and m["max"] != m["min"] else "")
+        fb = f["bytes"] if f else None
+        ratio = "—" if not fb else f"{mb / fb:.4f}"
+        phase = f["phase"] if f else m["phase"]
+        totals[phase][0] += fb or 0.0
+        totals[phase][1] += mb
+        lines.append(f"| {name} | {phase} | {calls} | {f['formula'] if f else '—'} | "
+                     f"{_fmt_bytes(fb) if f else '—'} | {mtxt} | {ratio} |")
+        if f and f["exact"] is not None and m and abs(m["mean"] - f["exact"]) > 0.5:
+            notes.append(f"{name}: measured {m['mean']:.0f} B ≠ exact formula {f['exact']:.0f} B")
+    for phase in PHASES:
+        if phase in totals:
+            fb, mb = totals[phase]
+            lines.append(f"| **{phase} total** | | | | {_fmt_bytes(fb)} | {_fmt_bytes(mb)} | "
+                         f"{mb / fb:.4f} |" if fb else f"| **{phase} total** | | | | — | {_fmt_bytes(mb)} | — |")
+    fb, mb = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
+    lines.append(f"| **step total** | | | | {_fmt_bytes(fb)} | {_fmt_bytes(mb)} | "
+                 + (f"{mb / fb:.4f} |" if fb else "— |"))
+    extra = [f"{k}: {x['calls']} calls, {_fmt_bytes(x['mean'])}"
+             + (f" [{_fmt_bytes(x['max'])}]" if x["max"] != x["min"] else "")
+             for k, x in first.items() if k not in meas]
+    changed = [f"{k}: {_fmt_bytes(x['mean'])} vs {_fmt_bytes(meas[k]['mean'])}" for k, x in first.items()
+               if k in meas and (abs(x["mean"] - meas[k]["mean"]) > 0.5 or x["calls"] != meas[k]["calls"])]
+    notes.append("first step adds: " + ("; ".join(extra) or "nothing")
+                 + ("; differs from the steady step: " + "; ".join(changed) if changed else ""))
+    if v:
+        notes.append("n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
+                     "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
+                     "D={D}, N={N}".format(**v))
+        if v["padding"]:
+            notes.append("FSDP2 padding (elements, all units): " + ", ".join(
+                f"`{k}` +{x}" for k, x in v["padding"].items())
+                + "; measured FSDP bytes equal the padded formula exactly"
+                + ("" if not any(n.endswith("exact formula") or "≠ exact" in n for n in notes) else " EXCEPT above"))
+        if d.ep > 1:
+            pairs = ep_routing_exact(data)
+            same = all(abs(m - p) < 0.5 for m, p in pairs)
+            notes.append("EP row all-to-all per rank, measured vs routing-exact prediction from the counts "
+                         "exchange: " + ", ".join(f"{m:.0f} / {p:.0f} B" for m, p in pairs)
+                         + (" — equal on every rank" if same else " — DIFFER"))
+        muon = [s[-1]["muon_last_comm"] for s in data]
+        if muon and muon[0]:
+            sent = sum(m.get("sent", 0) for m in muon) / len(muon) * 4
+            mm = meas.get("Muon owner-compute all-to-all", {}).get("mean", 0.0)
+            notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
+                         + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
+    else:
+        notes.append("no formulas for this layout (TP/PP/CP terms are not modelled): measured only")
+    return "\n".join(lines), notes
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, gloo, one process per rank with "
+            "1 thread")
+
+
+EXPLANATIONS = """\
+Symbols: n_f = dp·cp·ep (the "fsdp" mesh, dense weights), n_e = dp·cp ("efsdp", routed experts under EP),
+W = world size, P_dense = elements in the dense FSDP units (root + blocks; with ep = 1 the routed experts are
+inside the blocks and counted here), P_exp = routed-expert elements (all MoE layers incl. MTP; each EP rank holds
+P_exp/ep), L = MoE layers incl. the MTP block, E experts, K = top-k, D = dim, N = rows·seq tokens per rank,
+P_own = elements of the Muon matrices that DistributedMuon owner-computes. All weights, gradients and
+activations are fp32 (4 bytes); metric buffers are float64/int64.
+
+Where the formulas come from, and why measured differs where it does:
+
+- **FSDP all-gather twice per unit, root included.** `apply_fsdp` passes `reshard_after_forward=True` to every
+  `fully_shard` call, the root's too. torch 2.13 keeps the root unsharded after forward only when the argument
+  is left at its default (`None`, `_fsdp_state.py` `_auto_reshard_after_forward`), so here the root unit
+  (embedding, head, final norm, hc_head and the whole MTP block) is all-gathered in forward and again in
+  backward like every block: 2·(1-1/n_f)·P_dense·4 per step. The root is the largest unit (embed + head are
+  2·V·D), so `reshard_after_forward=None` on the root call would save one all-gather of it per step.
+- **FSDP2 padding.** Each parameter's dim 0 is padded to a multiple of the shard count before the all-gather /
+  reduce-scatter, so the measured bytes are (1-1/n)·P_padded·4, where P_padded = Σ ceil(d0/n)·n·(numel/d0);
+  the bench checks measured == that exactly (the "exact" value in `formulas()`), and the ratio to the unpadded
+  formula is the padding overhead; each layout lists the padded parameters: the mHC gains `hc_*_scale` ([3],
+  [1]) at every n, and from n = 4 on any tensor whose dim 0 is not a multiple of n, such as the indexer's
+  `weights_proj` [index_n_heads = 2, D] (padded to 4 rows: half of it is zeros on the wire).
+- **Reduce-scatter = all-gather volume** because every parameter receives a gradient in this step (hash-routed
+  gates too: their weights still produce the routing weights; the embedding gets its gradient as a dense
+  [V, D] tensor, not sparse); a unit whose parameters had no gradient would skip its reduce-scatter.
+- **Experts under EP** are their own FSDP units on efsdp; with dp = cp = 1 (ep2) that mesh has one rank and
+  FSDP2 issues no collective for them at all (0 calls, 0 bytes), but `clip_grad_norm_` still all-reduces their
+  squared norm over the 1-rank efsdp group (1 call, 0 bytes) and over ep.
+- **EP all-to-all.** Per MoE layer (hash layers and the MTP block included) `_ep_forward` makes one
+  `dist.all_to_all_single` of the [ep, E/ep] int64 counts (forward only, no autograd) and two functional
+  all-to-alls of rows (dispatch, combine), each of which runs again reversed in backward. A rank sends the rows
+  routed to other ranks' experts (dispatch) and returns the rows it received (combine); under uniform routing
+  each is N·K·(1-1/ep) rows of D fp32. The measured/formula ratio is the routing's deviation from uniform (hash
+  layers follow the token ids, learned layers the router at init); the routing-exact prediction, built from
+  the counts each rank exchanged, matches the measured bytes exactly.
+- **Muon owner-compute** (docs/parallelism.md "Distributed Muon"): per owner-computed matrix 2·(1-1/n)·|W|
+  elements across the shard group, so 2·(1-1/n_f)·P_own/n_f per rank on average; ranks differ (an owner sends
+  n-1 blocks, a non-owner one), hence the [max]. Uneven FSDP2 blocks (dim 0 not divisible by n_f) move
+  |W| − |owner's block| rather than (1-1/n)|W|, which is where the mean departs from the formula. Expert stacks
+  (3-D, sharded on the expert dim) and `wo_a` when each FSDP block holds whole output groups are local. The
+  first step adds the plan's `all_gather_object` (two `allgather_` calls: sizes, pickled plan).
+- **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (loss parts: 5 float64;
+  expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
+"""
+
+
+def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) -> str:
+    out = [SECTION, "",
+           "Command (" + machine() + "):", "",
+           "    PYTHONPATH=. .venv/bin/python " + " ".join(shlex.quote(a) for a in argv), "",
+           "Wire bytes sent per rank in one steady-state training step (the second), from every collective seen "
+           "at the dispatcher by a `CommDebugMode` subclass (bench/comm_volume.py docstring: why the module "
+           "tracker is off, how each op's bytes are derived); the dispatcher count equals CommDebugMode's "
+           "`comm_counts` and, for plain `dist.all_reduce` / `dist.all_to_all_single`, a Python shim's count. "
+           f"Optimizer {optim} (Muon + AdamW groups), fp32, one micro-batch per step.", ""]
+    for flavor, seq, rows in settings:
+        cfg = model_config(flavor, seq)
+        out += [f"### flavor `{flavor}`, seq {seq}, {rows} rows per data rank", ""]
+        for layout in LAYOUTS:
+            d = ParallelDims(**layout)
+            why = check_layout(layout, cfg, seq, rows)
+            if why is not None:
+                out += [f"**{d.describe()}** ({d.world_size} ranks): skipped — `{why}`", ""]
+                print(f"[{flavor}] {d.describe()}: skipped ({why})", file=sys.stderr, flush=True)
+                continue
+            print(f"[{flavor}] {d.describe()}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
+            try:
+                data = measure(layout, flavor, seq, rows, optim)
+            except AssertionError as e:
+                if d.tp == 1:
+                    raise
+                # TP is being built in parallel with this bench: report a failure instead of losing the rest
+                out += [f"**{d.describe()}** ({d.world_size} ranks): failed — "
+                        f"`{str(e).strip().splitlines()[-1][:200]}`", ""]
+                continue
+            table, notes = layout_table(layout, cfg, seq, rows, optim, data)
+            out += [f"**{d.describe()}** ({d.world_size} ranks)", "", table, ""]
+            out += [f"- {n}" for n in notes] + [""]
+            print("\n".join(out[-(len(notes) + 4):]), file=sys.stderr, flush=True)
+    out += [EXPLANATIONS]
+    return "\n".join(out)
+
+
+def write_docs(section: str, path: str = "docs/benchmarks.md") -> None:
+    with open(path) as f:
+        text = f.read()
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        rest = text[nxt + 1:] if nxt >= 0 else ""
+        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flavor", default="toy", help="flavor, or a comma list (one table set per flavor)")
+    ap.add_argument("--seq", default="128", help="tokens per row (one value, or one per flavor)")
+    ap.add_argument("--rows", default="2", help="rows per data rank per step (one value, or one per flavor)")
+    ap.add_argument("--optim", default="muon", choices=("muon", "adamw"))
+    ap.add_argument("--write-docs", action="store_true",
+                    help=f"replace the '{SECTION[3:]}' section of docs/benchmarks.md")
+    args = ap.parse_args()
+    flavors = args.flavor.split(",")
+    seqs, rows = ([int(x) for x in s.split(",")] for s in (args.seq, args.rows))
+    seqs, rows = (x * len(flavors) if len(x) == 1 else x for x in (seqs, rows))
+    if not len(flavors) == len(seqs) == len(rows):
+        ap.error("--seq and --rows take one value or one per flavor")
+    section = render(list(zip(flavors, seqs, rows)), args.optim, ["bench/comm_volume.py"] + sys.argv[1:])
+    print(section)
+    if args.write_docs:
+        write_docs(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Turn the plain one-process model into its parallel form for a layout, from outside the model code.
+Order (as torchtitan's): TP -> EP -> activation checkpointing -> compile -> FSDP; this module only sequences the
+steps, each lives in its own file."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4train.parallel.dims import ParallelDims
+from dsv4train.parallel.ep import apply_expert_parallel
+from dsv4train.parallel.fsdp import apply_fsdp
+from dsv4train.parallel.tp import apply_tensor_parallel
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shard `model` (built and initialised identically on every rank) in place for `dims`; returns it."""
+    mesh = dims.mesh
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if dims.ep > 1:
+        apply_expert_parallel(model, mesh["ep"])
+    if dims.dp * dims.cp * dims.ep > 1:
+        apply_fsdp(model, mesh["fsdp"], mesh["efsdp"] if dims.ep > 1 else None, param_dtype)
+    return model

@@ -1,0 +1,98 @@
+"""Tensor parallelism over the "tp" mesh dim, by DTensor plans, module by module (tp ranks see the same batch).
+
+| module | plan | why |
+|---|---|---|
+| attn.wq_b | ColwiseParallel | query heads split: each rank attends with H/tp heads (its input grad is all-reduced) |
+| attn.attn_sink | Shard(0) | one sink per local head |
+| attn.wo_a | Shard(0) (output groups) | heads are grouped for the low-rank output; o_groups/tp groups per rank |
+| attn.wo_b | RowwiseParallel | input = the local groups' channels; output all-reduced |
+| attn.wkv, kv_norm | replicated, grad all-reduced | the single K=V head is shared by all heads (MQA): every rank computes it, and its gradient sums the local heads' parts |
+| attn.compressor | replicated, grad all-reduced | compressed entries, likewise shared by all heads |
+| attn.wq_a, q_norm, indexer | replicated | small low-rank / indexer paths; the indexer's KL target sums the heads of all ranks |
+| ffn.shared_experts w1, w3 / w2 | Colwise / Rowwise | channel split of the shared SwiGLU expert |
+| routed experts, router | replicated here | experts are split by expert parallelism (ep.py), not by TP |
+| embed | RowwiseParallel | vocabulary rows split; output all-reduced |
+| head | ColwiseParallel, output gathered | vocabulary split; logits all-gathered for the loss |
+| norms, mHC | replicated | O(dim) work |
+
+Per layer per micro-batch this costs one all-reduce of [B, S, dim] after wo_b and after the shared expert in the
+forward, and in the backward one each for the inputs of wq_b and the shared expert and the K=V and compressed
+entries (see docs/parallelism.md for the volume).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from dsv4train.models.attention import Attention
+from dsv4train.models.moe import MoE
+
+
+class _GradAllReduce(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (a replicated tensor used by sharded heads)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverGroup:
+    """Sum of a (gradient-free) tensor over the tp ranks; picklable, no closures."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
+def _grad_all_reduce_hook(group):
+    def hook(module, inputs, output):
+        return _GradAllReduce.apply(output, group)
+    return hook
+
+
+def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    full = getattr(module, name)
+    setattr(module, name, nn.Parameter(distribute_tensor(full.data, mesh, [Shard(0)])))
+
+
+def _attention(attn: Attention, mesh: DeviceMesh) -> None:
+    tp, group = mesh.size(), mesh.get_group()
+    parallelize_module(attn, mesh, {"wq_b": ColwiseParallel(), "wo_b": RowwiseParallel()})
+    _shard_param(attn, "attn_sink", mesh)
+    _shard_param(attn.wo_a, "weight", mesh)
+    attn.n_heads //= tp
+    attn.o_groups //= tp
+    attn.kv_norm.register_forward_hook(_grad_all_reduce_hook(group))
+    if hasattr(attn, "compressor"):
+        attn.compressor.register_forward_hook(_grad_all_reduce_hook(group))
+    attn.sum_over_head_shards = _SumOverGroup(group)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split `model` over `tp_mesh` in place, per the table above."""
+    parallelize_module(model, tp_mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate()),
+        "head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    for module in model.modules():
+        if isinstance(module, Attention):
+            _attention(module, tp_mesh)
+        elif isinstance(module, MoE) and module.shared_experts is not None:
+            parallelize_module(module.shared_experts, tp_mesh, {
+                "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})

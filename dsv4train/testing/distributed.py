@@ -1,0 +1,60 @@
+"""Run a function on `world_size` processes with a real process group (gloo on CPU), as OLMo-core's tests do.
+
+    def _check(rank, world_size, x):  # module-level, so spawn can pickle it
+        ...assert things; a failure on any rank fails the test with that rank's traceback
+
+    run_distributed_test(_check, world_size=2, args=(x,))
+
+Each process gets MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK like torchrun gives them, one thread (so
+several ranks share 2 cores fairly) and an initialised default process group with a timeout, so a collective
+that never matches fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, args: tuple,
+            errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed_test(fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0) -> None:
+    """Run fn(rank, world_size, *args) on world_size spawned processes; re-raise the first failure here."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, timeout_s, args, errors),
+                           nprocs=world_size, join=True, start_method="spawn")
+    except mp.ProcessRaisedException as e:
+        details = []
+        while not errors.empty():
+            rank, tb = errors.get()
+            details.append(f"--- rank {rank} ---\n{tb}")
+        raise AssertionError("distributed test failed:\n" + ("\n".join(details) or str(e))) from None

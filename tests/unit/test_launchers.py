@@ -1,0 +1,141 @@
+"""launchers/: every script parses (bash -n, shellcheck when installed); torchrun.sh builds the right torchrun
+command for one node and many (DSV4_DRY_RUN=1 prints it); the sbatch file asks for the preemption signal and
+requeue, passes its arguments through, and requeues only a run that a signal stopped early (srun and scontrol are
+stubbed, so no Slurm is needed)."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHERS = REPO / "launchers"
+SCRIPTS = sorted([*LAUNCHERS.rglob("*.sh"), *LAUNCHERS.rglob("*.sbatch"), *(REPO / "recipes").rglob("*.sh")])
+TORCHRUN_SH = LAUNCHERS / "torchrun.sh"
+SBATCH = LAUNCHERS / "slurm" / "pretrain.sbatch"
+CLEAN = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "RDZV_", "NPROC_PER_NODE", "TORCHRUN"))}
+
+
+def test_scripts_exist_and_parse():
+    assert TORCHRUN_SH in SCRIPTS and SBATCH in SCRIPTS
+    for script in SCRIPTS:
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_clean():
+    r = subprocess.run(["shellcheck", "-s", "bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def _dry(args, **env):
+    r = subprocess.run(["bash", str(TORCHRUN_SH), *args], capture_output=True, text=True,
+                       env={**CLEAN, "DSV4_DRY_RUN": "1", "TORCHRUN": "torchrun", **env}, cwd=REPO)
+    return r
+
+
+def _argv(r):
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("launchers/torchrun.sh: "), r.stdout
+    return shlex.split(line.split(": ", 1)[1])
+
+
+def test_torchrun_single_node():
+    r = _dry(["model=toy", "parallel.dp=2", "run.dir=runs/x y"], NPROC_PER_NODE="4", OMP_NUM_THREADS="")
+    assert r.returncode == 0, r.stderr
+    argv = _argv(r)
+    assert argv[0].startswith("OMP_NUM_THREADS=") and int(argv[0].split("=")[1]) >= 1
+    argv = argv[1:]
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "4", "--standalone"]
+    assert "--nnodes" not in argv and "--rdzv_endpoint" not in argv
+    i = argv.index("-m")
+    assert argv[i:] == ["-m", "dsv4train.cli", "pretrain", "model=toy", "parallel.dp=2", "run.dir=runs/x y"]
+    assert "SIGUSR1" in argv[argv.index("--signals_to_handle") + 1]
+    assert "--shutdown_timeout" in argv
+
+
+def test_torchrun_multi_node_and_other_command():
+    r = _dry(["sft", "--cfg", "job", "model=1b"], NNODES="4", NPROC_PER_NODE="8", MASTER_ADDR="node-a",
+             MASTER_PORT="29600", RDZV_ID="job42", OMP_NUM_THREADS="3")
+    assert r.returncode == 0, r.stderr
+    argv = _argv(r)
+    assert argv[0] == "OMP_NUM_THREADS=3"
+    argv = argv[1:]
+    opt = {argv[i]: argv[i + 1] for i in range(1, argv.index("-m")) if argv[i].startswith("--")
+           and i + 1 < len(argv) and not argv[i + 1].startswith("--")}
+    assert opt["--nnodes"] == "4" and opt["--nproc_per_node"] == "8" and opt["--rdzv_backend"] == "c10d"
+    assert opt["--rdzv_endpoint"] == "node-a:29600" and opt["--rdzv_id"] == "job42"
+    assert "--standalone" not in argv
+    assert argv[argv.index("-m"):] == ["-m", "dsv4train.cli", "sft", "--cfg", "job", "model=1b"]
+
+    r = _dry([], NNODES="2", RDZV_ENDPOINT="head:1234", SLURM_JOB_ID="77")
+    assert r.returncode == 0 and "--rdzv_endpoint head:1234" in r.stdout and "--rdzv_id 77" in r.stdout
+    r = _dry([], NNODES="2", RDZV_BACKEND="static", NODE_RANK="1", MASTER_ADDR="h")
+    assert r.returncode == 0 and "--node_rank 1 --master_addr h" in r.stdout
+
+
+def test_torchrun_multi_node_without_an_address_is_refused():
+    r = _dry(["model=toy"], NNODES="2")
+    assert r.returncode == 2 and "MASTER_ADDR" in r.stderr and r.stdout == ""
+
+
+def test_sbatch_directives():
+    text = SBATCH.read_text()
+    assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text
+    assert "--rdzv_backend c10d" in text and '--rdzv_id "${SLURM_JOB_ID' in text
+    assert 'pretrain "$@" run.dir="$RUN_DIR"' in text and "scontrol requeue" in text
+
+
+def _stubs(tmp_path, summary: dict | None, rc: int = 0) -> Path:
+    """srun that records its argv and writes run.dir/summary.json like a run that ended; scontrol that records."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    body = "" if summary is None else (
+        'for a in "$@"; do case "$a" in run.dir=*) d="${a#run.dir=}";; esac; done\n'
+        f"sleep 1; printf '%s' {shlex.quote(json.dumps(summary))} > \"$d/summary.json\"\n")
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho "srun $*" >> {log}\n{body}exit {rc}\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then printf "node-a\\nnode-b\\n"; exit 0; fi\n'
+        f'echo "scontrol $*" >> {log}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def _sbatch(tmp_path, summary, rc=0, restart="0"):
+    tmp_path.mkdir(exist_ok=True)
+    bin_dir = _stubs(tmp_path, summary, rc)
+    env = {**CLEAN, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "123", "SLURM_JOB_NAME": "my-run",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_RESTART_COUNT": restart, "RUN_ROOT": str(tmp_path / "runs"), "DSV4_REPO": str(REPO)}
+    r = subprocess.run(["bash", str(SBATCH), "model=1b", "parallel.dp=8", "parallel.ep=2"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=60)
+    calls = (tmp_path / "calls.log").read_text() if (tmp_path / "calls.log").exists() else ""
+    return r, calls
+
+
+def test_sbatch_preempted_run_is_requeued_with_args_passed_through(tmp_path):
+    r, calls = _sbatch(tmp_path, {"steps_done": 40, "steps_total": 100, "preempted_by": "SIGUSR1"}, rc=1)
+    assert r.returncode == 0, r.stderr
+    srun = calls.splitlines()[0]
+    assert "--nnodes 2 --nproc_per_node 8" in srun and "--rdzv_endpoint node-a:29500 --rdzv_id 123" in srun
+    assert srun.endswith(f"pretrain model=1b parallel.dp=8 parallel.ep=2 run.dir={tmp_path / 'runs' / 'my-run'}")
+    assert "scontrol requeue 123" in calls
+    assert not list((tmp_path / "runs" / "my-run").glob(".attempt-*"))
+
+
+def test_sbatch_finished_or_crashed_run_is_not_requeued(tmp_path):
+    r, calls = _sbatch(tmp_path / "done", {"steps_done": 100, "steps_total": 100, "preempted_by": None})
+    assert r.returncode == 0 and "requeue" not in calls and "run finished" in r.stdout
+    r, calls = _sbatch(tmp_path / "crash", None, rc=3)
+    assert r.returncode == 3 and "requeue" not in calls and "run failed" in r.stderr
+    r, calls = _sbatch(tmp_path / "loop", {"steps_done": 4, "steps_total": 100, "preempted_by": "SIGTERM"},
+                       restart="50")
+    assert r.returncode == 1 and "requeue" not in calls
