@@ -201,3 +201,15 @@ def test_other_trackers_write_their_files(tmp_path, data_dir, tracker):
     sub = run / ("tensorboard" if tracker == "tensorboard" else "wandb")
     assert sub.is_dir() and any(sub.rglob("*")), r.stderr
     assert len(_metrics(run)) == 2
+
+
+def test_precision_modes_train_and_a_bad_fp8_block_names_the_layer(tmp_path, data_dir):
+    r = _pretrain(tmp_path / "bad", data_dir, "train.steps=2", "precision=fp8")
+    assert r.returncode == 2 and "layers.0.attn.wq_a" in r.stderr and "precision.fp8_block=32" in r.stderr, r.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    for mode in ("precision=bf16", "precision=fp8_fp4"):
+        run = tmp_path / mode.split("=")[1]
+        r = _pretrain(run, data_dir, "train.steps=2", mode, "precision.fp8_block=32")
+        assert r.returncode == 0, r.stderr
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["steps_done"] == 2 and summary["val_loss_last"] < summary["val_loss_at_start"] + 0.5
