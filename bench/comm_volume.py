@@ -157,8 +157,8 @@ def _describe(name: str, args, kwargs, phase: str) -> dict:
         out_splits = out_splits or in_splits
         row_bytes = x.numel() * x.element_size() // max(rows, 1)
         rec["wire"] = sum(s for j, s in enumerate(in_splits) if j != me) * row_bytes
-        rec.update(rank=me, ranks=dist.get_process_group_ranks(pg), row_bytes=row_bytes, send_rows=[int(s) for s in in_splits],
-                   recv_rows=[int(s) for s in out_splits])
+        rec.update(rank=me, ranks=dist.get_process_group_ranks(pg), row_bytes=row_bytes,
+                   send_rows=[int(s) for s in in_splits], recv_rows=[int(s) for s in out_splits])
         if not functional and x.dtype == torch.int64 and x.dim() == 2 and x.shape[0] == n:
             rec["histogram"] = x.sum(1).tolist()  # EP's per-destination row counts (this rank's routing)
     return rec
@@ -399,8 +399,9 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         extra = _padded(shape, ne if where == "experts" else nf) - math.prod(shape)
         if extra:
             pads[re.sub(r"^(layers|mtp)\.\d+\.", r"\1.*.", name)] += extra
-    out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])),n_f=nf, n_e=ne, ep=ep, W=W, P_dense=P_dense, P_dense_padded=P_dense_pad,
-                        P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
+    out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])), n_f=nf, n_e=ne, ep=ep, W=W,
+                        P_dense=P_dense, P_dense_padded=P_dense_pad, P_exp=P_exp_local * ep,
+                        P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
                         P_own=P_own, muon_owner_matrices=mats, units=len(dense_units))
     return out
 
@@ -409,7 +410,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
 def term_of(rec: dict, ep: int) -> str:
     """The formula term a recorded collective belongs to (by phase, kind and group)."""
     kind, phase, group = rec["kind"], rec["phase"], rec["group"]
-    if group == "tp":
+    if group == "tp" and phase in ("forward", "backward"):
         return f"TP {kind.replace('_', '-')} ({phase})"
     if phase in ("forward", "backward"):
         if kind in ("all_gather", "reduce_scatter"):
@@ -526,7 +527,7 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
             lines.append(f"| **{phase} total** | | | | {_fmt_bytes(fb)} | {_fmt_bytes(mb)} | "
                          f"{mb / fb:.4f} |" if fb else f"| **{phase} total** | | | | — | {_fmt_bytes(mb)} | — |")
     fb, mb = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
-    lines.append(f"| **step total** | | | | {_fmt_bytes(fb)} | {_fmt_bytes(mb)} | "
+    lines.append(f"| **step total** | | | | {_fmt_bytes(fb) if form else '—'} | {_fmt_bytes(mb)} | "
                  + (f"{mb / fb:.4f} |" if fb else "— |"))
     extra = [f"{k}: {x['calls']} calls, {_fmt_bytes(x['mean'])}"
              + (f" [{_fmt_bytes(x['max'])}]" if x["max"] != x["min"] else "")
@@ -557,7 +558,10 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
             notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
                          + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
     else:
-        notes.append("no formulas for this layout (TP/PP/CP terms are not modelled): measured only")
+        notes.append("no formulas for this layout (TP/PP/CP terms are not modelled here; tp.py is being built in "
+                     "parallel): measured only. The TP all-gather in forward is the vocabulary-split head's "
+                     "logits gather (`head` ColwiseParallel, output gathered), main and MTP head: "
+                     "2·(1-1/tp)·N·V·4 bytes")
     return "\n".join(lines), notes
 
 
