@@ -53,6 +53,8 @@ class TELinear(nn.Linear):
             else (lambda: te.fp8_autocast(enabled=True, fp8_recipe=self._recipe))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._te.weight is not self.weight:  # FSDP swaps in the gathered Parameter before each forward
+            self._te.weight = self.weight
         with self._autocast():
             return self._te(x)
 
