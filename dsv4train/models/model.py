@@ -33,6 +33,14 @@ class ModelOutput:
     expert_counts: torch.Tensor  # [n_moe_layers, E]: main layers in order, then MTP
 
 
+def aux_losses(auxes: list[BlockAux], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance, indexer KL) summed over the blocks that have them (fp32 zeros when none does)."""
+    zero = like.new_zeros((), dtype=torch.float32)
+    balance = sum((a.moe.balance_loss for a in auxes if a.moe.balance_loss is not None), zero)
+    indexer = sum((a.indexer_loss for a in auxes if a.indexer_loss is not None), zero)
+    return balance, indexer
+
+
 class DSV4Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -48,18 +56,9 @@ class DSV4Model(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None,
                 with_aux: bool = False):
-        cfg = self.cfg
-        if input_ids.max() >= cfg.vocab_size or input_ids.min() < 0:
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        emb_BSD = self.embed(input_ids)
-        x_BSND = emb_BSD.unsqueeze(-2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
-        auxes: list[BlockAux] = []
-        for layer in self.layers:
-            x_BSND, aux = layer(x_BSND, input_ids)
-            auxes.append(aux)
-        y = hc_head(x_BSND, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps, cfg.norm_eps)
-        logits = self.head(self.norm(y))
+        x_BSND = self.embed_streams(input_ids)
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers)
+        logits = self.final(x_BSND)
         if not with_aux:
             return logits
 
@@ -67,14 +66,39 @@ class DSV4Model(nn.Module):
         if len(self.mtp):
             if mtp_input_ids is None:  # token t+1 at position t; the last position gets a dummy
                 mtp_input_ids = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
-            h, aux = self.mtp[0].forward_mtp(x_BSND, self.embed(mtp_input_ids))
-            mtp_logits = self.head(h)
+            mtp_logits, aux = self.mtp_logits(x_BSND, self.embed(mtp_input_ids))
             auxes.append(aux)
-        zero = logits.new_zeros((), dtype=torch.float32)
-        balance = sum((a.moe.balance_loss for a in auxes if a.moe.balance_loss is not None), zero)
-        indexer = sum((a.indexer_loss for a in auxes if a.indexer_loss is not None), zero)
+        balance, indexer = aux_losses(auxes, logits)
         counts = torch.stack([a.moe.counts_E for a in auxes])
         return ModelOutput(logits, mtp_logits, balance, indexer, counts)
+
+    # The pieces of `forward`, also run one by one by pipeline stages (dsv4train/parallel/pp.py).
+    def embed_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] -> the hc_mult residual streams [B, S, N, d], each a copy of the embedding."""
+        cfg = self.cfg
+        if input_ids.max() >= cfg.vocab_size or input_ids.min() < 0:
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        emb_BSD = self.embed(input_ids)
+        return emb_BSD.unsqueeze(-2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
+
+    @staticmethod
+    def run_layers(x_BSND: torch.Tensor, input_ids: torch.Tensor, layers) -> tuple[torch.Tensor, list[BlockAux]]:
+        auxes: list[BlockAux] = []
+        for layer in layers:
+            x_BSND, aux = layer(x_BSND, input_ids)
+            auxes.append(aux)
+        return x_BSND, auxes
+
+    def final(self, x_BSND: torch.Tensor) -> torch.Tensor:
+        """Final streams -> logits [B, S, V]: the hc head collapse, the norm and the output head."""
+        cfg = self.cfg
+        y = hc_head(x_BSND, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps, cfg.norm_eps)
+        return self.head(self.norm(y))
+
+    def mtp_logits(self, x_BSND: torch.Tensor, next_emb_BSD: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
+        h, aux = self.mtp[0].forward_mtp(x_BSND, next_emb_BSD)
+        return self.head(h), aux
 
     # ------------------------------------------------------------------ switches
     def set_indexer_mode(self, mode: str) -> None:

@@ -22,6 +22,8 @@ from dsv4train.config.errors import ConfigError, require
 from dsv4train.config.model import ModelConfig
 
 AXES = ("pp", "dp", "cp", "ep", "tp")
+# parallel.pp_schedule -> virtual stages per pp rank (dsv4train/parallel/pp.py)
+PP_SCHEDULES = {"1f1b": 1, "interleaved_1f1b": 2, "dualpipev": 2}
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,27 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     tp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | dualpipev (pp.py)
+    pp_microbatches: int = 0  # pipeline chunks per micro-batch; 0: one per stage (pp · virtual stages)
 
     @classmethod
     def from_config(cls, cfg) -> "ParallelDims":
-        return cls(**{a: getattr(cfg, a) for a in AXES})
+        return cls(**{a: getattr(cfg, a) for a in AXES}, pp_schedule=getattr(cfg, "pp_schedule", "1f1b"),
+                   pp_microbatches=getattr(cfg, "pp_microbatches", 0))
+
+    @property
+    def virtual_stages(self) -> int:
+        """Pipeline stages per pp rank: 2 for the interleaved and V schedules."""
+        return PP_SCHEDULES.get(self.pp_schedule, 1)
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    @property
+    def microbatches(self) -> int:
+        """How many chunks the pipeline splits each micro-batch into (along the batch dim)."""
+        return self.pp_microbatches or self.n_stages
 
     @property
     def world_size(self) -> int:
@@ -58,7 +77,8 @@ class ParallelDims:
     def validate(self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int,
                  allow_unbuilt: bool = False) -> None:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
-        `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of axes not built yet."""
+        `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of axes not built yet and the split
+        of micro-batches into pipeline chunks (plan assumes its own in-flight micro-batches)."""
         for a in AXES:
             require(getattr(self, a) >= 1, f"parallel.{a}", f"must be >= 1, got {getattr(self, a)}")
         require(self.world_size == world_size, "parallel",
@@ -69,16 +89,46 @@ class ParallelDims:
                 f"= {self.ep} does not divide model.n_routed_experts ({model.n_routed_experts})")
         require(self.pp <= model.n_layers, "parallel.pp",
                 f"= {self.pp} pipeline stages for {model.n_layers} layers; use at most one stage per layer")
+        self._validate_pipeline(model, micro_batch_size, check_chunks=not allow_unbuilt)
         require(model.n_heads % self.tp == 0, "parallel.tp",
                 f"= {self.tp} does not divide model.n_heads ({model.n_heads})")
         require(model.o_groups % self.tp == 0, "parallel.tp",
                 f"= {self.tp} does not divide model.o_groups ({model.o_groups}); the grouped output projection "
                 "is split by groups")
         require(seq_len % self.cp == 0, "parallel.cp", f"= {self.cp} does not divide train.seq_len ({seq_len})")
-        for a, why in (("pp", "pipeline parallelism"), ("cp", "context parallelism")):
-            if getattr(self, a) > 1 and not allow_unbuilt:
-                raise ConfigError(f"parallel.{a}: {why} is not built yet (issue 4 is in progress); "
-                                  f"use dp, ep and tp for now")
+        if self.cp > 1 and not allow_unbuilt:
+            raise ConfigError("parallel.cp: context parallelism is not built yet (issue 4 is in progress); "
+                              "use pp, dp, ep and tp for now")
+
+    def _validate_pipeline(self, model: ModelConfig, micro_batch_size: int, check_chunks: bool) -> None:
+        """Schedule name, stages per layer, and (for training; `dsv4 plan` makes its own micro-batch assumptions)
+        how each micro-batch is split into pipeline chunks."""
+        require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+                f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
+        require(self.pp_microbatches >= 0, "parallel.pp_microbatches",
+                f"must be >= 0 (0: one per stage), got {self.pp_microbatches}")
+        if self.pp == 1:
+            return
+        v, m = self.virtual_stages, self.microbatches
+        require(self.n_stages <= model.n_layers, "parallel.pp",
+                f"= {self.pp} with parallel.pp_schedule={self.pp_schedule} needs pp·{v} = {self.n_stages} stages "
+                f"but the model has {model.n_layers} layers; use at most one stage per layer")
+        fsdp = self.dp * self.cp * self.ep
+        require(self.pp_schedule != "dualpipev" or fsdp == 1, "parallel.pp_schedule",
+                f"= dualpipev does not compose with FSDP (dp·cp·ep = {fsdp}): its split backward computes weight "
+                "gradients outside FSDP's hooks, which gives wrong gradients; use 1f1b or interleaved_1f1b")
+        if not check_chunks:
+            return
+        require(micro_batch_size % m == 0, "parallel.pp_microbatches",
+                f"= {m}{' (pp · virtual stages)' if not self.pp_microbatches else ''} does not divide "
+                f"train.micro_batch_size ({micro_batch_size}); each micro-batch is split into that many pipeline "
+                "chunks along the batch")
+        least = self.n_stages if self.pp_schedule == "dualpipev" else self.pp
+        require(m >= least, "parallel.pp_microbatches",
+                f"= {m}: the {self.pp_schedule} schedule needs at least {least} chunks per micro-batch")
+        rounds = max(1, m // self.pp)
+        require(self.pp_schedule != "interleaved_1f1b" or m % rounds == 0, "parallel.pp_microbatches",
+                f"= {m}: interleaved_1f1b needs a multiple of its {rounds} rounds (pp_microbatches // pp)")
 
     @cached_property
     def mesh(self):

@@ -8,11 +8,12 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, stage_group=None) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
 
     Squared sums are added per (mesh, placements) group and reduced once per group through DTensor, so a
-    sharded gradient counts each element once and a replicated one is not counted twice."""
+    sharded gradient counts each element once and a replicated one is not counted twice. With pipeline stages,
+    `stage_group` (the pp group) adds up the stages' totals: their meshes are per stage, their parameters disjoint."""
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict[tuple, list] = {}
     for g in grads:
@@ -25,6 +26,11 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
         if key is not None:
             sq = _reduce_squares(sq, gs[0])
         total = sq if total is None else total + sq.to(total.device)
+    if stage_group is not None:
+        import torch.distributed as dist
+
+        total = torch.zeros((), device=grads[0].device if grads else None) if total is None else total.float()
+        dist.all_reduce(total, group=stage_group)
     norm = total.sqrt() if total is not None else torch.zeros(())
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:

@@ -1,6 +1,6 @@
 """Turn the plain one-process model into its parallel form for a layout, from outside the model code.
-Order (as torchtitan's): TP -> EP -> activation checkpointing -> compile -> FSDP; this module only sequences the
-steps, each lives in its own file."""
+Order (as torchtitan's): PP split -> TP -> EP -> activation checkpointing -> compile -> FSDP; this module only
+sequences the steps, each lives in its own file. With pp > 1 the result is this rank's `PipelineModel` (pp.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from torch import nn
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.ep import apply_expert_parallel
 from dsv4train.parallel.fsdp import apply_fsdp
+from dsv4train.parallel.pp import split_stages
 from dsv4train.parallel.tp import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Shard `model` (built and initialised identically on every rank) in place for `dims`; returns it."""
+    """Shard `model` (built and initialised identically on every rank) in place for `dims`; returns it, or with
+    pp > 1 the part of it this rank's pipeline stages hold (the rest is dropped)."""
     mesh = dims.mesh
+    if dims.pp > 1:
+        model = split_stages(model, dims, mesh["pp"].get_local_rank())
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if dims.ep > 1:

@@ -1,6 +1,7 @@
 """What the trainer needs to know about the layout it runs in, with the same interface on one process and many:
 which slice of each batch this rank reads, how to average a metric over the data ranks, how to clip gradients
-and how to shard the model. On one process every method is the identity."""
+and how to shard the model. On one process every method is the identity. With pp > 1, `parallelize` returns this
+rank's pipeline stages and keeps their schedule in `pipeline` (pp.py), which `train_step` and `evaluate` use."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dsv4train.parallel.grad import clip_grad_norm_
 class ParallelRuntime:
     dims: ParallelDims = field(default_factory=ParallelDims)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+    pipeline: object | None = field(default=None, repr=False)  # pp.Pipeline once parallelize() split the model
 
     @property
     def distributed(self) -> bool:
@@ -44,15 +46,37 @@ class ParallelRuntime:
             return model
         from dsv4train.parallel.parallelize import parallelize
 
-        return parallelize(model, self.dims)
+        model = parallelize(model, self.dims)
+        if self.dims.pp > 1:
+            from dsv4train.parallel.pp import Pipeline
+
+            self.pipeline = Pipeline(model, self.dims, self._pp_group(), self.device)
+        return model
 
     def distribute_optimizer(self, optimizer):
-        """Muon on sharded matrices needs whole matrices for Newton-Schulz: swap in the owner-compute version."""
+        """Muon on sharded matrices needs whole matrices for Newton-Schulz: swap in the owner-compute version.
+        Every rank steps it (its collectives span the world) though pp ranks hold different parameters; a plain
+        parameter is held by the world / pp ranks of its stage."""
         if not self.distributed:
             return optimizer
         from dsv4train.parallel.muon import make_distributed
 
-        return make_distributed(optimizer)
+        return make_distributed(optimizer, plain_copies=self.dims.world_size // self.dims.pp)
+
+    def _pp_group(self):
+        return self.dims.mesh["pp"].get_group()
+
+    def sum_over_stages(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-stage value (loss parts, expert counts of the stage's layers) over the pp ranks."""
+        if self.dims.pp == 1:
+            return t
+        return self._all_reduce(t, group=self._pp_group())
+
+    def local_expert_counts(self, counts: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """The rows of the global expert counts [n_moe_layers, E] that belong to `model`'s MoE layers (all of them
+        unless the model is a pipeline stage), for `update_router_bias`."""
+        rows = getattr(model, "moe_rows", None)
+        return counts if rows is None else counts[rows]
 
     def _data_group(self):
         return self.dims.mesh["fsdp"].get_group()  # dp·cp·ep: cp ranks hold equal shares of one batch
@@ -78,7 +102,7 @@ class ParallelRuntime:
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         if not self.distributed:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return clip_grad_norm_(list(params), max_norm)
+        return clip_grad_norm_(list(params), max_norm, self._pp_group() if self.dims.pp > 1 else None)
 
     def any_rank(self, flag: bool) -> bool:
         """True everywhere if True on any rank (a signal that reached one process stops them all together)."""

@@ -43,10 +43,32 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: float, t: TrainConfig,
                device: torch.device, dtype: torch.dtype, rt: ParallelRuntime | None = None) -> StepResult:
     """Forward/backward over this rank's micro-batches, clip, step. Losses and expert counts are reduced over
-    the data-parallel ranks, so every rank gets the same numbers and makes the same skip decision."""
+    the data-parallel ranks (and the pipeline stages), so every rank gets the same numbers and makes the same skip
+    decision."""
     rt = rt or ParallelRuntime()
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    if rt.pipeline is None:
+        parts, counts = _forward_backward(model, batches, mtp_weight, t, device, dtype)
+    else:
+        parts, counts = _pipelined_forward_backward(rt, batches, mtp_weight, t, device, dtype)
+    parts = rt.mean_over_data(parts)
+    counts = rt.sum_over_data(counts.detach())
+    loss, ce, mtp, bal, idx = parts.tolist()
+    grad_norm = rt.clip_grad_norm(model.parameters(), t.grad_clip)
+    result = StepResult(loss, ce, mtp, bal, idx, float(grad_norm), counts)
+    if not torch.isfinite(parts).all() or not torch.isfinite(grad_norm):
+        result.skipped, result.reason = True, f"loss {loss}, grad norm {float(grad_norm)}"
+        optimizer.zero_grad(set_to_none=True)
+        return result
+    optimizer.step()
+    return result
+
+
+def _forward_backward(model: DSV4Model, batches: list[dict], mtp_weight: float, t: TrainConfig,
+                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole model on this rank: (loss, CE, MTP, balance, indexer) averaged over the micro-batches, and the
+    expert counts [n_moe_layers, E] summed over them."""
     parts = torch.zeros(5, dtype=torch.float64)
     counts = None
     for batch in batches:
@@ -60,17 +82,31 @@ def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: flo
         (loss / len(batches)).backward()
         parts += torch.stack([loss, ce, mtp, out.balance_loss, out.indexer_loss]).detach().double().cpu()
         counts = out.expert_counts if counts is None else counts + out.expert_counts
-    parts = rt.mean_over_data(parts / len(batches))
-    counts = rt.sum_over_data(counts.detach())
-    loss, ce, mtp, bal, idx = parts.tolist()
-    grad_norm = rt.clip_grad_norm(model.parameters(), t.grad_clip)
-    result = StepResult(loss, ce, mtp, bal, idx, float(grad_norm), counts)
-    if not torch.isfinite(parts).all() or not torch.isfinite(grad_norm):
-        result.skipped, result.reason = True, f"loss {loss}, grad norm {float(grad_norm)}"
-        optimizer.zero_grad(set_to_none=True)
-        return result
-    optimizer.step()
-    return result
+    return parts / len(batches), counts
+
+
+def _pipeline_loss_parts(outputs: tuple, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last pipeline stage's (CE, MTP) of one chunk from its outputs (logits[, MTP logits])."""
+    ce = lm_loss(outputs[0], labels)
+    return ce, (lm_loss(outputs[1], mtp_targets(labels)) if len(outputs) > 1 else ce.new_zeros(()))
+
+
+def _pipelined_forward_backward(rt: ParallelRuntime, batches: list[dict], mtp_weight: float, t: TrainConfig,
+                                device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same through this rank's pipeline stages (parallel/pp.py): each micro-batch is split into chunks that
+    the schedule runs forward and backward; the stages' parts and counts are summed over the pp ranks."""
+    parts = torch.zeros(4, dtype=torch.float64)
+    counts = None
+    for batch in batches:
+        rows = batch["tokens"].to(device, non_blocking=True)
+        with _autocast(device, dtype):
+            p, c = rt.pipeline.train(rows, _pipeline_loss_parts, mtp_weight, t.balance_loss_weight,
+                                     t.indexer_loss_weight, scale=1.0 / len(batches))
+        parts += p
+        counts = c if counts is None else counts + c
+    ce, mtp, bal, idx = rt.sum_over_stages(parts / len(batches))
+    loss = ce + mtp_weight * mtp + t.balance_loss_weight * bal + t.indexer_loss_weight * idx
+    return torch.stack([loss, ce, mtp, bal, idx]), rt.sum_over_stages(counts)
 
 
 @torch.no_grad()
@@ -83,6 +119,9 @@ def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype:
     for batch in batches:
         rows = batch["tokens"].to(device)
         with _autocast(device, dtype):
-            total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).double().cpu()
+            if rt.pipeline is None:
+                total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).double().cpu()
+            else:
+                total += rt.pipeline.evaluate(rows, _pipeline_loss_parts)
     model.train()
-    return float(rt.mean_over_data(total / len(batches)))
+    return float(rt.mean_over_data(rt.sum_over_stages(total) / len(batches)))

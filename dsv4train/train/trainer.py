@@ -122,7 +122,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
                     f"{checkpoint.latest(loop.ckpt_root)}")
         else:
             loop.nan_skips = 0
-            update_router_bias(model, last.expert_counts, t.bias_update_speed)
+            update_router_bias(model, loop.rt.local_expert_counts(last.expert_counts, model), t.bias_update_speed)
         loop.step += 1
         tps = tokens_per_step / (time.perf_counter() - t0)
         metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu(flops_per_token, tps / loop.rt.dims.world_size, peak),

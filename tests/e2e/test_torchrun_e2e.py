@@ -73,3 +73,49 @@ def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_
     got = _losses(tmp_path / "four")
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+
+
+def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir):
+    """`torchrun --nproc_per_node=2 ... parallel.pp=2` (1F1B, each micro-batch of 4 rows in 2 pipeline chunks): the
+    losses of one process, a checkpoint with one shard per stage, and that checkpoint resumes on one process."""
+    ref = _one_process(tmp_path / "one", data_dir, rows=4)
+    assert ref.returncode == 0, ref.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dsv4train.cli", "pretrain", *COMMON,
+                            "parallel.pp=2", "train.micro_batch_size=4", f"data.dir={data_dir}",
+                            f"run.dir={tmp_path / 'pp'}"], capture_output=True, text=True, env=_env(), cwd=REPO,
+                           timeout=900)
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    assert "2 processes (pp2)" in multi.stdout
+
+    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+    assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
+    shards = sorted(p.name for p in (tmp_path / "pp" / "checkpoints" / "step_2").glob("*.distcp"))
+    assert len(shards) == 2, shards
+
+    shutil.rmtree(tmp_path / "pp" / "checkpoints" / "step_4")
+    resumed = _one_process(tmp_path / "pp", data_dir, rows=4)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "step_2" in resumed.stdout
+    got = _losses(tmp_path / "pp")
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+
+    # And the other way: the one-process checkpoint of step 2 resumes on the two pipeline stages.
+    shutil.copytree(tmp_path / "one", tmp_path / "one_to_pp")
+    shutil.rmtree(tmp_path / "one_to_pp" / "checkpoints" / "step_4")
+    (tmp_path / "one_to_pp" / "metrics.jsonl").write_text("")
+    back = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dsv4train.cli", "pretrain", *COMMON,
+                           "parallel.pp=2", "train.micro_batch_size=4", f"data.dir={data_dir}",
+                           f"run.dir={tmp_path / 'one_to_pp'}"], capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=900)
+    assert back.returncode == 0, back.stderr[-4000:]
+    assert "resuming from" in back.stdout and "step_2" in back.stdout
+    got = _losses(tmp_path / "one_to_pp")
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step

@@ -7,8 +7,8 @@ from dsv4train.parallel.dims import ParallelDims
 from dsv4train.testing.toy_configs import tiny_config
 
 
-def _check(world, seq=32, **layout):
-    ParallelDims(**layout).validate(world, tiny_config(), seq, 2)
+def _check(world, seq=32, micro_batch=2, layers=("swa", "csa", "hca", "csa"), **layout):
+    ParallelDims(**layout).validate(world, tiny_config(layers), seq, micro_batch)
 
 
 def test_world_size_and_axes():
@@ -24,6 +24,16 @@ def test_world_size_and_axes():
     (8, {"pp": 8}, r"parallel\.pp: = 8 pipeline stages for 4 layers"),
     (8, {"tp": 8}, r"parallel\.tp: = 8 does not divide model\.n_heads \(4\)"),
     (3, {"cp": 3}, r"parallel\.cp: = 3 does not divide train\.seq_len \(32\)"),
+    (4, {"pp": 4, "pp_schedule": "interleaved_1f1b"},
+     r"parallel\.pp: = 4 with parallel\.pp_schedule=interleaved_1f1b needs pp·2 = 8 stages but the model has 4"),
+    (4, {"pp": 4, "pp_schedule": "dualpipev"}, r"parallel\.pp: .* needs pp·2 = 8 stages"),
+    (2, {"pp": 2, "pp_schedule": "gpipe"}, r"parallel\.pp_schedule: must be one of 1f1b, interleaved_1f1b, dualpipev"),
+    (2, {"pp": 2, "pp_microbatches": 3}, r"parallel\.pp_microbatches: = 3 does not divide train\.micro_batch_size \(2\)"),
+    (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"},
+     r"parallel\.pp_microbatches: = 4 \(pp · virtual stages\) does not divide train\.micro_batch_size \(2\)"),
+    (2, {"pp": 2, "pp_microbatches": 1}, r"parallel\.pp_microbatches: = 1: the 1f1b schedule needs at least 2"),
+    (2, {"pp": 2, "pp_microbatches": -1}, r"parallel\.pp_microbatches: must be >= 0"),
+    (4, {"pp": 2, "dp": 2, "pp_schedule": "dualpipev"}, r"parallel\.pp_schedule: = dualpipev does not compose with FSDP"),
 ])
 def test_bad_layouts_name_the_key(world, layout, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -34,10 +44,29 @@ def test_good_layouts_pass():
     _check(1)
     _check(4, dp=2, ep=2)
     _check(2, tp=2)
+    _check(2, pp=2)
+    _check(8, pp=2, dp=2, ep=2)
+    _check(2, micro_batch=4, pp=2, pp_schedule="interleaved_1f1b")
+    _check(2, micro_batch=8, pp=2, pp_schedule="dualpipev", pp_microbatches=8)
 
 
+def test_pipeline_counts():
+    d = ParallelDims(pp=2, pp_schedule="dualpipev")
+    assert (d.virtual_stages, d.n_stages, d.microbatches) == (2, 4, 4)
+    assert ParallelDims(pp=3, pp_microbatches=6).microbatches == 6
 
-@pytest.mark.parametrize("axis", ["pp", "cp"])
-def test_axes_not_built_yet_are_refused(axis):
-    with pytest.raises(ConfigError, match=rf"parallel\.{axis}: .* is not built yet"):
-        _check(2, **{axis: 2})
+
+def test_pipeline_config_keys_are_checked():
+    from dsv4train.config.pretrain import ParallelConfig
+
+    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule: must be 1f1b, interleaved_1f1b or dualpipev"):
+        ParallelConfig(pp_schedule="zbv")
+    with pytest.raises(ConfigError, match=r"parallel\.pp_microbatches: must be >= 0"):
+        ParallelConfig(pp_microbatches=-2)
+    d = ParallelDims.from_config(ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=4))
+    assert (d.pp, d.pp_schedule, d.pp_microbatches) == (2, "interleaved_1f1b", 4)
+
+
+def test_context_parallelism_not_built_yet_is_refused():
+    with pytest.raises(ConfigError, match=r"parallel\.cp: .* is not built yet"):
+        _check(2, cp=2)

@@ -93,7 +93,7 @@ def test_bad_layout_names_the_key(layout, needle):
 
 def test_allow_unbuilt_only_lifts_the_not_built_refusal():
     cfg, _ = compose_pretrain(BASE)
-    dims = ParallelDims(pp=2, tp=2)
+    dims = ParallelDims(cp=2, tp=2)
     with pytest.raises(ConfigError, match="not built yet"):
         dims.validate(4, cfg.model, 1024, 2)
     dims.validate(4, cfg.model, 1024, 2, allow_unbuilt=True)

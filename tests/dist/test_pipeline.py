@@ -1,0 +1,114 @@
+"""Pipeline parallelism trains like one process: 1F1B, Interleaved 1F1B and DualPipeV on 2 pp ranks, and pp
+composed with dp and tp, against the one-process reference each rank also runs (tests/dist/test_layouts.py's
+pattern). Each pp rank holds only its stages' parameters, so gradients are compared per rank for the parameters it
+holds, under their global names."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dsv4train.config.optim import OptimConfig
+from dsv4train.config.pretrain import TrainConfig
+from dsv4train.data.loader import rank_rows
+from dsv4train.models.model import DSV4Model
+from dsv4train.models.moe import update_router_bias
+from dsv4train.optim.groups import build_optimizers
+from dsv4train.parallel.dims import ParallelDims
+from dsv4train.parallel.runtime import ParallelRuntime
+from dsv4train.testing.distributed import run_distributed_test
+from dsv4train.testing.toy_configs import tiny_config
+from dsv4train.train.step import evaluate, train_step
+
+pytestmark = pytest.mark.dist
+
+ROWS, SEQ, STEPS = 4, 24, 3
+
+
+def _batches(vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"tokens": torch.randint(0, vocab, (ROWS, SEQ + 1), generator=g)} for _ in range(STEPS)]
+
+
+def _grads(model) -> dict:
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(model, optimizer, batches, rt, train_cfg, grad_accum) -> tuple[list[float], list[dict], list[torch.Tensor]]:
+    """Losses, expert counts of every step and the (clipped) gradients of the first and the last step."""
+    losses, grads, counts = [], [], []
+    for i, batch in enumerate(batches):
+        model.set_indexer_mode("dense" if i == 0 else "sparse")
+        rows = rank_rows(batch, rt.data_rank, rt.data_ranks)
+        micro = [{"tokens": t} for t in rows["tokens"].chunk(grad_accum)]
+        res = train_step(model, optimizer, micro, 0.3, train_cfg, torch.device("cpu"), torch.float32, rt)
+        update_router_bias(model, rt.local_expert_counts(res.expert_counts, model), train_cfg.bias_update_speed)
+        losses.append(res.loss)
+        counts.append(res.expert_counts)
+        if i in (0, len(batches) - 1):
+            grads.append(_grads(model))
+    return losses, grads, counts
+
+
+def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1):
+    cfg = tiny_config(n_hash_layers=1)
+    train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
+    optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
+    batches = _batches(cfg.vocab_size)
+
+    ref = DSV4Model(cfg)
+    ref.init_weights(0)
+    ref_losses, ref_grads, ref_counts = _run(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(),
+                                             train_cfg, grad_accum)
+    ref_val = evaluate(ref, batches[:1], torch.device("cpu"), torch.float32)
+
+    dims = ParallelDims(**layout)
+    dims.validate(world_size, cfg, SEQ, ROWS // dims.data_ranks // grad_accum)
+    rt = ParallelRuntime(dims)
+    model = DSV4Model(cfg)
+    model.init_weights(0)
+    model = rt.parallelize(model)
+    losses, grads, counts = _run(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
+                                 train_cfg, grad_accum)
+    val = evaluate(model, [rank_rows(batches[0], rt.data_rank, rt.data_ranks)], torch.device("cpu"),
+                   torch.float32, rt)
+
+    for step, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: loss {a} vs one process {b}"
+    assert abs(val - ref_val) <= 1e-5 * abs(ref_val), f"val loss {val} vs one process {ref_val}"
+    for step, (a, b) in enumerate(zip(counts, ref_counts)):  # global counts on every rank, all MoE layers
+        assert torch.equal(a.cpu(), b.cpu()), f"step {step + 1}: expert counts differ"
+
+    # Every parameter is held by some pp rank, once; names are the global ones.
+    held = [None] * world_size
+    dist.all_gather_object(held, sorted(grads[0]))
+    assert set().union(*map(set, held)) == set(ref_grads[0]), "the stages together do not hold the whole model"
+    # Gradients: the tolerances of test_layouts.py (first step per tensor 1e-4 or 1e-7 of the model's scale;
+    # last step 1e-4 of the model's scale).
+    scale = max(float(g.abs().max()) for g in ref_grads[1].values())
+    for when, got, want in (("first", grads[0], ref_grads[0]), ("last", grads[1], ref_grads[1])):
+        for name, g in got.items():
+            r = want[name]
+            diff = float((g - r).abs().max())
+            own, overall = diff / max(float(r.abs().max()), 1e-12), diff / scale
+            ok = (own < 1e-4 or overall < 1e-7) if when == "first" else overall < 1e-4
+            assert ok, f"{name}: {when}-step gradient differs from one process by {own:.2e} of its max " \
+                       f"({overall:.2e} of the model's)"
+
+
+@pytest.mark.parametrize("layout,optim,grad_accum", [
+    ({"pp": 2}, "muon", 1),
+    ({"pp": 2, "pp_schedule": "interleaved_1f1b"}, "muon", 1),
+    ({"pp": 2, "pp_schedule": "dualpipev"}, "adamw", 1),
+    ({"pp": 2, "pp_microbatches": 2}, "adamw", 2),
+], ids=["pp2-1f1b-muon", "pp2-interleaved-muon", "pp2-dualpipev-adamw", "pp2-1f1b-accum2-adamw"])
+def test_pipeline_matches_one_process(layout, optim, grad_accum):
+    run_distributed_test(_check_pipeline, world_size=2, args=(layout, optim, grad_accum))
+
+
+@pytest.mark.parametrize("layout", [
+    {"pp": 2, "dp": 2},
+    {"pp": 2, "tp": 2},
+], ids=["pp2xdp2-muon", "pp2xtp2-muon"])
+def test_pipeline_composes_with_other_axes(layout):
+    run_distributed_test(_check_pipeline, world_size=4, args=(layout, "muon"))
