@@ -16,22 +16,13 @@ from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.testing.distributed import run_distributed_test
+from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, full_grads
 from dsv4train.testing.toy_configs import tiny_config
 from dsv4train.train.step import evaluate, train_step
 
 pytestmark = pytest.mark.dist
 
 ROWS, SEQ, STEPS = 4, 24, 3
-
-
-def _batches(vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    return [{"tokens": torch.randint(0, vocab, (ROWS, SEQ + 1), generator=g)} for _ in range(STEPS)]
-
-
-def _grads(model) -> dict:
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-            for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _run(model, optimizer, batches, rt, train_cfg, grad_accum) -> tuple[list[float], list[dict], list[torch.Tensor]]:
@@ -46,7 +37,7 @@ def _run(model, optimizer, batches, rt, train_cfg, grad_accum) -> tuple[list[flo
         losses.append(res.loss)
         counts.append(res.expert_counts)
         if i in (0, len(batches) - 1):
-            grads.append(_grads(model))
+            grads.append(full_grads(model))
     return losses, grads, counts
 
 
@@ -54,7 +45,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
     optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
-    batches = _batches(cfg.vocab_size)
+    batches = fixed_batches(cfg.vocab_size, ROWS, SEQ, STEPS)
 
     ref = DSV4Model(cfg)
     ref.init_weights(0)
@@ -73,8 +64,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     val = evaluate(model, [rank_rows(batches[0], rt.data_rank, rt.data_ranks)], torch.device("cpu"),
                    torch.float32, rt)
 
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: loss {a} vs one process {b}"
+    assert_losses_close(losses, ref_losses, 1e-5)
     assert abs(val - ref_val) <= 1e-5 * abs(ref_val), f"val loss {val} vs one process {ref_val}"
     for step, (a, b) in enumerate(zip(counts, ref_counts)):  # global counts on every rank, all MoE layers
         assert torch.equal(a.cpu(), b.cpu()), f"step {step + 1}: expert counts differ"
@@ -83,17 +73,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     held = [None] * world_size
     dist.all_gather_object(held, sorted(grads[0]))
     assert set().union(*map(set, held)) == set(ref_grads[0]), "the stages together do not hold the whole model"
-    # Gradients: the tolerances of test_layouts.py (first step per tensor 1e-4 or 1e-7 of the model's scale;
-    # last step 1e-4 of the model's scale).
-    scale = max(float(g.abs().max()) for g in ref_grads[1].values())
-    for when, got, want in (("first", grads[0], ref_grads[0]), ("last", grads[1], ref_grads[1])):
-        for name, g in got.items():
-            r = want[name]
-            diff = float((g - r).abs().max())
-            own, overall = diff / max(float(r.abs().max()), 1e-12), diff / scale
-            ok = (own < 1e-4 or overall < 1e-7) if when == "first" else overall < 1e-4
-            assert ok, f"{name}: {when}-step gradient differs from one process by {own:.2e} of its max " \
-                       f"({overall:.2e} of the model's)"
+    assert_grads_match(grads, ref_grads)  # tolerances explained in dsv4train/testing/equivalence.py
 
 
 @pytest.mark.parametrize("layout,optim,grad_accum", [
