@@ -100,6 +100,15 @@ class Muon(Optimizer):
                 raise ValueError(f"Muon: row_blocks={g} needs 2-D parameters whose row count divides by it; "
                                  f"parameter {i} has shape {tuple(p.shape)}")
 
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """p's momentum buffer (zeros on first use); Muon takes dense gradients only."""
+        if p.grad.is_sparse:
+            raise RuntimeError("Muon does not support sparse gradients")
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -112,12 +121,7 @@ class Muon(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                u = momentum_input(state["momentum_buffer"], p.grad, mu, group["nesterov"])
+                u = momentum_input(self._momentum_buffer(p), p.grad, mu, group["nesterov"])
                 o = orthogonal_update(u, group["ns"], group["rms"], group["row_blocks"], group["eps"],
                                       group["ns_dtype"])
                 apply_update(p, o, lr, wd)

@@ -273,6 +273,15 @@ class DistributedMuon(Muon):
                 "loads": list(plan.loads)}
 
     # ---- the step
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """As Muon's, and a full buffer under a sharded parameter (e.g. loaded from a single-process checkpoint)
+        is cut down to this rank's block."""
+        buf = super()._momentum_buffer(p)
+        if isinstance(p, DTensor) and not isinstance(buf, DTensor):
+            buf = self.state[p]["momentum_buffer"] = distribute_tensor(buf.to(p.device), p.device_mesh, p.placements,
+                                                                       src_data_rank=None)
+        return buf
+
     @torch.no_grad()
     def step(self, closure=None):
         if not dist.is_available() or not dist.is_initialized():
@@ -291,16 +300,7 @@ class DistributedMuon(Muon):
         for i, (p, group) in enumerate(flat):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif isinstance(p, DTensor) and not isinstance(state["momentum_buffer"], DTensor):
-                # a full buffer (e.g. from a single-process checkpoint): keep this rank's block
-                state["momentum_buffer"] = distribute_tensor(state["momentum_buffer"].to(p.device), p.device_mesh,
-                                                             p.placements, src_data_rank=None)
-            u[i] = momentum_input(_local(state["momentum_buffer"], p), _local(p.grad, p), group["momentum"],
+            u[i] = momentum_input(_local(self._momentum_buffer(p), p), _local(p.grad, p), group["momentum"],
                                   group["nesterov"])
 
         local = [i for i in u if i in plan.local_rows]

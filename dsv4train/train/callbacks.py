@@ -38,7 +38,6 @@ class Loop:
     stop_reason: str | None = None  # set to end the run after this step (e.g. "SIGTERM")
     val_first: float | None = None
     val_last: float | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def ckpt_root(self) -> Path:
