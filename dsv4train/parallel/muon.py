@@ -325,7 +325,7 @@ class DistributedMuon(Muon):
 
     def _owner_compute(self, plan: _Plan, flat, u: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Gather each shared parameter's Nesterov input to its owner, NS there, scatter the blocks back."""
-        world, me, dtype, device = plan.world, plan.rank, plan.transfer_dtype, plan.device
+        world, dtype, device = plan.world, plan.transfer_dtype, plan.device
         # 1. gather: to each owner, my blocks of what it owns (in global order)
         parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
         for e in plan.member:

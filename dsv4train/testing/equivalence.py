@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from dsv4train.data.loader import rank_rows
+from dsv4train.models.moe import update_router_bias
+from dsv4train.train.step import train_step
+
 
 def fixed_batches(vocab: int, rows: int, seq: int, steps: int, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
@@ -25,6 +29,25 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """name -> the whole gradient (gathered if it is a DTensor shard), for the parameters that have one."""
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
             for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_steps(model, optimizer, batches: list[dict], rt, train_cfg, grad_accum: int = 1
+              ) -> tuple[list[float], list[dict], list[torch.Tensor]]:
+    """Train one step per batch (dense indexer on the first step, sparse after) on this rank's rows, split into
+    `grad_accum` micro-batches, with the router-bias update. Returns the losses and global expert counts of every
+    step and the (clipped) gradients of the first and the last step."""
+    losses, grads, counts = [], [], []
+    for i, batch in enumerate(batches):
+        model.set_indexer_mode("dense" if i == 0 else "sparse")
+        rows = rank_rows(batch, rt.data_rank, rt.data_ranks)
+        micro = [{"tokens": t} for t in rows["tokens"].chunk(grad_accum)]
+        res = train_step(model, optimizer, micro, 0.3, train_cfg, torch.device("cpu"), torch.float32, rt)
+        update_router_bias(model, rt.local_expert_counts(res.expert_counts, model), train_cfg.bias_update_speed)
+        losses.append(res.loss)
+        counts.append(res.expert_counts)
+        if i in (0, len(batches) - 1):
+            grads.append(full_grads(model))
+    return losses, grads, counts
 
 
 def assert_losses_close(got: list[float], want: list[float], rtol: float, what: str = "loss") -> None:

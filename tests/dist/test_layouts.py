@@ -3,39 +3,21 @@ gradients after the first step, on gloo with several CPU processes. Each rank al
 reference itself (the model is tiny), so nothing has to be shipped between processes."""
 
 import pytest
-import torch
 
 from dsv4train.config.pretrain import PrecisionConfig, TrainConfig
 from dsv4train.config.optim import OptimConfig
 from dsv4train.models.model import DSV4Model
-from dsv4train.models.moe import update_router_bias
 from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.quant import apply_precision
-from dsv4train.data.loader import rank_rows
 from dsv4train.testing.distributed import run_distributed_test
-from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, full_grads
+from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, run_steps
 from dsv4train.testing.toy_configs import tiny_config
-from dsv4train.train.step import train_step
 
 pytestmark = pytest.mark.dist
 
 ROWS, SEQ, STEPS = 4, 24, 3
-
-
-def _run(model, optimizer, batches, rt, train_cfg) -> tuple[list[float], list[dict]]:
-    """Losses of every step and the (clipped) gradients of the first and the last step."""
-    losses, grads = [], []
-    for i, batch in enumerate(batches):
-        model.set_indexer_mode("dense" if i == 0 else "sparse")
-        res = train_step(model, optimizer, [rank_rows(batch, rt.data_rank, rt.data_ranks)], 0.3, train_cfg,
-                         torch.device("cpu"), torch.float32, rt)
-        update_router_bias(model, res.expert_counts, train_cfg.bias_update_speed)
-        losses.append(res.loss)
-        if i in (0, len(batches) - 1):
-            grads.append(full_grads(model))
-    return losses, grads
 
 
 def _check_layout(rank, world_size, layout: dict, optim: str, precision: PrecisionConfig | None = None):
@@ -48,7 +30,8 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precision: Precisi
     ref.init_weights(0)
     if precision is not None:
         apply_precision(ref, precision)
-    ref_losses, ref_grads = _run(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(), train_cfg)
+    ref_losses, ref_grads, _ = run_steps(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(),
+                                         train_cfg)
 
     rt = ParallelRuntime(ParallelDims(**layout))
     model = DSV4Model(cfg)
@@ -56,7 +39,8 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precision: Precisi
     if precision is not None:
         apply_precision(model, precision)
     rt.parallelize(model)
-    losses, grads = _run(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt, train_cfg)
+    losses, grads, _ = run_steps(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
+                                 train_cfg)
 
     # fp32: 1e-5. FP8/FP4 round to a grid with steps of 2^-3 (e4m3) to 2^-1 (e2m1) relative, so once the
     # weights carry last-bit differences a value can move by one grid step (the first step is still tight).

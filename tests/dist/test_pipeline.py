@@ -11,34 +11,17 @@ from dsv4train.config.optim import OptimConfig
 from dsv4train.config.pretrain import TrainConfig
 from dsv4train.data.loader import rank_rows
 from dsv4train.models.model import DSV4Model
-from dsv4train.models.moe import update_router_bias
 from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.testing.distributed import run_distributed_test
-from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, full_grads
+from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, run_steps
 from dsv4train.testing.toy_configs import tiny_config
-from dsv4train.train.step import evaluate, train_step
+from dsv4train.train.step import evaluate
 
 pytestmark = pytest.mark.dist
 
 ROWS, SEQ, STEPS = 4, 24, 3
-
-
-def _run(model, optimizer, batches, rt, train_cfg, grad_accum) -> tuple[list[float], list[dict], list[torch.Tensor]]:
-    """Losses, expert counts of every step and the (clipped) gradients of the first and the last step."""
-    losses, grads, counts = [], [], []
-    for i, batch in enumerate(batches):
-        model.set_indexer_mode("dense" if i == 0 else "sparse")
-        rows = rank_rows(batch, rt.data_rank, rt.data_ranks)
-        micro = [{"tokens": t} for t in rows["tokens"].chunk(grad_accum)]
-        res = train_step(model, optimizer, micro, 0.3, train_cfg, torch.device("cpu"), torch.float32, rt)
-        update_router_bias(model, rt.local_expert_counts(res.expert_counts, model), train_cfg.bias_update_speed)
-        losses.append(res.loss)
-        counts.append(res.expert_counts)
-        if i in (0, len(batches) - 1):
-            grads.append(full_grads(model))
-    return losses, grads, counts
 
 
 def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1):
@@ -49,7 +32,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
 
     ref = DSV4Model(cfg)
     ref.init_weights(0)
-    ref_losses, ref_grads, ref_counts = _run(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(),
+    ref_losses, ref_grads, ref_counts = run_steps(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(),
                                              train_cfg, grad_accum)
     ref_val = evaluate(ref, batches[:1], torch.device("cpu"), torch.float32)
 
@@ -59,7 +42,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     model = DSV4Model(cfg)
     model.init_weights(0)
     model = rt.parallelize(model)
-    losses, grads, counts = _run(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
+    losses, grads, counts = run_steps(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
                                  train_cfg, grad_accum)
     val = evaluate(model, [rank_rows(batches[0], rt.data_rank, rt.data_ranks)], torch.device("cpu"),
                    torch.float32, rt)

@@ -46,18 +46,28 @@ def _one_process(run_dir, data_dir, rows):
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
 
 
-def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir):
-    ref = _one_process(tmp_path / "one", data_dir, rows=4)
-    assert ref.returncode == 0, ref.stderr
+def _torchrun(nproc: int, run_dir, data_dir, *overrides):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node=4", "-m", "dsv4train.cli", "pretrain", *COMMON,
-                            "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1", f"data.dir={data_dir}",
-                            f"run.dir={tmp_path / 'four'}"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                           timeout=900)
+    return subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv4train.cli", "pretrain",
+                           *COMMON, *overrides, f"data.dir={data_dir}", f"run.dir={run_dir}"], capture_output=True,
+                          text=True, env=_env(), cwd=REPO, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data_dir):
+    """The one-process reference run (4 rows per step), shared by the tests; they copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    r = _one_process(run_dir, data_dir, rows=4)
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process):
+    multi = _torchrun(4, tmp_path / "four", data_dir, "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1")
     assert multi.returncode == 0, multi.stderr[-4000:]
     assert "4 processes (dp2 × ep2)" in multi.stdout
 
-    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "four")
+    want, got = _losses(one_process), _losses(tmp_path / "four")
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
@@ -75,20 +85,14 @@ def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
 
 
-def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir):
+def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process):
     """`torchrun --nproc_per_node=2 ... parallel.pp=2` (1F1B, each micro-batch of 4 rows in 2 pipeline chunks): the
     losses of one process, a checkpoint with one shard per stage, and that checkpoint resumes on one process."""
-    ref = _one_process(tmp_path / "one", data_dir, rows=4)
-    assert ref.returncode == 0, ref.stderr
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dsv4train.cli", "pretrain", *COMMON,
-                            "parallel.pp=2", "train.micro_batch_size=4", f"data.dir={data_dir}",
-                            f"run.dir={tmp_path / 'pp'}"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                           timeout=900)
+    multi = _torchrun(2, tmp_path / "pp", data_dir, "parallel.pp=2", "train.micro_batch_size=4")
     assert multi.returncode == 0, multi.stderr[-4000:]
     assert "2 processes (pp2)" in multi.stdout
 
-    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
+    want, got = _losses(one_process), _losses(tmp_path / "pp")
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
@@ -106,13 +110,10 @@ def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir)
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
 
     # And the other way: the one-process checkpoint of step 2 resumes on the two pipeline stages.
-    shutil.copytree(tmp_path / "one", tmp_path / "one_to_pp")
+    shutil.copytree(one_process, tmp_path / "one_to_pp")
     shutil.rmtree(tmp_path / "one_to_pp" / "checkpoints" / "step_4")
     (tmp_path / "one_to_pp" / "metrics.jsonl").write_text("")
-    back = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dsv4train.cli", "pretrain", *COMMON,
-                           "parallel.pp=2", "train.micro_batch_size=4", f"data.dir={data_dir}",
-                           f"run.dir={tmp_path / 'one_to_pp'}"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                          timeout=900)
+    back = _torchrun(2, tmp_path / "one_to_pp", data_dir, "parallel.pp=2", "train.micro_batch_size=4")
     assert back.returncode == 0, back.stderr[-4000:]
     assert "resuming from" in back.stdout and "step_2" in back.stdout
     got = _losses(tmp_path / "one_to_pp")
