@@ -38,8 +38,8 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg) -> "ParallelDims":
-        return cls(**{a: getattr(cfg, a) for a in AXES}, pp_schedule=getattr(cfg, "pp_schedule", "1f1b"),
-                   pp_microbatches=getattr(cfg, "pp_microbatches", 0))
+        return cls(**{a: getattr(cfg, a) for a in AXES}, pp_schedule=cfg.pp_schedule,
+                   pp_microbatches=cfg.pp_microbatches)
 
     @property
     def virtual_stages(self) -> int:
@@ -132,7 +132,7 @@ class ParallelDims:
 
     @cached_property
     def mesh(self):
-        """The world DeviceMesh with named dims and the flattened "fsdp", "efsdp" and "data" views."""
+        """The world DeviceMesh with named dims and the flattened "fsdp" and "efsdp" views."""
         from dsv4train.parallel.mesh import build_mesh
 
         return build_mesh(self)

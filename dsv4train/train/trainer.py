@@ -1,6 +1,7 @@
 """The pre-training loop, on one process or under torchrun. `pretrain(cfg)` reads top to bottom:
 
-set up (layout check, run dir, process group, data, model, parallelize, optimizer, trackers) -> resume from the newest checkpoint if any ->
+set up (layout check, run dir, process group, data, model, parallelize, optimizer, trackers) ->
+resume from the newest checkpoint if any ->
 for each step: schedules -> forward/backward over micro-batches -> NaN policy -> optimizer step ->
 router bias update -> metrics -> callbacks (eval, tracking, progress bar, preemption, checkpoint) -> summary.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -125,7 +126,8 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
             update_router_bias(model, loop.rt.local_expert_counts(last.expert_counts, model), t.bias_update_speed)
         loop.step += 1
         tps = tokens_per_step / (time.perf_counter() - t0)
-        metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu(flops_per_token, tps / loop.rt.dims.world_size, peak),
+        mfu_now = mfu(flops_per_token, tps / loop.rt.dims.world_size, peak)  # per device
+        metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu_now,
                    "router_bias_norm": _router_bias_norm(model), "muon_update_rms": optimizer.muon_update_rms()}
         for cb in callbacks:
             cb.on_step_end(loop, metrics)
