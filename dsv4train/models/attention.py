@@ -15,6 +15,7 @@ from dsv4train.models.compressor import Compressor, visible_entries
 from dsv4train.models.indexer import Indexer, kl_loss, select_topk
 from dsv4train.models.norms import RMSNorm, unweighted_rms_norm
 from dsv4train.models.rope import apply_rope, inv_freq, rope_cos_sin
+from dsv4train.models.sequence import WHOLE_SEQUENCE
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,7 @@ class Attention(nn.Module):
         self.indexer_mode = cfg.indexer_mode
         self.indexer_kl = True  # compute the indexer KL loss when training (the trainer may turn it off)
         self.sum_over_head_shards = None  # tensor parallelism sets it: sums a head-reduced tensor over TP ranks
+        self.seq = WHOLE_SEQUENCE  # context parallelism replaces it with this rank's shard (models/sequence.py)
         H, c = cfg.n_heads, cfg.head_dim
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
@@ -58,7 +60,8 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, AttentionAux]:
         B, S, _ = x_BSD.shape
         H, c = self.n_heads, self.head_dim
-        positions = torch.arange(S, device=x_BSD.device)
+        start = self.seq.offset(S)
+        positions = torch.arange(start, start + S, device=x_BSD.device)
         cos, sin = rope_cos_sin(self.freqs, positions)
         cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
 
@@ -70,14 +73,16 @@ class Attention(nn.Module):
         comp, index_scores = None, None
         if self.layer_type != "swa":
             n_visible = visible_entries(positions, self.ratio)
-            comp = CompressedKeys(self.compressor(x_BSD, self.freqs), n_visible)
+            comp = CompressedKeys(self.compressor(x_BSD, self.freqs, self.seq), n_visible)
             if self.layer_type == "csa" and comp.kv_BTC.shape[1] > 0:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self._want_kl()):
-                    index_scores = self.indexer.scores(x_BSD, qlat_BSR, cos, sin, self.freqs)
+                    index_scores = self.indexer.scores(x_BSD, qlat_BSR, cos, sin, self.freqs, self.seq)
                 if self.indexer_mode == "sparse":
                     comp.topk_BSK = select_topk(index_scores, n_visible, self.indexer.topk)
 
-        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_BSC, local_shard(self.attn_sink), self.window, comp)
+        kv_ext_BXC = self.seq.with_previous(kv_BSC, self.window)  # the W keys before ours: zeros, or the last shard's
+        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_ext_BXC, local_shard(self.attn_sink), self.window, comp,
+                                          sees_previous=self.seq.has_previous)
         o_BSHC = apply_rope(o_BSHC, cos_h, sin_h, inverse=True)
         aux = AttentionAux()
         if index_scores is not None and index_scores.requires_grad:
@@ -102,7 +107,7 @@ class Attention(nn.Module):
         T = scores_BST.shape[-1]
         if comp.topk_BSK is None:
             valid = (torch.arange(T, device=scores_BST.device) < comp.n_visible_S.unsqueeze(-1)).expand_as(scores_BST)
-            return kl_loss(p_comp, scores_BST, valid)
+            return kl_loss(p_comp, scores_BST, valid, self.seq)
         idx = comp.topk_BSK
         student = torch.gather(scores_BST, -1, idx.clamp_min(0))
-        return kl_loss(p_comp, student, idx >= 0)
+        return kl_loss(p_comp, student, idx >= 0, self.seq)

@@ -25,33 +25,42 @@ class CompressedKeys:
     topk_BSK: torch.Tensor | None = None  # indexer picks (-1 = none); None = dense
 
 
-def _window_blocks(kv_BSC: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
-    """Keys for each query block: [B, nb, 2W, C] (blocks b-1 and b; block -1 is zero padding)."""
-    B, S, C = kv_BSC.shape
+def _window_blocks(kv_ext_BXC: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
+    """Keys for each query block: [B, nb, 2W, C] (blocks b-1 and b). `kv_ext_BXC` is [B, W + S, C]: the W keys
+    before the queries (zeros at the start of a sequence), then the S keys of the queries' own positions."""
+    B, X, C = kv_ext_BXC.shape
+    S = X - window
     nb = -(-S // window)
-    padded = F.pad(kv_BSC, (0, 0, window, nb * window - S))
+    padded = F.pad(kv_ext_BXC, (0, 0, 0, nb * window - S))
     return torch.cat((padded[:, :-window].view(B, nb, window, C), padded[:, window:].view(B, nb, window, C)), 2), nb
 
 
-def _window_mask(nb: int, window: int, device: torch.device) -> torch.Tensor:
-    """Additive mask [nb, W, 2W]: query i of a block sees key j iff i < j <= i + W; block 0 has no previous block."""
+def _window_mask(nb: int, window: int, device: torch.device, sees_previous: bool) -> torch.Tensor:
+    """Additive mask [nb, W, 2W]: query i of a block sees key j iff i < j <= i + W; block 0's previous block is
+    hidden at the start of a sequence (seen when the keys before a sequence shard were given)."""
     i = torch.arange(window, device=device).view(-1, 1)
     j = torch.arange(2 * window, device=device).view(1, -1)
     ok = ((j > i) & (j <= i + window)).expand(nb, -1, -1).clone()
-    ok[0, :, :window] = False
+    if not sees_previous:
+        ok[0, :, :window] = False
     return torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf"))
 
 
-def hybrid_attention(q_BSHC: torch.Tensor, kv_BSC: torch.Tensor, sink_H: torch.Tensor, window: int,
-                     comp: CompressedKeys | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (output [B, S, H, C], probabilities on the compressed keys [B, S, H, T or k] or None)."""
+def hybrid_attention(q_BSHC: torch.Tensor, kv_ext_BXC: torch.Tensor, sink_H: torch.Tensor, window: int,
+                     comp: CompressedKeys | None, sees_previous: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (output [B, S, H, C], probabilities on the compressed keys [B, S, H, T or k] or None).
+
+    kv_ext_BXC: [B, W + S, C], the W keys before the queries then their own S keys. At the start of a sequence
+    the first W are padding and hidden; under context parallelism they are the previous shard's last W keys and
+    `sees_previous` is True."""
     B, S, H, C = q_BSHC.shape
     scale = C ** -0.5
-    keys_BNKC, nb = _window_blocks(kv_BSC, window)
+    keys_BNKC, nb = _window_blocks(kv_ext_BXC, window)
     q_blk = F.pad(q_BSHC, (0, 0, 0, 0, 0, nb * window - S)).view(B, nb, window * H, C)
     win = torch.matmul(q_blk, keys_BNKC.transpose(-1, -2)) * scale  # [B, nb, W*H, 2W]
-    win = win.view(B, nb, window, H, 2 * window) + _window_mask(nb, window, q_BSHC.device).view(
-        nb, window, 1, 2 * window).to(win.dtype)
+    mask = _window_mask(nb, window, q_BSHC.device, sees_previous)
+    win = win.view(B, nb, window, H, 2 * window) + mask.view(nb, window, 1, 2 * window).to(win.dtype)
     parts = [win.view(B, nb * window, H, 2 * window)[:, :S]]
 
     gathered = None
@@ -71,7 +80,7 @@ def hybrid_attention(q_BSHC: torch.Tensor, kv_BSC: torch.Tensor, sink_H: torch.T
         parts.append(cs)
     parts.append(sink_H.to(win.dtype).view(1, 1, H, 1).expand(B, S, H, 1))
 
-    probs = torch.cat(parts, dim=-1).softmax(dim=-1, dtype=torch.float32).to(kv_BSC.dtype)
+    probs = torch.cat(parts, dim=-1).softmax(dim=-1, dtype=torch.float32).to(kv_ext_BXC.dtype)
     p_win = probs[..., : 2 * window]
     p_win = F.pad(p_win, (0, 0, 0, 0, 0, nb * window - S)).view(B, nb, window * H, 2 * window)
     out = torch.matmul(p_win, keys_BNKC).view(B, nb * window, H, C)[:, :S]

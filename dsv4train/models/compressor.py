@@ -3,16 +3,18 @@
 HCA (overlap=False): entry i pools tokens [ratio*i, ratio*(i+1)).
 CSA (overlap=True): projections are 2*c wide; entry i pools 2*ratio slots: the FIRST half `[..., :c]` of the
 previous block's tokens and the SECOND half `[..., c:]` of its own block's tokens (the reference layout).
-Entry 0's previous-block slots are empty (value 0, gate -inf). A tail shorter than `ratio` is dropped."""
+Entry 0's previous-block slots are empty (value 0, gate -inf) at the start of a sequence; on a later shard of a
+context-parallel sequence they hold the previous shard's last block. A tail shorter than `ratio` is dropped.
+Each shard pools its own blocks; the entries of all shards are then gathered (models/sequence.py)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4train.models.norms import RMSNorm
 from dsv4train.models.rope import apply_rope, rope_cos_sin
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 
 
 class Compressor(nn.Module):
@@ -25,8 +27,11 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x_BSD: torch.Tensor, freqs: tuple[float, ...]) -> torch.Tensor:
-        """[B, S, d] -> compressed entries [B, S // ratio, head_dim], normalised and rotated at position ratio*i."""
+    def forward(self, x_BSD: torch.Tensor, freqs: tuple[float, ...],
+                seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+        """[B, S, d] -> compressed entries [B, S // ratio, head_dim], normalised and rotated at position ratio*i
+        (of the whole sequence: under context parallelism S is this shard's length and the entries of every
+        shard are returned)."""
         B, S, _ = x_BSD.shape
         T, m, c = S // self.ratio, self.ratio, self.head_dim
         if T == 0:
@@ -35,14 +40,24 @@ class Compressor(nn.Module):
         kv = self.wkv(x).view(B, T, m, -1)
         gate = self.wgate(x).view(B, T, m, -1) + self.ape.to(x.dtype)
         if self.overlap:
-            prev_kv = F.pad(kv[:, :-1, :, :c], (0, 0, 0, 0, 1, 0))
-            prev_gate = F.pad(gate[:, :-1, :, :c], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-            kv = torch.cat((prev_kv, kv[..., c:]), dim=2)
-            gate = torch.cat((prev_gate, gate[..., c:]), dim=2)
+            kv, gate = self._with_previous_block(kv, gate, seq)
         weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
         pooled = self.norm((kv * weights).sum(dim=2))
-        cos, sin = rope_cos_sin(freqs, torch.arange(T, device=x.device) * m)
-        return apply_rope(pooled, cos, sin)
+        cos, sin = rope_cos_sin(freqs, (torch.arange(T, device=x.device) + seq.offset(T)) * m)
+        return seq.gather(apply_rope(pooled, cos, sin))
+
+    def _with_previous_block(self, kv_BTMW: torch.Tensor, gate_BTMW: torch.Tensor, seq: WholeSequence):
+        """CSA: block i's 2m slots are the first half of block i-1's projections, then the second half of its own."""
+        B, T, m, _ = kv_BTMW.shape
+        c = self.head_dim
+        first_half = torch.cat((kv_BTMW[..., :c], gate_BTMW[..., :c].to(kv_BTMW.dtype)), -1).view(B, T * m, 2 * c)
+        prev_BTMX = seq.with_previous(first_half, m)[:, : T * m].view(B, T, m, 2 * c)
+        empty = torch.zeros(T, 1, 1, device=kv_BTMW.device)
+        if not seq.has_previous:
+            empty[0] = float("-inf")  # the first block has no previous block: its slots get no weight
+        prev_gate = prev_BTMX[..., c:].to(gate_BTMW.dtype) + empty
+        return (torch.cat((prev_BTMX[..., :c], kv_BTMW[..., c:]), dim=2),
+                torch.cat((prev_gate, gate_BTMW[..., c:]), dim=2))
 
 
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:

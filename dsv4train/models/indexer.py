@@ -13,6 +13,7 @@ from torch import nn
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.compressor import Compressor
 from dsv4train.models.rope import apply_rope
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 
 
 class Indexer(nn.Module):
@@ -24,11 +25,11 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
 
     def scores(self, x_BSD: torch.Tensor, qlat_BSR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               freqs: tuple[float, ...]) -> torch.Tensor:
+               freqs: tuple[float, ...], seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
         """Index scores [B, S, T] over all compressed entries (future ones included; the caller masks)."""
         x_BSD, qlat_BSR = x_BSD.detach(), qlat_BSR.detach()
         B, S, _ = x_BSD.shape
-        keys_BTK = self.compressor(x_BSD, freqs)
+        keys_BTK = self.compressor(x_BSD, freqs, seq)
         q_BSHK = self.wq_b(qlat_BSR).view(B, S, self.n_heads, self.head_dim)
         q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
         logits_BSHT = torch.matmul(q_BSHK.float(), keys_BTK.float().transpose(-1, -2).unsqueeze(1))
@@ -45,8 +46,10 @@ def select_topk(scores_BST: torch.Tensor, n_visible_S: torch.Tensor, k: int) -> 
     return torch.where(idx >= n_visible_S.view(1, -1, 1), torch.full_like(idx, -1), idx)
 
 
-def kl_loss(teacher_BSHJ: torch.Tensor, student_logits_BSJ: torch.Tensor, valid_BSJ: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(I)) averaged over queries that see at least one entry.
+def kl_loss(teacher_BSHJ: torch.Tensor, student_logits_BSJ: torch.Tensor, valid_BSJ: torch.Tensor,
+            seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+    """KL(p || softmax(I)) averaged over queries that see at least one entry (of the whole sequence under
+    context parallelism: `seq` sums the count over the shards).
 
     teacher: main attention probabilities on the same J compressed slots, per head (detached here; summed over
     heads and renormalised). student: index scores on those slots. valid: which slots count."""
@@ -59,5 +62,5 @@ def kl_loss(teacher_BSHJ: torch.Tensor, student_logits_BSJ: torch.Tensor, valid_
     logq = torch.log_softmax(student, dim=-1)
     terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
     per_query = terms.sum(-1)
-    n = has_any.sum().clamp_min(1)
-    return per_query.masked_fill(~has_any, 0.0).sum() / n
+    n = seq.total(has_any.sum()).clamp_min(1)
+    return seq.share(per_query.masked_fill(~has_any, 0.0).sum()) / n

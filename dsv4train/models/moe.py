@@ -13,6 +13,7 @@ from torch import nn
 
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.grouped_gemm import grouped_linear
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -123,16 +124,19 @@ class SharedExpert(nn.Module):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor,
+                          seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over sequences: f_i = E/(K*S) * #tokens routed to i,
-    P_i = mean_t of the scores normalised over all experts."""
+    P_i = mean_t of the scores normalised over all experts. Under context parallelism S and the counts are the
+    whole sequence's (`seq` sums them over the shards) and each shard adds its tokens' part of P."""
     B, S, E = scores_BSE.shape
     K = idx_BSK.shape[-1]
     counts = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(
         1, idx_BSK.reshape(B, -1), torch.ones(B, S * K, device=scores_BSE.device))
-    f = counts * (E / (K * S))
-    p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
-    return (f * p).sum(-1).mean()
+    S_total = S * seq.shards
+    f = seq.total(counts) * (E / (K * S_total))
+    p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1) / S_total
+    return seq.share((f * p).sum(-1).mean())
 
 
 class MoE(nn.Module):
@@ -141,6 +145,7 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, hashed)
         self.experts = Experts(cfg)
         self.shared_experts = SharedExpert(cfg) if cfg.n_shared_experts else None
+        self.seq = WHOLE_SEQUENCE  # context parallelism replaces it with this rank's shard (models/sequence.py)
 
     def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
@@ -150,7 +155,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BSD)
         counts = torch.bincount(idx.reshape(-1), minlength=scores.shape[-1]).detach()
-        bal = None if self.gate.hashed else sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1))
+        bal = None
+        if not self.gate.hashed:
+            bal = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.seq)
         return y, MoEAux(counts, bal)
 
 

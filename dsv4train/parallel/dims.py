@@ -77,8 +77,8 @@ class ParallelDims:
     def validate(self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int,
                  allow_unbuilt: bool = False) -> None:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
-        `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of axes not built yet and the split
-        of micro-batches into pipeline chunks (plan assumes its own in-flight micro-batches)."""
+        `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of combinations not built yet (cp with
+        pp) and the split of micro-batches into pipeline chunks (plan assumes its own in-flight micro-batches)."""
         for a in AXES:
             require(getattr(self, a) >= 1, f"parallel.{a}", f"must be >= 1, got {getattr(self, a)}")
         require(self.world_size == world_size, "parallel",
@@ -95,10 +95,26 @@ class ParallelDims:
         require(model.o_groups % self.tp == 0, "parallel.tp",
                 f"= {self.tp} does not divide model.o_groups ({model.o_groups}); the grouped output projection "
                 "is split by groups")
+        self._validate_context(model, seq_len, allow_unbuilt)
+
+    def _validate_context(self, model: ModelConfig, seq_len: int, allow_unbuilt: bool) -> None:
+        """Each cp rank holds seq_len/cp tokens; it needs a whole window before it from one neighbour (so at least
+        window_size tokens per rank) and must pool whole compression blocks (a multiple of every ratio in use)."""
         require(seq_len % self.cp == 0, "parallel.cp", f"= {self.cp} does not divide train.seq_len ({seq_len})")
-        if self.cp > 1 and not allow_unbuilt:
-            raise ConfigError("parallel.cp: context parallelism is not built yet (issue 4 is in progress); "
-                              "use pp, dp, ep and tp for now")
+        if self.cp == 1:
+            return
+        shard = seq_len // self.cp
+        require(shard >= model.window_size, "parallel.cp",
+                f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), fewer than "
+                f"model.window_size ({model.window_size}); each rank must hold at least one window")
+        for kind in sorted({t for t in model.layer_types if t != "swa"}):
+            ratio = model.compress_ratio(kind)
+            require(shard % ratio == 0, "parallel.cp",
+                    f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), not a multiple of "
+                    f"the {kind} compression ratio ({ratio}); each rank pools whole blocks")
+        if self.pp > 1 and not allow_unbuilt:
+            raise ConfigError("parallel.cp: context parallelism does not compose with pipeline parallelism yet "
+                              "(parallel.pp > 1); use cp with dp, ep and tp")
 
     def _validate_pipeline(self, model: ModelConfig, micro_batch_size: int, check_chunks: bool) -> None:
         """Schedule name, stages per layer, and (for training; `dsv4 plan` makes its own micro-batch assumptions)

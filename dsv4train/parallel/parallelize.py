@@ -1,12 +1,13 @@
 """Turn the plain one-process model into its parallel form for a layout, from outside the model code.
-Order (as torchtitan's): PP split -> TP -> EP -> activation checkpointing -> compile -> FSDP; this module only
-sequences the steps, each lives in its own file. With pp > 1 the result is this rank's `PipelineModel` (pp.py)."""
+Order (as torchtitan's): PP split -> TP -> EP -> CP -> activation checkpointing -> compile -> FSDP; this module
+only sequences the steps, each lives in its own file. With pp > 1 the result is this rank's `PipelineModel` (pp.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dsv4train.parallel.cp import SequenceShard, apply_context_parallel
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.ep import apply_expert_parallel
 from dsv4train.parallel.fsdp import apply_fsdp
@@ -14,9 +15,11 @@ from dsv4train.parallel.pp import split_stages
 from dsv4train.parallel.tp import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32,
+                seq: SequenceShard | None = None) -> nn.Module:
     """Shard `model` (built and initialised identically on every rank) in place for `dims`; returns it, or with
-    pp > 1 the part of it this rank's pipeline stages hold (the rest is dropped)."""
+    pp > 1 the part of it this rank's pipeline stages hold (the rest is dropped). `seq`: this rank's sequence
+    shard under context parallelism (the runtime's, so that losses and batches use the same one)."""
     mesh = dims.mesh
     if dims.pp > 1:
         model = split_stages(model, dims, mesh["pp"].get_local_rank())
@@ -24,6 +27,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
         apply_tensor_parallel(model, mesh["tp"])
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
+    if dims.cp > 1:
+        apply_context_parallel(model, seq or SequenceShard(mesh["cp"].get_group()))
     if dims.dp * dims.cp * dims.ep > 1:
         apply_fsdp(model, mesh["fsdp"], mesh["efsdp"] if dims.ep > 1 else None, param_dtype)
     return model

@@ -6,11 +6,13 @@ rank's pipeline stages and keeps their schedule in `pipeline` (pp.py), which `tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.grad import clip_grad_norm_
 
@@ -37,6 +39,20 @@ class ParallelRuntime:
 
         return data_rank(self.dims, self.dims.mesh)
 
+    @cached_property
+    def seq(self) -> WholeSequence:
+        """The part of each row's sequence this rank computes: all of it, or its context-parallel shard (cp.py)."""
+        if self.dims.cp == 1:
+            return WHOLE_SEQUENCE
+        from dsv4train.parallel.cp import SequenceShard
+
+        return SequenceShard(self.dims.mesh["cp"].get_group())
+
+    def shard_sequence(self, t_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a [B, S] tensor of whole rows (the identity without context parallelism). Cut
+        after anything that looks across positions (the label and MTP-target shifts)."""
+        return t_BS if self.dims.cp == 1 else self.seq.shard(t_BS)
+
     @property
     def is_main(self) -> bool:
         return not self.distributed or dist.get_rank() == 0
@@ -46,7 +62,7 @@ class ParallelRuntime:
             return model
         from dsv4train.parallel.parallelize import parallelize
 
-        model = parallelize(model, self.dims)
+        model = parallelize(model, self.dims, seq=self.seq if self.dims.cp > 1 else None)
         if self.dims.pp > 1:
             from dsv4train.parallel.pp import Pipeline
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
+
 IGNORE = -100
 
 
-def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE)
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (of the whole sequence under context parallelism)."""
+    if seq.shards == 1:
+        return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE)
+    total = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE,
+                            reduction="sum")
+    return seq.share(total) / seq.total((labels_BS != IGNORE).sum()).clamp_min(1)
 
 
 def mtp_targets(labels_BS: torch.Tensor) -> torch.Tensor:

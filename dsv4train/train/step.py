@@ -49,7 +49,7 @@ def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: flo
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if rt.pipeline is None:
-        parts, counts = _forward_backward(model, batches, mtp_weight, t, device, dtype)
+        parts, counts = _forward_backward(model, batches, mtp_weight, t, device, dtype, rt)
     else:
         parts, counts = _pipelined_forward_backward(rt, batches, mtp_weight, t, device, dtype)
     parts = rt.mean_over_data(parts)
@@ -66,23 +66,32 @@ def train_step(model: DSV4Model, optimizer, batches: list[dict], mtp_weight: flo
 
 
 def _forward_backward(model: DSV4Model, batches: list[dict], mtp_weight: float, t: TrainConfig,
-                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device, dtype: torch.dtype,
+                      rt: ParallelRuntime) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole model on this rank: (loss, CE, MTP, balance, indexer) averaged over the micro-batches, and the
-    expert counts [n_moe_layers, E] summed over them."""
+    expert counts [n_moe_layers, E] summed over them. Under context parallelism the rank runs its piece of every
+    row and its losses are its share of the whole rows' (models/sequence.py)."""
     parts = torch.zeros(5, dtype=torch.float64)
     counts = None
     for batch in batches:
         rows = batch["tokens"].to(device, non_blocking=True)
-        inputs, labels = rows[:, :-1], rows[:, 1:]
+        inputs, labels, mtp_labels = map(rt.shard_sequence, _inputs_and_targets(rows))
         with _autocast(device, dtype):
             out = model(inputs, mtp_input_ids=labels, with_aux=True)
-        ce = lm_loss(out.logits, labels)
-        mtp = lm_loss(out.mtp_logits, mtp_targets(labels)) if out.mtp_logits is not None else ce.new_zeros(())
+        ce = lm_loss(out.logits, labels, rt.seq)
+        mtp = lm_loss(out.mtp_logits, mtp_labels, rt.seq) if out.mtp_logits is not None else ce.new_zeros(())
         loss = ce + mtp_weight * mtp + t.balance_loss_weight * out.balance_loss + t.indexer_loss_weight * out.indexer_loss
         (loss / len(batches)).backward()
         parts += torch.stack([loss, ce, mtp, out.balance_loss, out.indexer_loss]).detach().double().cpu()
         counts = out.expert_counts if counts is None else counts + out.expert_counts
     return parts / len(batches), counts
+
+
+def _inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of seq+1 tokens -> (inputs, next-token labels, MTP targets), each [B, seq]. The MTP input at position t
+    is labels[t] (token t+1)."""
+    labels = rows[:, 1:]
+    return rows[:, :-1], labels, mtp_targets(labels)
 
 
 def _pipeline_loss_parts(outputs: tuple, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +129,8 @@ def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype:
         rows = batch["tokens"].to(device)
         with _autocast(device, dtype):
             if rt.pipeline is None:
-                total += lm_loss(model(rows[:, :-1]), rows[:, 1:]).double().cpu()
+                inputs, labels = rt.shard_sequence(rows[:, :-1]), rt.shard_sequence(rows[:, 1:])
+                total += lm_loss(model(inputs), labels, rt.seq).double().cpu()
             else:
                 total += rt.pipeline.evaluate(rows, _pipeline_loss_parts)
     model.train()

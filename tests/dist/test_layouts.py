@@ -20,11 +20,13 @@ pytestmark = pytest.mark.dist
 ROWS, SEQ, STEPS = 4, 24, 3
 
 
-def _check_layout(rank, world_size, layout: dict, optim: str, precision: PrecisionConfig | None = None):
+def _check_layout(rank, world_size, layout: dict, optim: str, precision: PrecisionConfig | None = None,
+                  seq: int = SEQ):
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
     optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
-    batches = fixed_batches(cfg.vocab_size, ROWS, SEQ, STEPS)
+    batches = fixed_batches(cfg.vocab_size, ROWS, seq, STEPS)
+    ParallelDims(**layout).validate(world_size, cfg, seq, ROWS // ParallelDims(**layout).data_ranks)
 
     ref = DSV4Model(cfg)
     ref.init_weights(0)
@@ -63,6 +65,21 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precision: Precisi
         "tp2xep2-muon"])
 def test_layout_matches_one_process(layout, optim):
     run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, optim))
+
+
+# Context parallelism: 32 tokens per row, so each of 2 (or 4) ranks holds 16 (8): whole windows (8) and whole
+# CSA/HCA blocks (4, 8); each rank then needs its neighbour's last window and compressor block, and the entries
+# of every rank. Dense indexer on step 1, sparse top-k after (run_steps), both cross the shards.
+@pytest.mark.parametrize("layout", [
+    {"cp": 2},
+    {"cp": 4},
+    {"cp": 2, "dp": 2},
+    {"cp": 2, "tp": 2},
+    {"cp": 2, "ep": 2},
+], ids=["cp2", "cp4", "cp2xdp2", "cp2xtp2", "cp2xep2"])
+def test_context_parallel_layout_matches_one_process(layout):
+    run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size,
+                         args=(layout, "muon", None, 32))
 
 
 def test_fp8_fp4_experts_under_expert_parallelism():

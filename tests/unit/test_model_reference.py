@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.models.attention_core import CompressedKeys, hybrid_attention
@@ -54,9 +55,20 @@ def test_hybrid_attention_matches_naive_loop(mode, S, window):
             topk = scores.topk(min(k, T), -1).indices
             topk = torch.where(topk >= nvis.view(1, -1, 1), -1, topk)
         comp = CompressedKeys(comp_kv, nvis, topk)
-    out, _ = hybrid_attention(q, kv, sink, window, comp)
+    out, _ = hybrid_attention(q, F.pad(kv, (0, 0, window, 0)), sink, window, comp)
     ref = naive_attention(q, kv, sink, window, comp_kv, nvis, topk)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+    # A later piece of the sequence given the W keys before it (context parallelism) gets the same outputs.
+    start = S - S // 2
+    if start < window:  # context parallelism requires a whole window before every shard (ParallelDims.validate)
+        return
+    prev = F.pad(kv, (0, 0, window, 0))[:, start: start + window]
+    part_comp = None if comp is None else CompressedKeys(comp_kv, nvis[start:],
+                                                         None if topk is None else topk[:, start:])
+    part, _ = hybrid_attention(q[:, start:], torch.cat((prev, kv[:, start:]), 1), sink, window, part_comp,
+                               sees_previous=True)
+    torch.testing.assert_close(part.double(), ref[:, start:], rtol=1e-5, atol=1e-5)
 
 
 def test_sinkhorn_is_doubly_stochastic():

@@ -93,8 +93,8 @@ def test_bad_layout_names_the_key(layout, needle):
 
 def test_allow_unbuilt_only_lifts_the_not_built_refusal():
     cfg, _ = compose_pretrain(BASE)
-    dims = ParallelDims(cp=2, tp=2)
-    with pytest.raises(ConfigError, match="not built yet"):
+    dims = ParallelDims(cp=2, pp=2)
+    with pytest.raises(ConfigError, match="does not compose with pipeline parallelism yet"):
         dims.validate(4, cfg.model, 1024, 2)
     dims.validate(4, cfg.model, 1024, 2, allow_unbuilt=True)
     with pytest.raises(ConfigError, match="needs pp·dp·cp·ep·tp = 4 processes but 2 were started"):
