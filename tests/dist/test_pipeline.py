@@ -1,5 +1,5 @@
 """Pipeline parallelism trains like one process: 1F1B, Interleaved 1F1B and DualPipeV on 2 pp ranks, and pp
-composed with dp and tp, against the one-process reference each rank also runs (tests/dist/test_layouts.py's
+composed with dp, tp and dp×ep, against the one-process reference each rank also runs (tests/dist/test_layouts.py's
 pattern). Each pp rank holds only its stages' parameters, so gradients are compared per rank for the parameters it
 holds, under their global names."""
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.dist
 ROWS, SEQ, STEPS = 4, 24, 3
 
 
-def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1):
+def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1, rows: int = ROWS):
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
     optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
-    batches = fixed_batches(cfg.vocab_size, ROWS, SEQ, STEPS)
+    batches = fixed_batches(cfg.vocab_size, rows, SEQ, STEPS)
 
     ref = DSV4Model(cfg)
     ref.init_weights(0)
@@ -37,7 +37,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     ref_val = evaluate(ref, batches[:1], torch.device("cpu"), torch.float32)
 
     dims = ParallelDims(**layout)
-    dims.validate(world_size, cfg, SEQ, ROWS // dims.data_ranks // grad_accum)
+    dims.validate(world_size, cfg, SEQ, rows // dims.data_ranks // grad_accum)
     rt = ParallelRuntime(dims)
     model = DSV4Model(cfg)
     model.init_weights(0)
@@ -75,3 +75,8 @@ def test_pipeline_matches_one_process(layout, optim, grad_accum):
 ], ids=["pp2xdp2-muon", "pp2xtp2-muon"])
 def test_pipeline_composes_with_other_axes(layout):
     run_distributed_test(_check_pipeline, world_size=4, args=(layout, "muon"))
+
+
+def test_pipeline_composes_with_dp_and_ep():
+    """pp2×dp2×ep2: 4 data ranks × 2 chunks need 8 rows per step."""
+    run_distributed_test(_check_pipeline, world_size=8, args=({"pp": 2, "dp": 2, "ep": 2}, "muon", 1, 8))

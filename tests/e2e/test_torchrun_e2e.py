@@ -1,5 +1,6 @@
-"""`torchrun ... -m dsv4train.cli pretrain parallel.dp=2 parallel.ep=2` as a user types it (4 gloo processes on
-CPU): the same losses as one process with the same global batch, and its checkpoint resumes on one process."""
+"""`torchrun ... -m dsv4train.cli pretrain parallel.dp=2 parallel.ep=2` (4 gloo processes on CPU) and `parallel.pp=2`
+as a user types them: the same losses as one process with the same global batch, and checkpoints resume in another
+layout with the same next losses (dp2 × ep2 and pp2 on one process, dp2 × ep2 and one process on pp2)."""
 
 import json
 import os
@@ -62,27 +63,54 @@ def one_process(tmp_path_factory, data_dir):
     return run_dir
 
 
-def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process):
-    multi = _torchrun(4, tmp_path / "four", data_dir, "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1")
-    assert multi.returncode == 0, multi.stderr[-4000:]
-    assert "4 processes (dp2 × ep2)" in multi.stdout
+@pytest.fixture(scope="module")
+def dp2_ep2(tmp_path_factory, data_dir):
+    """The 4-process dp2 × ep2 run (1 row per data rank, the reference's 4 rows per step), shared by the tests;
+    they copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    r = _torchrun(4, run_dir, data_dir, "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "4 processes (dp2 × ep2)" in r.stdout
+    return run_dir
 
-    want, got = _losses(one_process), _losses(tmp_path / "four")
+
+def _stopped_at_step_2(run_dir: Path, dst: Path) -> Path:
+    """A copy of a finished 4-step run as if it had stopped after its step-2 checkpoint (no step_4, no metrics)."""
+    shutil.copytree(run_dir, dst)
+    shutil.rmtree(dst / "checkpoints" / "step_4")
+    (dst / "metrics.jsonl").write_text("")
+    return dst
+
+
+def _assert_resumed(r: subprocess.CompletedProcess, run_dir: Path, want: dict) -> None:
+    """The run resumed from step 2 and logged steps 3 and 4 with the one-process losses."""
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming from" in r.stdout and "step_2" in r.stdout
+    got = _losses(run_dir)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+
+
+def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process, dp2_ep2):
+    want, got = _losses(one_process), _losses(dp2_ep2)
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
     assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
-    shards = sorted(p.name for p in (tmp_path / "four" / "checkpoints" / "step_2").glob("*.distcp"))
+    shards = sorted(p.name for p in (dp2_ep2 / "checkpoints" / "step_2").glob("*.distcp"))
     assert len(shards) == 4, shards
 
     # The 4-process checkpoint of step 2 resumes on one process (another layout) and goes on with the same losses.
-    shutil.rmtree(tmp_path / "four" / "checkpoints" / "step_4")
-    resumed = _one_process(tmp_path / "four", data_dir, rows=4)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and "step_2" in resumed.stdout
-    got = _losses(tmp_path / "four")
-    for step in (3, 4):
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+    run_dir = _stopped_at_step_2(dp2_ep2, tmp_path / "four_to_one")
+    _assert_resumed(_one_process(run_dir, data_dir, rows=4), run_dir, want)
+
+
+def test_torchrun_dp2_ep2_resumes_on_pp2(tmp_path, data_dir, one_process, dp2_ep2):
+    """The dp2 × ep2 checkpoint of step 2 (4 FSDP/EP shards) resumes on 2 pipeline stages, same losses."""
+    run_dir = _stopped_at_step_2(dp2_ep2, tmp_path / "four_to_pp")
+    resumed = _torchrun(2, run_dir, data_dir, "parallel.pp=2", "train.micro_batch_size=4")
+    _assert_resumed(resumed, run_dir, _losses(one_process))
 
 
 def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process):
@@ -101,22 +129,9 @@ def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir,
     shards = sorted(p.name for p in (tmp_path / "pp" / "checkpoints" / "step_2").glob("*.distcp"))
     assert len(shards) == 2, shards
 
-    shutil.rmtree(tmp_path / "pp" / "checkpoints" / "step_4")
-    resumed = _one_process(tmp_path / "pp", data_dir, rows=4)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and "step_2" in resumed.stdout
-    got = _losses(tmp_path / "pp")
-    for step in (3, 4):
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+    run_dir = _stopped_at_step_2(tmp_path / "pp", tmp_path / "pp_to_one")
+    _assert_resumed(_one_process(run_dir, data_dir, rows=4), run_dir, want)
 
     # And the other way: the one-process checkpoint of step 2 resumes on the two pipeline stages.
-    shutil.copytree(one_process, tmp_path / "one_to_pp")
-    shutil.rmtree(tmp_path / "one_to_pp" / "checkpoints" / "step_4")
-    (tmp_path / "one_to_pp" / "metrics.jsonl").write_text("")
-    back = _torchrun(2, tmp_path / "one_to_pp", data_dir, "parallel.pp=2", "train.micro_batch_size=4")
-    assert back.returncode == 0, back.stderr[-4000:]
-    assert "resuming from" in back.stdout and "step_2" in back.stdout
-    got = _losses(tmp_path / "one_to_pp")
-    assert sorted(got) == [3, 4]
-    for step in (3, 4):
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+    run_dir = _stopped_at_step_2(one_process, tmp_path / "one_to_pp")
+    _assert_resumed(_torchrun(2, run_dir, data_dir, "parallel.pp=2", "train.micro_batch_size=4"), run_dir, want)
