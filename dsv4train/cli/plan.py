@@ -86,6 +86,9 @@ def render(plan, show_all: bool = False) -> str:
         for a in ("pp", "dp", "cp", "ep", "tp")))
     add(f"  fsdp = dp·cp·ep = {d.dp * d.cp * d.ep} ranks shard the dense weights; efsdp = dp·cp = {d.dp * d.cp} "
         f"shard the routed experts; {d.data_ranks} data ranks (dp·ep) read different batches")
+    if d.dp_replicate > 1:
+        add(f"  HSDP: both groups form {d.dp_replicate} replicas; a weight is sharded over {d.fsdp_shards} (dense) "
+            f"/ {d.expert_fsdp_shards} (experts) ranks and all-reduced across the replicas")
     add(f"  device mesh built on a fake process group as rank(s) {', '.join(map(str, sorted(plan.mesh_checked)))}: "
         "coordinates and groups match the plan")
 

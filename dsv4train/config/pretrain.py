@@ -89,12 +89,13 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     cp: int = 1
+    dp_replicate: int = 1  # HSDP: the dp ranks form this many full replicas, each FSDP-sharded over dp/dp_replicate
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | dualpipev (2 stages per pp rank for the last two)
     pp_microbatches: int = 0  # chunks each micro-batch is split into for the pipeline; 0: pp · stages per rank
     timeout_s: int = 600  # a collective that does not finish in this time fails the run instead of hanging
 
     def __post_init__(self) -> None:
-        require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp", "timeout_s"))
+        require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp", "dp_replicate", "timeout_s"))
         require_positive(self, "parallel", ("pp_microbatches",), allow_zero=True)
         require(self.pp_schedule in ("1f1b", "interleaved_1f1b", "dualpipev"), "parallel.pp_schedule",
                 f"must be 1f1b, interleaved_1f1b or dualpipev, got {self.pp_schedule!r}")

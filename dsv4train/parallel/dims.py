@@ -5,7 +5,9 @@ world = pp × dp × cp × ep × tp. Every rank outside `pp` and `tp` holds diffe
 (which splits one sequence), so:
 
 - data-parallel ranks (different batches): dp × ep
-- dense weights are FSDP-sharded over dp × cp × ep (mesh dim "fsdp") and averaged over it
+- dense weights are FSDP-sharded over dp × cp × ep (mesh dim "fsdp") and averaged over it; with
+  `dp_replicate` = r > 1 (HSDP) the dp ranks form r replicas and the weights are sharded over only
+  dp/r × cp × ep and all-reduced across the r replicas (mesh.py `fsdp_meshes`)
 - routed experts are split over `ep` (whole experts per rank) and FSDP-sharded over dp × cp ("efsdp")
 - `tp` splits heads and shared-expert channels; `pp` splits layers.
 
@@ -33,13 +35,14 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     tp: int = 1
+    dp_replicate: int = 1  # HSDP: replicas among the dp ranks (divides dp); 1 = plain FSDP over all of them
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | dualpipev (pp.py)
     pp_microbatches: int = 0  # pipeline chunks per micro-batch; 0: one per stage (pp · virtual stages)
 
     @classmethod
     def from_config(cls, cfg) -> "ParallelDims":
-        return cls(**{a: getattr(cfg, a) for a in AXES}, pp_schedule=cfg.pp_schedule,
-                   pp_microbatches=cfg.pp_microbatches)
+        return cls(**{a: getattr(cfg, a) for a in AXES}, dp_replicate=cfg.dp_replicate,
+                   pp_schedule=cfg.pp_schedule, pp_microbatches=cfg.pp_microbatches)
 
     @property
     def virtual_stages(self) -> int:
@@ -68,19 +71,34 @@ class ParallelDims:
     def shape(self) -> tuple[int, ...]:
         return tuple(getattr(self, a) for a in AXES)
 
+    @property
+    def fsdp_shards(self) -> int:
+        """Ranks one dense weight is sharded over: dp·cp·ep, or dp/dp_replicate·cp·ep under HSDP."""
+        return self.dp // self.dp_replicate * self.cp * self.ep
+
+    @property
+    def expert_fsdp_shards(self) -> int:
+        """Ranks one EP rank's experts are sharded over: dp·cp, or dp/dp_replicate·cp under HSDP."""
+        return self.dp // self.dp_replicate * self.cp
+
     def describe(self) -> str:
-        return " × ".join(f"{a}{getattr(self, a)}" for a in AXES if getattr(self, a) > 1) or "one process"
+        text = " × ".join(f"{a}{getattr(self, a)}" for a in AXES if getattr(self, a) > 1) or "one process"
+        return text + (f", HSDP with {self.dp_replicate} replicas" if self.dp_replicate > 1 else "")
 
     def overrides(self) -> str:
-        return " ".join(f"parallel.{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1) or "parallel.*=1"
+        text = " ".join(f"parallel.{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1) or "parallel.*=1"
+        return text + (f" parallel.dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
 
     def validate(self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int,
                  allow_unbuilt: bool = False) -> None:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
         `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of combinations not built yet (cp with
         pp) and the split of micro-batches into pipeline chunks (plan assumes its own in-flight micro-batches)."""
-        for a in AXES:
+        for a in (*AXES, "dp_replicate"):
             require(getattr(self, a) >= 1, f"parallel.{a}", f"must be >= 1, got {getattr(self, a)}")
+        require(self.dp % self.dp_replicate == 0, "parallel.dp_replicate",
+                f"= {self.dp_replicate} does not divide parallel.dp ({self.dp}); HSDP splits the dp ranks into "
+                "that many replicas of equal size")
         require(self.world_size == world_size, "parallel",
                 f"{self.overrides()} needs pp·dp·cp·ep·tp = {self.world_size} processes but {world_size} "
                 f"{'was' if world_size == 1 else 'were'} started; launch with torchrun --nproc_per_node="

@@ -22,3 +22,15 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh
 def data_rank(dims: ParallelDims, mesh: DeviceMesh) -> int:
     """Index of this rank's batch among the dp·ep different batches of a step."""
     return mesh["dp"].get_local_rank() * dims.ep + mesh["ep"].get_local_rank()
+
+
+def fsdp_meshes(dims: ParallelDims, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
+    """The meshes FSDP2 shards on: (dense weights, routed experts). 1-D "fsdp" / "efsdp" for plain FSDP; with
+    dp_replicate = r > 1, the same ranks as 2-D (replicate r, shard n/r) meshes, which FSDP2 treats as HSDP
+    (reduce-scatter within a replica, all-reduce across replicas). dp is the outermost factor of both flattened
+    dims, so its leading factor r is the replica index. Call once: unflattening creates process groups."""
+    r = dims.dp_replicate
+    if r == 1:
+        return mesh["fsdp"], mesh["efsdp"]
+    return tuple(mesh[name]._unflatten(0, (r, mesh[name].size() // r), (f"{name}_replicate", f"{name}_shard"))
+                 for name in ("fsdp", "efsdp"))

@@ -11,6 +11,7 @@ from dsv4train.parallel.cp import SequenceShard, apply_context_parallel
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.ep import apply_expert_parallel
 from dsv4train.parallel.fsdp import apply_fsdp
+from dsv4train.parallel.mesh import fsdp_meshes
 from dsv4train.parallel.pp import split_stages
 from dsv4train.parallel.tp import apply_tensor_parallel
 
@@ -30,5 +31,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
     if dims.cp > 1:
         apply_context_parallel(model, seq or SequenceShard(mesh["cp"].get_group()))
     if dims.dp * dims.cp * dims.ep > 1:
-        apply_fsdp(model, mesh["fsdp"], mesh["efsdp"] if dims.ep > 1 else None, param_dtype)
+        dense_mesh, expert_mesh = fsdp_meshes(dims, mesh)
+        apply_fsdp(model, dense_mesh, expert_mesh if dims.ep > 1 else None, param_dtype)
     return model

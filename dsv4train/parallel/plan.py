@@ -2,7 +2,7 @@
 lives, checked against the real DeviceMesh built on a fake process group, and an estimate of the memory each rank
 needs.
 
-Placement (the rules of dims.py, ep.py, fsdp.py; pp and cp follow the plan below until pp.py/cp.py land):
+Placement (the rules of dims.py, pp.py, ep.py, cp.py and fsdp.py):
 
 - rank = ((((pp·DP + dp)·CP + cp)·EP + ep)·TP + tp), the row-major order of the mesh ("pp", "dp", "cp", "ep", "tp").
 - pp stage s holds a contiguous run of layers (`stage_layers`): an even split; when the layers do not divide, the
@@ -10,11 +10,12 @@ Placement (the rules of dims.py, ep.py, fsdp.py; pp and cp follow the plan below
   embedding and the last stage the head, the final mHC collapse and the MTP block.
 - ep rank e holds routed experts [e·E/ep, (e+1)·E/ep) of every MoE layer of its stage (ep.py).
 - dense weights are FSDP-sharded over the ranks that share (pp, tp): dp·cp·ep ranks ("fsdp"); routed experts over
-  the ranks that share (pp, ep, tp): dp·cp ranks ("efsdp").
+  the ranks that share (pp, ep, tp): dp·cp ranks ("efsdp"). With parallel.dp_replicate = r (HSDP) the same groups
+  are split into r replicas, and each weight is sharded over only 1/r of the group (mesh.py `fsdp_meshes`).
 
 Memory per rank (an ESTIMATE, in bytes; GB below means 1e9 bytes). Parameter counts are flops.py's analytic ones.
 
-- parameters, fp32 master: 4 B × (dense_tp / (fsdp·tp) + dense / fsdp + experts / (ep·dp·cp)) for the weights of
+- parameters, fp32 master: 4 B × (dense_tp / (fsdp·tp) + dense / fsdp + experts / (ep·efsdp)) for the weights of
   the rank's stage. `dense_tp` (split over tp as well, tp.py's plan) = the head-split attention weights (wq_b,
   wo_a, wo_b, attn_sink), the shared expert, the embedding and the head; wq_a, wkv, the norms, compressor,
   indexer, router and mHC are replicated over tp. FSDP shards are taken as even.
@@ -202,7 +203,7 @@ def stage_memory(cfg: PretrainConfig, dims: ParallelDims) -> list[StageMemory]:
     """Memory per rank of each pp stage (every rank of a stage needs the same, up to uneven FSDP shards)."""
     m, t = cfg.model, cfg.train
     a = 2 if cfg.precision.compute_dtype == "bfloat16" else 4
-    fsdp, efsdp = dims.dp * dims.cp * dims.ep, dims.dp * dims.cp
+    fsdp, efsdp = dims.fsdp_shards, dims.expert_fsdp_shards  # dp·cp·ep and dp·cp, divided by dp_replicate
     tokens = t.micro_batch_size * t.seq_len / dims.cp
     counts = param_counts(m)
     n, d, V = m.hc_mult, m.dim, m.vocab_size
@@ -295,12 +296,14 @@ class Plan:
     def to_json(self) -> dict:
         peak = self.peak
         return {
-            "layout": {a: getattr(self.dims, a) for a in AXES}, "world_size": self.dims.world_size,
+            "layout": {**{a: getattr(self.dims, a) for a in AXES}, "dp_replicate": self.dims.dp_replicate},
+            "world_size": self.dims.world_size,
             "describe": self.dims.describe(), "model": self.model, "params_total_with_mtp": self.params_total,
             "train": {"seq_len": self.seq_len, "micro_batch_size": self.micro_batch_size,
                       "grad_accum": self.grad_accum, "compute_dtype": self.compute_dtype},
             "optimizer": self.optimizer,
             "groups": {"fsdp": self.dims.dp * self.dims.cp * self.dims.ep, "efsdp": self.dims.dp * self.dims.cp,
+                       "fsdp_shards": self.dims.fsdp_shards, "efsdp_shards": self.dims.expert_fsdp_shards,
                        "data_ranks": self.dims.data_ranks},
             "stages": [{"stage": s.stage, "layers": s.layers, "holds": s.holds, "in_flight": s.in_flight,
                         "param_elements": s.elements, "memory_gb": {k: v / GB for k, v in s.terms.items()},

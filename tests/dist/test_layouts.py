@@ -41,6 +41,9 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precision: Precisi
     if precision is not None:
         apply_precision(model, precision)
     rt.parallelize(model)
+    if layout.get("dp_replicate", 1) > 1:  # HSDP: replicated over the first mesh dim, sharded over the second
+        w = model.layers[0].attn.wq_a.weight
+        assert w.device_mesh.ndim == 2 and w.placements[0].is_replicate() and not w.placements[1].is_replicate()
     losses, grads, _ = run_steps(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
                                  train_cfg)
 
@@ -65,6 +68,16 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precision: Precisi
         "tp2xep2-muon"])
 def test_layout_matches_one_process(layout, optim):
     run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, optim))
+
+
+# HSDP: the dp ranks as 2 replicas, each FSDP-sharded over the rest (with ep2: dense weights sharded over ep,
+# experts whole on their EP rank and only replicated).
+@pytest.mark.parametrize("layout", [
+    {"dp": 4, "dp_replicate": 2},
+    {"dp": 2, "ep": 2, "dp_replicate": 2},
+], ids=["dp4-hsdp2", "dp2xep2-hsdp2"])
+def test_hsdp_layout_matches_one_process(layout):
+    run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, "muon"))
 
 
 # Context parallelism: 32 tokens per row, so each of 2 (or 4) ranks holds 16 (8): whole windows (8) and whole

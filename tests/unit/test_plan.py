@@ -72,6 +72,12 @@ def test_doubling_dp_halves_the_sharded_state():
     assert p.stages[0].elements["local"] < a.stages[0].elements["local"]
     assert sum(s.elements["experts"] for s in p.stages) == a.stages[0].elements["experts"]
 
+    # HSDP: 2 replicas of dp2 shard like dp2 (twice the state of dp4) and read as many batches as dp4
+    h = _plan("parallel.dp=4", "parallel.ep=2", "parallel.dp_replicate=2")
+    for term in ("params (fp32 master)", "grads (fp32)", "optimizer state"):
+        assert h.stages[0].terms[term] == pytest.approx(a.stages[0].terms[term], rel=1e-9), term
+    assert h.dims.data_ranks == b.dims.data_ranks == 8
+
 
 def test_optimizer_state_muon_one_buffer_adamw_two():
     muon, adamw = _plan("parallel.dp=2"), _plan("parallel.dp=2", "optim=adamw")
@@ -85,6 +91,7 @@ def test_optimizer_state_muon_one_buffer_adamw_two():
     (["parallel.pp=13"], r"parallel\.pp: = 13 pipeline stages for 12 layers"),
     (["parallel.tp=16"], r"parallel\.tp: = 16 does not divide model\.n_heads \(8\)"),
     (["parallel.cp=3"], r"parallel\.cp: = 3 does not divide train\.seq_len \(1024\)"),
+    (["parallel.dp=4", "parallel.dp_replicate=3"], r"parallel\.dp_replicate: = 3 does not divide parallel\.dp \(4\)"),
 ])
 def test_bad_layout_names_the_key(layout, needle):
     with pytest.raises(ConfigError, match=needle):
