@@ -1,6 +1,7 @@
-"""`torchrun ... -m dsv4train.cli pretrain parallel.dp=2 parallel.ep=2` (4 gloo processes on CPU) and `parallel.pp=2`
-as a user types them: the same losses as one process with the same global batch, and checkpoints resume in another
-layout with the same next losses (dp2 × ep2 and pp2 on one process, dp2 × ep2 and one process on pp2)."""
+"""`torchrun ... -m dsv4train.cli pretrain parallel.dp=2 parallel.ep=2` (4 gloo processes on CPU), `parallel.pp=2`
+and `parallel.cp=2` as a user types them: the same losses as one process with the same global batch, and
+checkpoints resume in another layout with the same next losses (dp2 × ep2, pp2 and cp2 on one process, dp2 × ep2
+and one process on pp2)."""
 
 import json
 import os
@@ -135,3 +136,22 @@ def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir,
     # And the other way: the one-process checkpoint of step 2 resumes on the two pipeline stages.
     run_dir = _stopped_at_step_2(one_process, tmp_path / "one_to_pp")
     _assert_resumed(_torchrun(2, run_dir, data_dir, "parallel.pp=2", "train.micro_batch_size=4"), run_dir, want)
+
+
+def test_torchrun_cp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process):
+    """`torchrun --nproc_per_node=2 ... parallel.cp=2`: each process runs 16 of the 32 tokens of every row (the toy
+    model's window and HCA block are 16), with the same losses, gradient norms and validation loss as one process;
+    its step-2 checkpoint resumes on one process."""
+    multi = _torchrun(2, tmp_path / "cp", data_dir, "parallel.cp=2", "train.micro_batch_size=4")
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    assert "2 processes (cp2)" in multi.stdout
+
+    want, got = _losses(one_process), _losses(tmp_path / "cp")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+    assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
+
+    run_dir = _stopped_at_step_2(tmp_path / "cp", tmp_path / "cp_to_one")
+    _assert_resumed(_one_process(run_dir, data_dir, rows=4), run_dir, want)
