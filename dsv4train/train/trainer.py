@@ -53,6 +53,7 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
 
     model = DSV4Model(cfg.model).to(device)
     model.init_weights(cfg.seed)  # the same full weights on every rank, then sharded
+    n_params = sum(p.numel() for p in model.parameters())  # the whole model, before pp keeps this rank's stages
     model = rt.parallelize(apply_precision(model, cfg.precision))
     optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
     loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype, rt)
@@ -70,7 +71,7 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
     config_dict = asdict(cfg)
     if rt.is_main:
         write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-        _print_start(cfg, model, loop, resume_from, removed)
+        _print_start(cfg, n_params, loop, resume_from, removed)
 
     trackers = build_trackers(cfg.tracker, run_dir, config_dict) if rt.is_main else None
     callbacks = default_callbacks(cfg, val_data.val_batches(t.eval_batches), trackers)
@@ -128,7 +129,8 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
         tps = tokens_per_step / (time.perf_counter() - t0)
         mfu_now = mfu(flops_per_token, tps / loop.rt.dims.world_size, peak)  # per device
         metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu_now,
-                   "router_bias_norm": _router_bias_norm(model), "muon_update_rms": optimizer.muon_update_rms()}
+                   "router_bias_norm": _router_bias_norm(model, loop.rt),
+                   "muon_update_rms": optimizer.muon_update_rms()}
         for cb in callbacks:
             cb.on_step_end(loop, metrics)
 
@@ -149,13 +151,14 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _router_bias_norm(model: DSV4Model) -> float:
-    biases = [b for name, b in model.named_buffers() if name.endswith("gate.bias")]
-    return float(torch.linalg.vector_norm(torch.cat(biases))) if biases else 0.0
+def _router_bias_norm(model: DSV4Model, rt: ParallelRuntime) -> float:
+    """L2 norm of all learned routers' biases (every pipeline stage's: squares are summed over the pp ranks)."""
+    squares = sum((b.double().square().sum().cpu() for name, b in model.named_buffers() if name.endswith("gate.bias")),
+                  torch.zeros((), dtype=torch.float64))
+    return float(rt.sum_over_stages(squares).sqrt())
 
 
-def _print_start(cfg: PretrainConfig, model: DSV4Model, loop: Loop, resume_from, removed: list[str]) -> None:
-    n = sum(p.numel() for p in model.parameters())
+def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: list[str]) -> None:
     t = cfg.train
     dims = loop.rt.dims
     where = f"{loop.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"

@@ -126,6 +126,8 @@ def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir,
     for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+        # all routers, not only the first stage's
+        assert got[step]["router_bias_norm"] == pytest.approx(want[step]["router_bias_norm"], rel=1e-6), step
     assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
     shards = sorted(p.name for p in (tmp_path / "pp" / "checkpoints" / "step_2").glob("*.distcp"))
     assert len(shards) == 2, shards
