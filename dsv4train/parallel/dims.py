@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from dsv4train.config.errors import ConfigError, require
+from dsv4train.config.errors import require
 from dsv4train.config.model import ModelConfig
 
 AXES = ("pp", "dp", "cp", "ep", "tp")
@@ -90,10 +90,10 @@ class ParallelDims:
         return text + (f" parallel.dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
 
     def validate(self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int,
-                 allow_unbuilt: bool = False) -> None:
+                 check_chunks: bool = True) -> None:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
-        `allow_unbuilt=True` (`dsv4 plan`) keeps every check but the refusal of combinations not built yet (cp with
-        pp) and the split of micro-batches into pipeline chunks (plan assumes its own in-flight micro-batches)."""
+        `check_chunks=False` (`dsv4 plan`) skips the split of micro-batches into pipeline chunks (plan assumes its
+        own in-flight micro-batches)."""
         for a in (*AXES, "dp_replicate"):
             require(getattr(self, a) >= 1, f"parallel.{a}", f"must be >= 1, got {getattr(self, a)}")
         require(self.dp % self.dp_replicate == 0, "parallel.dp_replicate",
@@ -107,15 +107,15 @@ class ParallelDims:
                 f"= {self.ep} does not divide model.n_routed_experts ({model.n_routed_experts})")
         require(self.pp <= model.n_layers, "parallel.pp",
                 f"= {self.pp} pipeline stages for {model.n_layers} layers; use at most one stage per layer")
-        self._validate_pipeline(model, micro_batch_size, check_chunks=not allow_unbuilt)
+        self._validate_pipeline(model, micro_batch_size, check_chunks)
         require(model.n_heads % self.tp == 0, "parallel.tp",
                 f"= {self.tp} does not divide model.n_heads ({model.n_heads})")
         require(model.o_groups % self.tp == 0, "parallel.tp",
                 f"= {self.tp} does not divide model.o_groups ({model.o_groups}); the grouped output projection "
                 "is split by groups")
-        self._validate_context(model, seq_len, allow_unbuilt)
+        self._validate_context(model, seq_len)
 
-    def _validate_context(self, model: ModelConfig, seq_len: int, allow_unbuilt: bool) -> None:
+    def _validate_context(self, model: ModelConfig, seq_len: int) -> None:
         """Each cp rank holds seq_len/cp tokens; it needs a whole window before it from one neighbour (so at least
         window_size tokens per rank) and must pool whole compression blocks (a multiple of every ratio in use)."""
         require(seq_len % self.cp == 0, "parallel.cp", f"= {self.cp} does not divide train.seq_len ({seq_len})")
@@ -130,9 +130,6 @@ class ParallelDims:
             require(shard % ratio == 0, "parallel.cp",
                     f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), not a multiple of "
                     f"the {kind} compression ratio ({ratio}); each rank pools whole blocks")
-        if self.pp > 1 and not allow_unbuilt:
-            raise ConfigError("parallel.cp: context parallelism does not compose with pipeline parallelism yet "
-                              "(parallel.pp > 1); use cp with dp, ep and tp")
 
     def _validate_pipeline(self, model: ModelConfig, micro_batch_size: int, check_chunks: bool) -> None:
         """Schedule name, stages per layer, and (for training; `dsv4 plan` makes its own micro-batch assumptions)

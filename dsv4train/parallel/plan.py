@@ -337,7 +337,7 @@ def make_plan(cfg: PretrainConfig, check_ranks: list[int] | None = None,
     estimate the memory per rank."""
     dims = ParallelDims.from_config(cfg.parallel)
     t = cfg.train
-    dims.validate(dims.world_size, cfg.model, t.seq_len, t.micro_batch_size, allow_unbuilt=True)
+    dims.validate(dims.world_size, cfg.model, t.seq_len, t.micro_batch_size, check_chunks=False)
     ranks = sorted({0, dims.world_size - 1} if check_ranks is None else set(check_ranks))
     bad = [r for r in ranks if not 0 <= r < dims.world_size]
     if bad:

@@ -203,11 +203,11 @@ class Pipeline:
         self.schedule = None
         self._shape: tuple[int, int] | None = None
         self._losses: list[torch.Tensor] = []
-        self._loss_parts = None  # (outputs of the last stage, labels) -> (CE, MTP), given by the trainer
+        self._loss_parts = None  # (outputs of the last stage, targets) -> (CE, MTP), given by the trainer
         self._mtp_weight, self._scale = 0.0, 1.0
 
-    def _loss(self, outputs, labels_BS: torch.Tensor) -> torch.Tensor:
-        ce, mtp = self._loss_parts(outputs, labels_BS)
+    def _loss(self, outputs, targets_BS2: torch.Tensor) -> torch.Tensor:
+        ce, mtp = self._loss_parts(outputs, targets_BS2)
         self._losses.append(torch.stack([ce.detach(), mtp.detach()]).double().cpu())
         return (ce + self._mtp_weight * mtp) * self._scale
 
@@ -233,33 +233,36 @@ class Pipeline:
         self.schedule = cls(stages[0] if len(stages) == 1 else stages, m, loss_fn=self._loss, scale_grads=False)
         self._shape = (rows, seq)
 
-    def _run(self, rows_BS: torch.Tensor, train: bool) -> None:
-        inputs, labels = rows_BS[:, :-1], rows_BS[:, 1:]
+    def _first_stage_args(self, inputs: torch.Tensor, targets_BS2: torch.Tensor) -> tuple:
+        """Stage 0 takes the token ids and, with MTP, the next tokens (the labels) to embed for the MTP block."""
+        return (inputs, targets_BS2[..., 0]) if self.model.cfg.n_mtp_layers else (inputs,)
+
+    def _run(self, inputs: torch.Tensor, targets_BS2: torch.Tensor, train: bool) -> None:
         if self._shape != tuple(inputs.shape):
             self._build(*inputs.shape)
-        args = ((inputs, labels) if self.model.cfg.n_mtp_layers else (inputs,)) if self.model.has_first else ()
-        target = labels if self.model.has_last else None
+        args = self._first_stage_args(inputs, targets_BS2) if self.model.has_first else ()
+        target = targets_BS2 if self.model.has_last else None
         self.model.records.clear()
         self._losses.clear()
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target, input_ids=inputs, return_outputs=False)
 
-    def train(self, rows_BS: torch.Tensor, loss_parts, mtp_weight: float, balance_weight: float,
-              indexer_weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of one micro-batch (token rows [B, S+1]); `loss_parts(outputs, labels)` gives the
-        last stage's (CE, MTP) of a chunk. Gradients accumulate, scaled by `scale` / chunks. Returns this
+    def train(self, inputs: torch.Tensor, targets_BS2: torch.Tensor, loss_parts, mtp_weight: float,
+              balance_weight: float, indexer_weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch: token ids [B, S] and targets [B, S, 2] (next-token labels, MTP
+        targets); `loss_parts(outputs, targets)` gives the last stage's (CE, MTP) of a chunk. Gradients accumulate, scaled by `scale` / chunks. Returns this
         rank's (CE, MTP, balance, indexer) summed over its stages and averaged over the chunks (float64), and its
         expert counts [n_layers + n_mtp, E] (zeros in the rows of other ranks' layers): sum both over the pp group."""
         m = self.dims.microbatches
         self._loss_parts, self._mtp_weight, self._scale = loss_parts, mtp_weight, scale / m
         self.model.aux_weights = (balance_weight * scale / m, indexer_weight * scale / m)
-        self._run(rows_BS, train=True)
+        self._run(inputs, targets_BS2, train=True)
         cfg = self.model.cfg
         parts = torch.zeros(4, dtype=torch.float64)
         if self._losses:
             parts[:2] = torch.stack(self._losses).sum(0)
         counts = torch.zeros(cfg.n_layers + cfg.n_mtp_layers, cfg.n_routed_experts, dtype=torch.long,
-                             device=rows_BS.device)
+                             device=inputs.device)
         for rec in self.model.records:
             parts[2] += float(rec.balance)
             parts[3] += float(rec.indexer)
@@ -268,17 +271,16 @@ class Pipeline:
         return parts / m, counts
 
     @torch.no_grad()
-    def evaluate(self, rows_BS: torch.Tensor, loss_parts) -> torch.Tensor:
+    def evaluate(self, inputs: torch.Tensor, targets_BS2: torch.Tensor, loss_parts) -> torch.Tensor:
         """Forward only, the whole micro-batch at once, stage after stage with plain send/recv (the schedules run
         backward actions even in their eval mode, DualPipeV fails there). Returns this rank's CE (0 where the last
         stage is not held): sum it over the pp group."""
-        inputs, labels = rows_BS[:, :-1], rows_BS[:, 1:]
         owner = {s: r for r in range(self.dims.pp) for s in rank_stages(self.dims, r)}
         me = dist.get_rank(self.group)
         ce, acts = torch.zeros((), dtype=torch.float64), None
         for k, spec in sorted(enumerate(self.model.specs), key=lambda ks: ks[1].index):
             if spec.first:
-                acts = (inputs, labels) if self.model.cfg.n_mtp_layers else (inputs,)
+                acts = self._first_stage_args(inputs, targets_BS2)
             elif owner[spec.index - 1] != me:
                 acts = tuple(torch.empty(m.shape, dtype=m.dtype, device=inputs.device)
                              for m in self._metas(spec, *inputs.shape)[0])
@@ -286,7 +288,7 @@ class Pipeline:
                     dist.recv(t, group_src=owner[spec.index - 1], group=self.group)
             outs = self.model(*acts, input_ids=inputs, chunk=k)
             if spec.last:
-                ce = loss_parts(outs, labels)[0].double().cpu()
+                ce = loss_parts(outs, targets_BS2)[0].double().cpu()
             elif owner[spec.index + 1] != me:
                 for t in outs:
                     dist.send(t.contiguous(), group_dst=owner[spec.index + 1], group=self.group)

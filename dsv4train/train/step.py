@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from dsv4train.config.pretrain import TrainConfig
 from dsv4train.models.model import DSV4Model
+from dsv4train.models.sequence import WholeSequence
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train.losses import lm_loss, mtp_targets
 
@@ -94,10 +96,17 @@ def _inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return rows[:, :-1], labels, mtp_targets(labels)
 
 
-def _pipeline_loss_parts(outputs: tuple, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pipeline_inputs(rows: torch.Tensor, rt: ParallelRuntime) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's token ids [B, S] and targets [B, S, 2] (labels, MTP targets) for the pipeline."""
+    inputs, labels, mtp_labels = map(rt.shard_sequence, _inputs_and_targets(rows))
+    return inputs, torch.stack((labels, mtp_labels), dim=-1)
+
+
+def _pipeline_loss_parts(outputs: tuple, targets_BS2: torch.Tensor,
+                         seq: WholeSequence) -> tuple[torch.Tensor, torch.Tensor]:
     """The last pipeline stage's (CE, MTP) of one chunk from its outputs (logits[, MTP logits])."""
-    ce = lm_loss(outputs[0], labels)
-    return ce, (lm_loss(outputs[1], mtp_targets(labels)) if len(outputs) > 1 else ce.new_zeros(()))
+    ce = lm_loss(outputs[0], targets_BS2[..., 0], seq)
+    return ce, (lm_loss(outputs[1], targets_BS2[..., 1], seq) if len(outputs) > 1 else ce.new_zeros(()))
 
 
 def _pipelined_forward_backward(rt: ParallelRuntime, batches: list[dict], mtp_weight: float, t: TrainConfig,
@@ -109,7 +118,8 @@ def _pipelined_forward_backward(rt: ParallelRuntime, batches: list[dict], mtp_we
     for batch in batches:
         rows = batch["tokens"].to(device, non_blocking=True)
         with _autocast(device, dtype):
-            p, c = rt.pipeline.train(rows, _pipeline_loss_parts, mtp_weight, t.balance_loss_weight,
+            p, c = rt.pipeline.train(*_pipeline_inputs(rows, rt), partial(_pipeline_loss_parts, seq=rt.seq),
+                                     mtp_weight, t.balance_loss_weight,
                                      t.indexer_loss_weight, scale=1.0 / len(batches))
         parts += p
         counts = c if counts is None else counts + c
@@ -132,6 +142,7 @@ def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype:
                 inputs, labels = rt.shard_sequence(rows[:, :-1]), rt.shard_sequence(rows[:, 1:])
                 total += lm_loss(model(inputs), labels, rt.seq).double().cpu()
             else:
-                total += rt.pipeline.evaluate(rows, _pipeline_loss_parts)
+                total += rt.pipeline.evaluate(*_pipeline_inputs(rows, rt),
+                                              partial(_pipeline_loss_parts, seq=rt.seq))
     model.train()
     return float(rt.mean_over_data(rt.sum_over_stages(total) / len(batches)))

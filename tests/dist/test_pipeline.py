@@ -24,11 +24,12 @@ pytestmark = pytest.mark.dist
 ROWS, SEQ, STEPS = 4, 24, 3
 
 
-def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1, rows: int = ROWS):
+def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1, rows: int = ROWS,
+                    seq: int = SEQ):
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
     optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
-    batches = fixed_batches(cfg.vocab_size, rows, SEQ, STEPS)
+    batches = fixed_batches(cfg.vocab_size, rows, seq, STEPS)
 
     ref = DSV4Model(cfg)
     ref.init_weights(0)
@@ -37,7 +38,7 @@ def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int 
     ref_val = evaluate(ref, batches[:1], torch.device("cpu"), torch.float32)
 
     dims = ParallelDims(**layout)
-    dims.validate(world_size, cfg, SEQ, rows // dims.data_ranks // grad_accum)
+    dims.validate(world_size, cfg, seq, rows // dims.data_ranks // grad_accum)
     rt = ParallelRuntime(dims)
     model = DSV4Model(cfg)
     model.init_weights(0)
@@ -80,3 +81,13 @@ def test_pipeline_composes_with_other_axes(layout):
 def test_pipeline_composes_with_dp_and_ep():
     """pp2×dp2×ep2: 4 data ranks × 2 chunks need 8 rows per step."""
     run_distributed_test(_check_pipeline, world_size=8, args=({"pp": 2, "dp": 2, "ep": 2}, "muon", 1, 8))
+
+
+@pytest.mark.parametrize("layout", [
+    {"pp": 2, "cp": 2},
+    {"pp": 2, "cp": 2, "pp_schedule": "interleaved_1f1b"},
+], ids=["pp2xcp2-1f1b", "pp2xcp2-interleaved"])
+def test_pipeline_composes_with_context_parallelism(layout):
+    """pp2×cp2: each stage runs half of every row's 32 tokens, exchanging windows and compressed entries with the
+    other cp rank of its stage while the schedule moves chunks between stages."""
+    run_distributed_test(_check_pipeline, world_size=4, args=(layout, "muon", 1, ROWS, 32))

@@ -27,7 +27,6 @@ def test_world_size_and_axes():
     (8, {"cp": 8}, r"parallel\.cp: = 8 leaves 4 tokens per rank .* fewer than model\.window_size \(8\)"),
     (2, {"cp": 2, "seq": 24}, r"parallel\.cp: = 2 leaves 12 tokens per rank .* not a multiple of the hca compression "
                               r"ratio \(8\)"),
-    (4, {"cp": 2, "pp": 2}, r"parallel\.cp: context parallelism does not compose with pipeline parallelism yet"),
     (4, {"pp": 4, "pp_schedule": "interleaved_1f1b"},
      r"parallel\.pp: = 4 with parallel\.pp_schedule=interleaved_1f1b needs pp·2 = 8 stages but the model has 4"),
     (4, {"pp": 4, "pp_schedule": "dualpipev"}, r"parallel\.pp: .* needs pp·2 = 8 stages"),
@@ -52,6 +51,7 @@ def test_good_layouts_pass():
     _check(8, pp=2, dp=2, ep=2)
     _check(2, cp=2)
     _check(8, cp=2, dp=2, tp=2)
+    _check(4, cp=2, pp=2)
     _check(2, micro_batch=4, pp=2, pp_schedule="interleaved_1f1b")
     _check(2, micro_batch=8, pp=2, pp_schedule="dualpipev", pp_microbatches=8)
 

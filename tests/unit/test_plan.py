@@ -98,14 +98,14 @@ def test_bad_layout_names_the_key(layout, needle):
         _plan(*layout)
 
 
-def test_allow_unbuilt_only_lifts_the_not_built_refusal():
+def test_plan_skips_only_the_chunk_split_check():
     cfg, _ = compose_pretrain(BASE)
-    dims = ParallelDims(cp=2, pp=2)
-    with pytest.raises(ConfigError, match="does not compose with pipeline parallelism yet"):
+    dims = ParallelDims(cp=2, pp=2, pp_microbatches=4)
+    with pytest.raises(ConfigError, match="parallel.pp_microbatches: = 4 does not divide train.micro_batch_size"):
         dims.validate(4, cfg.model, 1024, 2)
-    dims.validate(4, cfg.model, 1024, 2, allow_unbuilt=True)
+    dims.validate(4, cfg.model, 1024, 2, check_chunks=False)
     with pytest.raises(ConfigError, match="needs pp·dp·cp·ep·tp = 4 processes but 2 were started"):
-        dims.validate(2, cfg.model, 1024, 2, allow_unbuilt=True)
+        dims.validate(2, cfg.model, 1024, 2, check_chunks=False)
 
 
 def test_cli_text_and_json(capsys):
