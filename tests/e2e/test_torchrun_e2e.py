@@ -93,12 +93,21 @@ def _assert_resumed(r: subprocess.CompletedProcess, run_dir: Path, want: dict) -
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
 
 
-def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process, dp2_ep2):
-    want, got = _losses(one_process), _losses(dp2_ep2)
+def _assert_matches_one_process(run_dir: Path, want: dict) -> None:
+    """Steps 1-4 with one process's losses, gradient norms and router-bias norms (every router: under pp each
+    stage holds some), and its final validation loss."""
+    got = _losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+        assert got[step]["router_bias_norm"] == pytest.approx(want[step]["router_bias_norm"], rel=1e-6), step
     assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
+
+
+def test_torchrun_dp2_ep2_matches_one_process_and_resumes_on_one(tmp_path, data_dir, one_process, dp2_ep2):
+    want = _losses(one_process)
+    _assert_matches_one_process(dp2_ep2, want)
     shards = sorted(p.name for p in (dp2_ep2 / "checkpoints" / "step_2").glob("*.distcp"))
     assert len(shards) == 4, shards
 
@@ -121,14 +130,8 @@ def test_torchrun_pp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir,
     assert multi.returncode == 0, multi.stderr[-4000:]
     assert "2 processes (pp2)" in multi.stdout
 
-    want, got = _losses(one_process), _losses(tmp_path / "pp")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in got:
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
-        # all routers, not only the first stage's
-        assert got[step]["router_bias_norm"] == pytest.approx(want[step]["router_bias_norm"], rel=1e-6), step
-    assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
+    want = _losses(one_process)
+    _assert_matches_one_process(tmp_path / "pp", want)
     shards = sorted(p.name for p in (tmp_path / "pp" / "checkpoints" / "step_2").glob("*.distcp"))
     assert len(shards) == 2, shards
 
@@ -148,12 +151,8 @@ def test_torchrun_cp2_matches_one_process_and_resumes_on_one(tmp_path, data_dir,
     assert multi.returncode == 0, multi.stderr[-4000:]
     assert "2 processes (cp2)" in multi.stdout
 
-    want, got = _losses(one_process), _losses(tmp_path / "cp")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in got:
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
-        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
-    assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-5)
+    want = _losses(one_process)
+    _assert_matches_one_process(tmp_path / "cp", want)
 
     run_dir = _stopped_at_step_2(tmp_path / "cp", tmp_path / "cp_to_one")
     _assert_resumed(_one_process(run_dir, data_dir, rows=4), run_dir, want)
