@@ -4,23 +4,28 @@ formula for it derived from the code (dsv4train/parallel/*, dsv4train/train/step
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy --seq 128 --rows 2 [--write-docs]
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
 
-Layouts dp2, ep2, dp2×ep2 (and tp2 when `ParallelDims.validate` accepts it) on gloo CPU processes. Each runs two
-optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank; the second
-(steady-state) step is reported, and what the first step adds (DistributedMuon's plan) is listed below it.
+Layouts dp2, ep2, dp2×ep2, cp2 (and tp2 when `ParallelDims.validate` accepts it) on gloo CPU processes. Each
+runs two optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank (the
+cp ranks of a data rank split its rows' sequence); the second (steady-state) step is reported, and what the first
+step adds (DistributedMuon's plan) is listed below it.
 
 How it counts: a `torch.distributed.tensor.debug.CommDebugMode` subclass (a TorchDispatchMode) records every c10d
 and functional collective that reaches the dispatcher, with its element count, dtype, group and split sizes.
 That sees FSDP2's all-gathers / reduce-scatters (which call `dist.all_gather_single` / `reduce_scatter_single`,
 so a shim over `dist.all_gather_into_tensor` would miss them), EP's functional `all_to_all_single_autograd` in
-forward and in backward, and plain `dist.all_reduce` / `dist.all_to_all_single` (ops `c10d.allreduce_`,
-`c10d.alltoall_base_`); a shim over those two `dist` functions cross-checks the count. CommDebugMode's own module
-tracker is switched off: it raises IndexError when the shared output head runs a second time (for MTP) inside
-the root forward (torch 2.13); its per-op `comm_counts` is kept and checked against our records.
+forward and in backward, plain `dist.all_reduce` / `dist.all_to_all_single` (ops `c10d.allreduce_`,
+`c10d.alltoall_base_`), and CP's point-to-point sends and receives (`dist.batch_isend_irecv` on gloo issues one
+`c10d.send` / `c10d.recv_` per op; CommDebugMode does not count those); a shim over those three `dist` functions
+cross-checks the count. A collective issued from dsv4train/parallel/cp.py (found on the Python stack; forward, or
+the backward of its autograd functions) is a CP term: under cp2 alone the cp, fsdp and efsdp meshes are the same
+process group, so the group cannot tell CP's all-gathers from FSDP's. CommDebugMode's own module tracker is
+switched off: it raises IndexError when the shared output head runs a second time (for MTP) inside the root
+forward (torch 2.13); its per-op `comm_counts` is kept and checked against our records.
 
 Bytes are "wire bytes sent per rank" of the bandwidth-optimal algorithm: all-gather (n-1)·shard,
 reduce-scatter (1-1/n)·input, all-reduce 2·(1-1/n)·buffer (ring), all-to-all the rows sent to OTHER ranks
-(exact, from the split sizes), broadcast the buffer on the root. Mean over ranks (max in brackets where ranks
-differ).
+(exact, from the split sizes), broadcast the buffer on the root, send the buffer (a receive sends nothing: 0 B,
+but it counts as a call). Mean over ranks (max in brackets where ranks differ).
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ from dsv4train.config.pretrain import TrainConfig
 from dsv4train.models.flavors import get_flavor
 from dsv4train.models.model import DSV4Model
 from dsv4train.optim.groups import describe_groups
+from dsv4train.parallel import cp as cp_module
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 
-LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"tp": 2})
+LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2})
+P2P_OPS = ("c10d.send", "c10d.recv_")  # not in CommDebugMode's comm_counts
 SECTION = "## Communication volume per step"
 _EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
 
@@ -95,15 +102,24 @@ class CommVolumeMode(CommDebugMode):
             phase = self.phase
             if phase == "step":
                 phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-            self.records.append(_describe(name, args, kwargs or {}, phase))
+            self.records.append(_describe(name, args, kwargs or {}, phase) | {"cp": _from_cp()})
         return out
+
+
+def _from_cp() -> bool:
+    """Whether dsv4train/parallel/cp.py is on this thread's Python stack (a CP forward, or the backward of one of
+    its autograd functions, which the engine runs on the thread that issues the collective)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename != cp_module.__file__:
+        f = f.f_back
+    return f is not None
 
 
 def _kind(name: str) -> str | None:
     op = name.split(".", 1)[1]
     for pattern, kind in (("reduce_scatter", "reduce_scatter"), ("allgather|all_gather", "all_gather"),
                           ("allreduce|all_reduce", "all_reduce"), ("alltoall|all_to_all", "all_to_all"),
-                          ("broadcast", "broadcast")):
+                          ("broadcast", "broadcast"), ("send", "send"), ("recv", "recv")):
         if re.match(f"_?({pattern})", op):
             return kind
     return None
@@ -133,7 +149,7 @@ def _describe(name: str, args, kwargs, phase: str) -> dict:
     pg = _group(list(args) + list(kwargs.values()))
     n, me = pg.size(), pg.rank()
     # the input tensors of each op (functional ops: the first argument; c10d ops: see their schemas)
-    if functional or kind in ("all_reduce", "broadcast"):
+    if functional or kind in ("all_reduce", "broadcast", "send", "recv"):
         inputs = _tensors(args[0])
     else:
         inputs = _tensors(args[1])
@@ -148,6 +164,8 @@ def _describe(name: str, args, kwargs, phase: str) -> dict:
     elif kind == "broadcast":
         root = args[2] if not functional else args[1]
         rec["wire"] = in_bytes if me == root else 0
+    elif kind in ("send", "recv"):
+        rec["wire"] = in_bytes if kind == "send" else 0
     else:  # all_to_all: rows to other ranks, from the split sizes (empty = equal splits)
         x = inputs[0]
         in_splits = list(args[2] if functional else args[4])
@@ -219,11 +237,11 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
 
     opt.step = tagged_step
     shim = defaultdict(int)
-    originals = {f: getattr(dist, f) for f in ("all_reduce", "all_to_all_single")}
+    originals = {f: getattr(dist, f) for f in ("all_reduce", "all_to_all_single", "batch_isend_irecv")}
 
     def _shimmed(fname):
         def call(*a, **k):
-            shim[fname] += 1
+            shim[fname] += len(a[0]) if fname == "batch_isend_irecv" else 1  # P2P ops in the batch
             return originals[fname](*a, **k)
         return call
 
@@ -246,9 +264,11 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
             counted[r["op"]] += 1
         debug_counts = {str(k).replace("c10d_functional.", "_c10d_functional."): v
                         for k, v in mode.comm_counts.items()}
-        assert debug_counts == dict(counted), f"CommDebugMode counts {debug_counts} != records {dict(counted)}"
+        collectives = {k: v for k, v in counted.items() if k not in P2P_OPS}
+        assert debug_counts == collectives, f"CommDebugMode counts {debug_counts} != records {collectives}"
         assert shim["all_reduce"] == counted["c10d.allreduce_"], (dict(shim), dict(counted))
         assert shim["all_to_all_single"] == counted["c10d.alltoall_base_"], (dict(shim), dict(counted))
+        assert shim["batch_isend_irecv"] == sum(counted[k] for k in P2P_OPS), (dict(shim), dict(counted))
         for r in mode.records:
             r["group"] = groups.get(r["group"], f"size {r['n']}")
         muon = getattr(opt, "optimizers", {}).get("muon") if hasattr(opt, "optimizers") else None
@@ -350,22 +370,24 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     units = param_split(cfg, ep)
     B = 4
     L = len(cfg.layer_types) + cfg.n_mtp_layers  # MoE layers: every block is MoE, MTP too
-    E, K, D, N = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, rows * seq
+    E, K, D, N = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, rows * seq // d.cp
     numel = lambda shapes: sum(math.prod(s) for s in shapes)
+    padded = lambda unit_list, n: sum(_padded(s, n) for u in unit_list for s in u)
     dense_units = [units["root"]] + units["blocks"]
-    P_dense = sum(numel(u) for u in dense_units)
-    P_dense_pad = sum(_padded(s, nf) for u in dense_units for s in u)
+    P_dense, P_root = sum(numel(u) for u in dense_units), numel(units["root"])
+    P_dense_pad, P_root_pad = padded(dense_units, nf), padded([units["root"]], nf)
     P_exp_local = sum(numel(u) for u in units["experts"])
-    P_exp_pad = sum(_padded(s, ne) for u in units["experts"] for s in u)
+    P_exp_pad = padded(units["experts"], ne)
     out = {}
 
     def term(name, phase, calls, formula, value, exact=None):
         out[name] = {"phase": phase, "calls": calls, "formula": formula, "bytes": value, "exact": exact}
 
     f = 1 - 1 / nf
-    for phase in ("forward", "backward"):
-        term(f"FSDP all-gather, dense ({phase})", phase, len(dense_units),
-             "(1-1/n_f)·P_dense·4", f * P_dense * B, (nf - 1) * P_dense_pad // nf * B)
+    term("FSDP all-gather, dense (forward)", "forward", len(dense_units), "(1-1/n_f)·P_dense·4", f * P_dense * B,
+         (nf - 1) * P_dense_pad // nf * B)
+    term("FSDP all-gather, dense (backward)", "backward", len(units["blocks"]), "(1-1/n_f)·(P_dense-P_root)·4",
+         f * (P_dense - P_root) * B, (nf - 1) * (P_dense_pad - P_root_pad) // nf * B)
     term("FSDP reduce-scatter, dense", "backward", len(dense_units), "(1-1/n_f)·P_dense·4", f * P_dense * B,
          (nf - 1) * P_dense_pad // nf * B)
     if ep > 1:
@@ -381,6 +403,9 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         a2a = L * 2 * N * K * (1 - 1 / ep) * D * B
         term("EP dispatch+combine (forward)", "forward", 2 * L, "L·2·N·K·(1-1/ep)·D·4 (uniform routing)", a2a)
         term("EP dispatch+combine (backward)", "backward", 2 * L, "same as forward", a2a)
+    cp_list, cp_vars = cp_terms(cfg, d.cp, seq, rows) if d.cp > 1 else ([], {})
+    for t in cp_list:
+        term(*t)
     metric_bytes = 5 * 8 + L * E * 8
     term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", 2 * f * metric_bytes,
          2 * f * metric_bytes)
@@ -400,16 +425,85 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         if extra:
             pads[re.sub(r"^(layers|mtp)\.\d+\.", r"\1.*.", name)] += extra
     out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])), n_f=nf, n_e=ne, ep=ep, W=W,
-                        P_dense=P_dense, P_dense_padded=P_dense_pad, P_exp=P_exp_local * ep,
-                        P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
-                        P_own=P_own, muon_owner_matrices=mats, units=len(dense_units))
+                        P_dense=P_dense, P_dense_padded=P_dense_pad, P_root=P_root, P_root_padded=P_root_pad,
+                        P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
+                        P_own=P_own, muon_owner_matrices=mats, units=len(dense_units), cp=cp_vars)
     return out
+
+
+def cp_layer_elements(cfg: ModelConfig, kind: str, seq: int, cp: int) -> tuple[int, int]:
+    """Elements per row that one rank sends in forward for one attention layer under cp: (point-to-point: the last
+    w keys, and for CSA the previous compression block of the compressor and of the indexer's compressor, all
+    2·width wide; all-gather: this rank's compressed entries, for CSA with the indexer keys)."""
+    c, ci, s = cfg.head_dim, cfg.index_head_dim, seq // cp
+    if kind == "csa":
+        m = cfg.csa_ratio
+        return cfg.window_size * c + m * 2 * (c + ci), (cp - 1) * s // m * (c + ci)
+    if kind == "hca":
+        return cfg.window_size * c, (cp - 1) * s // cfg.hca_ratio * c
+    return cfg.window_size * c, 0
+
+
+def cp_terms(cfg: ModelConfig, cp: int, seq: int, rows: int) -> tuple[list[tuple], dict]:
+    """`formulas()` terms of context parallelism (parallel/cp.py), training with the indexer KL on (the default),
+    and the symbols they use."""
+    kinds = list(cfg.layer_types) + ["swa"] * cfg.n_mtp_layers  # the MTP block is a sliding-window layer
+    n_csa, n_hca = kinds.count("csa"), kinds.count("hca")
+    p2p, gather = (sum(x) * rows * 4 for x in zip(*(cp_layer_elements(cfg, k, seq, cp) for k in kinds)))
+    n_bal = len(cfg.layer_types) - cfg.n_hash_layers + cfg.n_mtp_layers  # MoE layers with a balance loss
+    counts = (1 + cfg.n_mtp_layers + n_csa) * 8 + n_bal * rows * cfg.n_routed_experts * 4
+    # one shift per layer (window keys) and two more per CSA layer (compressor and indexer-compressor block);
+    # the first and last rank take part in a shift once, a middle rank twice (it sends and receives)
+    p2p_calls = (len(kinds) + 2 * n_csa) * min(2, cp - 1)
+    mean = (cp - 1) / cp
+    terms = [("CP point-to-point (forward)", "forward", p2p_calls,
+              "(1-1/cp)·R·(L_att·w·c + L_csa·m·2·(c+c_I))·4 (mean)", mean * p2p, mean * p2p),
+             ("CP all-gather, compressed entries (forward)", "forward", 2 * n_csa + n_hca,
+              "(cp-1)·R·S/cp·(L_csa·(c+c_I)/m + L_hca·c/m')·4", gather, gather),
+             ("CP count all-reduce (forward)", "forward", 1 + cfg.n_mtp_layers + n_csa + n_bal,
+              "2·(1-1/cp)·((1 + L_mtp + L_csa)·8 + L_bal·R·E·4)", 2 * mean * counts, 2 * mean * counts),
+             ("CP point-to-point (backward)", "backward", p2p_calls, "same as forward", mean * p2p, mean * p2p),
+             ("CP reduce-scatter, compressed entries (backward)", "backward", 2 * n_csa + n_hca,
+              "same as the all-gather", gather, gather)]
+    symbols = {"cp": cp, "R": rows, "S": seq, "w": cfg.window_size, "c": cfg.head_dim, "c_I": cfg.index_head_dim,
+               "m": cfg.csa_ratio, "m'": cfg.hca_ratio, "L_att": len(kinds), "L_csa": n_csa, "L_hca": n_hca,
+               "L_mtp": cfg.n_mtp_layers, "L_bal": n_bal}
+    return terms, symbols
+
+
+def cp_vs_ring(flavor: str, seq: int, cps: tuple[int, ...], elem_bytes: int = 2) -> list[str]:
+    """Markdown paragraph and table, computed from the formulas: bytes one rank sends per row in forward under CP,
+    for one layer of each kind and for all layers, next to ring attention passing V4's single K=V head."""
+    cfg = get_flavor(flavor)
+    kinds = list(cfg.layer_types) + ["swa"] * cfg.n_mtp_layers
+    lines = [f"CP next to ring attention, computed from the formulas above (not measured): flavor `{flavor}` (c = "
+             f"{cfg.head_dim}, w = {cfg.window_size}, m = {cfg.csa_ratio} with c_I = {cfg.index_head_dim}, m' = "
+             f"{cfg.hca_ratio}), one row of seq {seq}, bf16 ({elem_bytes} bytes; the ratios do not depend on it): "
+             "bytes one rank sends in forward. CP point-to-point is a sending rank's (every rank but the last); "
+             "the backward sends the same back, and its reduce-scatter equals the all-gather. Ring attention "
+             "passes every other rank's keys and values around the ring, (cp-1)/cp·S·(K+V width) per layer; V4 has "
+             "one shared K=V head of width c, so the ring is taken to pass that one tensor, (cp-1)/cp·S·c (passing K "
+             "and V separately doubles it; the compressed entries that CSA/HCA layers also need are left out of "
+             "it). A ring's backward usually passes the keys again with their gradients, about twice its forward.", "",
+             "| layers | cp | CP point-to-point (sender) | CP all-gather | CP total | ring (K=V) | CP / ring |",
+             "|---|---|---|---|---|---|---|"]
+    for label, layers in [(k, [k]) for k in ("swa", "csa", "hca")] + [(f"all {len(kinds)} (incl. MTP)", kinds)]:
+        for cp in cps:
+            p2p, gather = (sum(x) * elem_bytes for x in zip(*(cp_layer_elements(cfg, k, seq, cp) for k in layers)))
+            ring = len(layers) * (cp - 1) * seq // cp * cfg.head_dim * elem_bytes
+            lines.append(f"| {label} | {cp} | {_fmt_bytes(p2p)} | {_fmt_bytes(gather)} | {_fmt_bytes(p2p + gather)} "
+                         f"| {_fmt_bytes(ring)} | {(p2p + gather) / ring:.3f} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ attribution
 def term_of(rec: dict, ep: int) -> str:
     """The formula term a recorded collective belongs to (by phase, kind and group)."""
     kind, phase, group = rec["kind"], rec["phase"], rec["group"]
+    if rec["cp"]:
+        what = {"send": "point-to-point", "recv": "point-to-point", "all_reduce": "count all-reduce",
+                "all_gather": "all-gather, compressed entries", "reduce_scatter": "reduce-scatter, compressed entries"}
+        return f"CP {what[kind]} ({phase})" if kind in what else f"other: {rec['op']} ({phase}, cp.py)"
     if group == "tp" and phase in ("forward", "backward"):
         return f"TP {kind.replace('_', '-')} ({phase})"
     if phase in ("forward", "backward"):
@@ -478,6 +572,13 @@ def ep_routing_exact(per_rank_steps: list[list[dict]], step: int = -1) -> list[t
     return out
 
 
+def p2p_totals(per_rank_steps: list[list[dict]], step: int = -1) -> tuple[int, int]:
+    """(bytes sent, bytes received) by point-to-point ops over all ranks in one step: equal when every send was
+    matched by a receive the recorder saw."""
+    recs = [r for steps in per_rank_steps for r in steps[step]["records"] if r["kind"] in ("send", "recv")]
+    return tuple(sum(r["in_bytes"] for r in recs if r["kind"] == k) for k in ("send", "recv"))
+
+
 # ------------------------------------------------------------------------------------------------ report
 def _fmt_bytes(b: float) -> str:
     if b == 0:
@@ -494,7 +595,7 @@ PHASES = ("forward", "backward", "metrics", "grad_norm", "optimizer")
 def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str, data) -> tuple[str, list[str]]:
     """Markdown table for one layout and the list of findings (formula vs measured)."""
     d = ParallelDims(**layout)
-    model_terms = d.tp == 1 and d.pp == 1 and d.cp == 1
+    model_terms = d.tp == 1 and d.pp == 1
     form = formulas(cfg, layout, seq, rows, optim) if model_terms else {"_vars": {}}
     v = form.pop("_vars")
     meas = summarize(data, d.ep)
@@ -539,7 +640,10 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
     if v:
         notes.append("n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
                      "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
-                     "D={D}, N={N}".format(**v))
+                     "D={D}, N={N}, P_root={P_root:,}".format(**v))
+        if v["cp"]:
+            notes.append("CP: " + ", ".join(f"{k}={x}" for k, x in v["cp"].items()) + " (L_att counts the MTP "
+                         "block, a sliding-window layer; L_bal: the MoE layers with a balance loss)")
         if v["padding"]:
             notes.append("FSDP2 padding (elements, all units): " + ", ".join(
                 f"`{k}` +{x}" for k, x in v["padding"].items())
@@ -551,6 +655,10 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
             notes.append("EP row all-to-all per rank, measured vs routing-exact prediction from the counts "
                          "exchange: " + ", ".join(f"{m:.0f} / {p:.0f} B" for m, p in pairs)
                          + (" — equal on every rank" if same else " — DIFFER"))
+        if d.cp > 1:
+            sent, received = p2p_totals(data)
+            notes.append(f"CP point-to-point over all ranks: {sent} B sent, {received} B received"
+                         + (" — every send matched" if sent == received else " — DIFFER"))
         muon = [s[-1]["muon_last_comm"] for s in data]
         if muon and muon[0]:
             sent = sum(m.get("sent", 0) for m in muon) / len(muon) * 4
@@ -558,9 +666,8 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
             notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
                          + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
     else:
-        notes.append("no formulas for this layout (TP/PP/CP terms are not modelled here; tp.py is being built in "
-                     "parallel): measured only. The TP all-gather in forward is the vocabulary-split head's "
-                     "logits gather (`head` ColwiseParallel, output gathered), main and MTP head: "
+        notes.append("no formulas for this layout (TP and PP terms are not modelled here): measured only. The TP "
+                     "all-gather in forward is the vocabulary-split head's logits gather (`head` ColwiseParallel, output gathered), main and MTP head: "
                      "2·(1-1/tp)·N·V·4 bytes")
     return "\n".join(lines), notes
 
@@ -579,19 +686,22 @@ def machine() -> str:
 EXPLANATIONS = """\
 Symbols: n_f = dp·cp·ep (the "fsdp" mesh, dense weights), n_e = dp·cp ("efsdp", routed experts under EP),
 W = world size, P_dense = elements in the dense FSDP units (root + blocks; with ep = 1 the routed experts are
-inside the blocks and counted here), P_exp = routed-expert elements (all MoE layers incl. MTP; each EP rank holds
-P_exp/ep), L = MoE layers incl. the MTP block, E experts, K = top-k, D = dim, N = rows·seq tokens per rank,
-P_own = elements of the Muon matrices that DistributedMuon owner-computes. All weights, gradients and
+inside the blocks and counted here), P_root = those of the root unit, P_exp = routed-expert elements (all MoE
+layers incl. MTP; each EP rank holds P_exp/ep), L = MoE layers incl. the MTP block, E experts, K = top-k,
+D = dim, N = rows·seq/cp tokens per rank, P_own = elements of the Muon matrices that DistributedMuon
+owner-computes. CP terms: R = rows per data rank, S = seq, w = window, c = head_dim, c_I = index_head_dim, m / m' =
+CSA / HCA ratio, L_att / L_csa / L_hca = attention / CSA / HCA layers (L_att counts the MTP block), L_mtp = MTP
+blocks, L_bal = MoE layers with a balance loss (not hash-routed; MTP included). All weights, gradients and
 activations are fp32 (4 bytes); metric buffers are float64/int64.
 
 Where the formulas come from, and why measured differs where it does:
 
-- **FSDP all-gather twice per unit, root included.** `apply_fsdp` passes `reshard_after_forward=True` to every
-  `fully_shard` call, the root's too. torch 2.13 keeps the root unsharded after forward only when the argument
-  is left at its default (`None`, `_fsdp_state.py` `_auto_reshard_after_forward`), so here the root unit
-  (embedding, head, final norm, hc_head and the whole MTP block) is all-gathered in forward and again in
-  backward like every block: 2·(1-1/n_f)·P_dense·4 per step. The root is the largest unit (embed + head are
-  2·V·D), so `reshard_after_forward=None` on the root call would save one all-gather of it per step.
+- **FSDP all-gather twice per block, once for the root.** `apply_fsdp` passes `reshard_after_forward=True` to
+  the blocks and experts, so each is all-gathered in forward and again in backward. The root call keeps
+  torch's default (`None`: `_fsdp_state.py` `_auto_reshard_after_forward`), so the root unit (embedding, head,
+  final norm, hc_head and the whole MTP block) stays unsharded from forward into backward, where it is needed
+  first: it is gathered once per step, and the backward all-gather is (1-1/n_f)·(P_dense-P_root)·4, one call
+  per block. The root is the largest unit (embed + head are 2·V·D), so this saves the biggest all-gather.
 - **FSDP2 padding.** Each parameter's dim 0 is padded to a multiple of the shard count before the all-gather /
   reduce-scatter, so the measured bytes are (1-1/n)·P_padded·4, where P_padded = Σ ceil(d0/n)·n·(numel/d0);
   the bench checks measured == that exactly (the "exact" value in `formulas()`), and the ratio to the unpadded
@@ -619,6 +729,28 @@ Where the formulas come from, and why measured differs where it does:
   first step adds the plan's `all_gather_object` (two `allgather_` calls: sizes, pickled plan).
 - **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (loss parts: 5 float64;
   expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
+- **Context parallelism** (dsv4train/parallel/cp.py; each rank holds S/cp tokens of every row; the dense weights
+  are sharded over n_f = dp·cp·ep, so cp adds to the FSDP terms as dp does). Every CP term is a fixed shape, so
+  measured equals the formula exactly:
+  - point-to-point (`dist.batch_isend_irecv`): per attention layer the previous rank's last w keys [R, w, c] come
+    forward and their gradient goes back; per CSA layer also the previous compression block of the compressor
+    [R, m, 2c] and of the indexer's compressor [R, m, 2c_I] (the first halves of kv and gate). The first rank
+    has no previous rank and the last no next one, so ranks differ: in forward every rank but the last sends
+    R·(L_att·w·c + L_csa·m·2·(c+c_I))·4 (the [max]) and the last sends nothing; in backward the gradients go
+    back, every rank but the first sending. The table gives the mean, (1-1/cp) of that; over a step each rank
+    of cp2 sends the same (rank 0 in forward, rank 1 in backward), while with cp > 2 a middle rank sends in both.
+    A receive counts as a call with 0 bytes.
+  - all-gather of the compressed entries in forward, each rank's [R, S/cp/m, c] plus the indexer keys
+    [R, S/cp/m, c_I] per CSA layer and [R, S/cp/m', c] per HCA layer; backward reduce-scatters their gradient
+    to the rank that pooled them, the same bytes. The indexer keys (and their compressor's block, m·2·c_I per
+    CSA layer of the backward send) get a gradient only because the step trains the indexer through its KL loss
+    (`Attention.indexer_kl`, on by default in training; the indexer's inputs are detached, so without the KL
+    nothing flows back to it): with it off those backward terms go. Dense or sparse indexer: same volume.
+  - count all-reduces in forward (`SequenceShard.total`, no gradient): the labelled tokens of CE and of MTP
+    (int64 each), the KL's queries with an entry per CSA layer (int64), and the [R, E] fp32 expert counts per
+    MoE layer with a balance loss.
+  - under cp2 alone the cp, fsdp and efsdp meshes are one process group; CP's collectives are told apart by
+    coming from cp.py (the module docstring).
 """
 
 
@@ -629,7 +761,8 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
            "Wire bytes sent per rank in one steady-state training step (the second), from every collective seen "
            "at the dispatcher by a `CommDebugMode` subclass (bench/comm_volume.py docstring: why the module "
            "tracker is off, how each op's bytes are derived); the dispatcher count equals CommDebugMode's "
-           "`comm_counts` and, for plain `dist.all_reduce` / `dist.all_to_all_single`, a Python shim's count. "
+           "`comm_counts` (which leaves out point-to-point sends and receives) and, for plain `dist.all_reduce` / "
+           "`dist.all_to_all_single` and the ops of `dist.batch_isend_irecv`, a Python shim's count. "
            f"Optimizer {optim} (Muon + AdamW groups), fp32, one micro-batch per step.", ""]
     for flavor, seq, rows in settings:
         cfg = model_config(flavor, seq)
@@ -642,20 +775,12 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
                 print(f"[{flavor}] {d.describe()}: skipped ({why})", file=sys.stderr, flush=True)
                 continue
             print(f"[{flavor}] {d.describe()}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
-            try:
-                data = measure(layout, flavor, seq, rows, optim)
-            except AssertionError as e:
-                if d.tp == 1:
-                    raise
-                # TP is being built in parallel with this bench: report a failure instead of losing the rest
-                out += [f"**{d.describe()}** ({d.world_size} ranks): failed — "
-                        f"`{str(e).strip().splitlines()[-1][:200]}`", ""]
-                continue
+            data = measure(layout, flavor, seq, rows, optim)
             table, notes = layout_table(layout, cfg, seq, rows, optim, data)
             out += [f"**{d.describe()}** ({d.world_size} ranks)", "", table, ""]
             out += [f"- {n}" for n in notes] + [""]
             print("\n".join(out[-(len(notes) + 4):]), file=sys.stderr, flush=True)
-    out += [EXPLANATIONS]
+    out += [EXPLANATIONS, *cp_vs_ring("1b", 4096, (4, 8))]
     return "\n".join(out)
 
 

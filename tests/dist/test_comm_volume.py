@@ -1,12 +1,15 @@
 """bench/comm_volume.py's formulas against the collectives one training step really issues (gloo, tiny model).
 
 Exact: FSDP2 all-gather / reduce-scatter bytes equal (1-1/n)·P_padded·4, where P_padded pads each parameter's
-dim 0 to a multiple of n (FSDP2's sharding; the unpadded formula is smaller by exactly that padding), with two
-all-gathers per unit (forward, and again in backward: every unit, the root included, is resharded after
-forward); EP's row all-to-alls equal the routing-exact prediction from the counts each rank exchanged, and their
-count and the counts exchange follow the layer count. Margin: the uniform-routing EP formula
-2·N·K·(1-1/ep)·D·4 per layer is an expectation, and with 16 tokens per rank the routing deviates by a few
-percent (hash layers follow the token ids, the router is at init), so it is held to 15%.
+dim 0 to a multiple of n (FSDP2's sharding; the unpadded formula is smaller by exactly that padding), with every
+unit all-gathered in forward and every block again in backward (blocks reshard after forward; the root keeps
+torch's default and stays unsharded into backward, so it is gathered once); EP's row all-to-alls equal the
+routing-exact prediction from the counts each rank exchanged, and their count and the counts exchange follow the
+layer count; CP's point-to-point sends (the last rank sends nothing forward, the first nothing backward),
+compressed-entry all-gathers / reduce-scatters and count all-reduces equal their formulas, and every send has a
+receive. Margin: the uniform-routing EP formula 2·N·K·(1-1/ep)·D·4 per layer is an expectation, and with 16
+tokens per rank the routing deviates by a few percent (hash layers follow the token ids, the router is at init),
+so it is held to 15%.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _measured(data, term: str, ep: int) -> tuple[int, float, float]:
     return t["calls"], t["min"], t["max"]
 
 
-@pytest.mark.parametrize("layout", [{"dp": 2}, {"ep": 2}], ids=["dp2", "ep2"])
+@pytest.mark.parametrize("layout", [{"dp": 2}, {"ep": 2}, {"cp": 2}], ids=["dp2", "ep2", "cp2"])
 def test_measured_bytes_match_formulas(layout):
     cfg = tiny_config(n_hash_layers=1)
     data = cv.measure(layout, cfg, SEQ, ROWS, optim="muon", steps=1)
@@ -50,7 +53,10 @@ def test_measured_bytes_match_formulas(layout):
         assert lo == hi == f["exact"], f"{name}: measured {lo}..{hi} B, padded formula {f['exact']} B"
         pad = f["exact"] - f["bytes"]  # exactly the padding, nothing else
         if "dense" in name:
-            assert math.isclose(pad, (1 - 1 / v["n_f"]) * (v["P_dense_padded"] - v["P_dense"]) * 4)
+            root = name == "FSDP all-gather, dense (backward)"  # the root is not gathered again
+            padding = v["P_dense_padded"] - v["P_dense"] - root * (v["P_root_padded"] - v["P_root"])
+            assert math.isclose(pad, (1 - 1 / v["n_f"]) * padding * 4)
+    assert form["FSDP all-gather, dense (backward)"]["calls"] == v["units"] - 1 == len(cfg.layer_types)
 
     # every rank-pair message counted, and the metric / grad-norm / Muon terms follow their formulas
     for name in ("loss/metric all-reduce", "grad-norm all-reduce", "Muon RMS all-reduce"):
@@ -77,5 +83,21 @@ def test_measured_bytes_match_formulas(layout):
         assert fwd == bwd  # backward replays both all-to-alls reversed
     else:
         assert not any(k.startswith("EP") for k in cv.summarize(data, ep))
+
+    cp = layout.get("cp", 1)
+    cp_terms = [k for k in form if k.startswith("CP")]
+    assert len(cp_terms) == (5 if cp > 1 else 0)
+    assert sorted(cp_terms) == sorted(k for k in cv.summarize(data, ep) if k.startswith("CP"))
+    for name in cp_terms:
+        calls, lo, hi = _measured(data, name, ep)
+        f = form[name]
+        assert calls == f["calls"], f"{name}: {calls} calls, formula {f['calls']}"
+        if "point-to-point" in name:  # one end rank sends nothing, the others all of it
+            mean = cv.summarize(data, ep)[name]["mean"]
+            assert (lo, hi, mean) == (0, f["exact"] * cp / (cp - 1), f["exact"]), f"{name}: {lo}..{hi}, {mean} B"
+        else:
+            assert lo == hi == f["exact"], f"{name}: measured {lo}..{hi} B, formula {f['exact']} B"
+    p2p_mean = form["CP point-to-point (forward)"]["exact"] if cp > 1 else 0
+    assert cv.p2p_totals(data) == (2 * cp * p2p_mean,) * 2  # sent == received over all ranks; none without CP
     unexplained = [k for k in cv.summarize(data, ep) if k.startswith("other")]
     assert not unexplained, unexplained
