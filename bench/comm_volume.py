@@ -667,8 +667,8 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
                          + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
     else:
         notes.append("no formulas for this layout (TP and PP terms are not modelled here): measured only. The TP "
-                     "all-gather in forward is the vocabulary-split head's logits gather (`head` ColwiseParallel, output gathered), main and MTP head: "
-                     "2·(1-1/tp)·N·V·4 bytes")
+                     "all-gather in forward is the vocabulary-split head's logits gather (`head` ColwiseParallel, "
+                     "output gathered), main and MTP head: 2·(1-1/tp)·N·V·4 bytes")
     return "\n".join(lines), notes
 
 
