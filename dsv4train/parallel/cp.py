@@ -88,6 +88,8 @@ class SequenceShard(WholeSequence):
         return self.rank * length
 
     def with_previous(self, t_BSX: torch.Tensor, n: int) -> torch.Tensor:
+        # The first rank keeps (masked) zeros in its graph too: every rank must run the backward exchange, since
+        # its own tail's gradient comes back from the next rank.
         return torch.cat((_FromPrevious.apply(t_BSX[:, -n:], self.group), t_BSX), dim=1)
 
     def gather(self, t_BTX: torch.Tensor) -> torch.Tensor:
