@@ -144,10 +144,6 @@ class ParallelDims:
         require(self.n_stages <= model.n_layers, "parallel.pp",
                 f"= {self.pp} with parallel.pp_schedule={self.pp_schedule} needs pp·{v} = {self.n_stages} stages "
                 f"but the model has {model.n_layers} layers; use at most one stage per layer")
-        fsdp = self.dp * self.cp * self.ep
-        require(self.pp_schedule != "dualpipev" or fsdp == 1, "parallel.pp_schedule",
-                f"= dualpipev does not compose with FSDP (dp·cp·ep = {fsdp}): its split backward computes weight "
-                "gradients outside FSDP's hooks, which gives wrong gradients; use 1f1b or interleaved_1f1b")
         if not check_chunks:
             return
         require(micro_batch_size % m == 0, "parallel.pp_microbatches",

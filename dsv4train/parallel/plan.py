@@ -28,6 +28,8 @@ Memory per rank (an ESTIMATE, in bytes; GB below means 1e9 bytes). Parameter cou
   runs and the next one is prefetched, and its unsharded gradient exists until the reduce-scatter:
   4 B × (2 × root unit + 3 × largest block), where the root unit (embedding, head, final norm, MTP on the
   stages that hold them) stays gathered for the whole forward (fsdp.py). A block counts its tp/ep-local part.
+  DualPipeV keeps every unit of the rank gathered, with its whole gradient, for the whole step (pp.py):
+  4 B × 2 × (root unit + all blocks).
 - activations of one micro-batch, no activation checkpointing, per layer per token, in elements of the compute
   dtype (a = 2 B for bf16, 4 B for fp32), with T = micro_batch_size × seq_len / cp tokens on the rank:
 
@@ -256,13 +258,16 @@ def stage_memory(cfg: PretrainConfig, dims: ParallelDims) -> list[StageMemory]:
             return p["dense_tp"] / dims.tp + p["dense"] + p.get("experts", 0) / dims.ep
 
         largest_block = max((unit(b) for b in blocks), default=0.0)
+        gathered = 2 * unit(root) + 3 * largest_block
+        if dims.pp_schedule == "dualpipev":  # units stay gathered, and their gradients whole, for the whole step (pp.py)
+            gathered = 2 * (unit(root) + sum(unit(b) for b in blocks))
         in_flight = min(dims.pp - s, t.grad_accum) if dims.pp > 1 else 1
         terms = {
             "params (fp32 master)": 4 * local,
             "grads (fp32)": 4 * local,
             "optimizer state": 4 * (muon_local + 2 * adamw_local),
             "router buffers": el["buffer_bytes"],
-            "FSDP gathered units": 4 * (2 * unit(root) + 3 * largest_block) if fsdp > 1 else 0.0,
+            "FSDP gathered units": 4 * gathered if fsdp > 1 else 0.0,
             "activations": act * tokens * in_flight,
         }
         sizes = {"dense_tp": el["dense_tp"], "dense": el["dense"], "experts": el["experts"], "local": local,

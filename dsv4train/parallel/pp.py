@@ -32,15 +32,22 @@ computed. Gradients are not rescaled by the schedule (`scale_grads=False`): scal
 step) is applied to both terms, which gives the one-process gradient of the mean over the step (chunks of one
 micro-batch have equal token counts, so the mean of chunk means is the batch mean). Loss parts and expert counts
 are recorded per chunk and summed over the pp ranks by the caller.
+
+**DualPipeV with FSDP.** Its split backward (input gradients, later weight gradients, each its own autograd pass)
+needs the FSDP units gathered from forward to weight pass and FSDP's gradient reduction held back until the weight
+gradients exist; torch does this only for stages whose module is an FSDP module, so `Pipeline` does it for the whole
+rank around the schedule step (`_split_backward_fsdp`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B
 
@@ -256,7 +263,8 @@ class Pipeline:
         m = self.dims.microbatches
         self._loss_parts, self._mtp_weight, self._scale = loss_parts, mtp_weight, scale / m
         self.model.aux_weights = (balance_weight * scale / m, indexer_weight * scale / m)
-        self._run(inputs, targets_BS2, train=True)
+        with self._split_backward_fsdp():
+            self._run(inputs, targets_BS2, train=True)
         cfg = self.model.cfg
         parts = torch.zeros(4, dtype=torch.float64)
         if self._losses:
@@ -269,6 +277,45 @@ class Pipeline:
             counts[rec.rows] += rec.counts.to(counts.device, counts.dtype)
         self.model.records.clear()
         return parts / m, counts
+
+    @contextmanager
+    def _split_backward_fsdp(self):
+        """Around a DualPipeV step with FSDP, what torch's pipelining does for a stage whose module is an FSDP
+        module (UNSHARD / RESHARD / REDUCE_GRAD actions, no-sync backward), done here for the whole rank: our
+        stages are `_StageChunk`s, which are not FSDP modules and share the rank's one FSDP root.
+
+        The input pass (`stage_backward_input`) records the autograd nodes of the chunk's `parameters()` and the
+        weight pass looks them up again by `parameters()`, so both must see the same gathered tensors: the units
+        stay unsharded from their first forward to the end of the step (a reshard puts the sharded DTensors back on
+        the modules). FSDP's post-backward hooks fire in the input pass, before the weight gradients exist, so
+        during the step they only accumulate; afterwards every unit runs its post-backward with gradient sync on
+        (reduce-scatter into the sharded gradients, reshard) and the root its end-of-backward callback, as
+        `PipelineStage.perform_reduce_grad` does. 1F1B and Interleaved run one whole backward per chunk, whose
+        hooks reduce as usual: nothing is changed for them."""
+        root = self.model
+        if self.dims.pp_schedule != "dualpipev" or not isinstance(root, FSDPModule):
+            yield
+            return
+        # The root never reshards after forward (FSDP's default for it); the blocks and experts do (fsdp.py).
+        inner = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+        root.set_is_last_backward(False)
+        root.set_requires_gradient_sync(False)
+        root.set_reshard_after_backward(False)
+        for m in inner:
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in inner:
+                m.set_reshard_after_forward(True, recurse=False)
+            root.set_is_last_backward(True)
+            root.set_requires_gradient_sync(True)
+            root.set_reshard_after_backward(True)
+        state = fully_shard.state(root)
+        for unit in state._state_ctx.all_states:
+            for group in unit._fsdp_param_groups:
+                group.post_backward()
+        state._root_post_backward_final_callback()
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets_BS2: torch.Tensor, loss_parts) -> torch.Tensor:

@@ -91,3 +91,11 @@ def test_pipeline_composes_with_context_parallelism(layout):
     """pp2×cp2: each stage runs half of every row's 32 tokens, exchanging windows and compressed entries with the
     other cp rank of its stage while the schedule moves chunks between stages."""
     run_distributed_test(_check_pipeline, world_size=4, args=(layout, "muon", 1, ROWS, 32))
+
+
+def test_dualpipev_composes_with_fsdp():
+    """pp2×dp2 with DualPipeV: its split backward (input gradients first, weight gradients later) runs with the
+    blocks kept gathered and FSDP's gradient reduction deferred to the end of the step. DualPipeV needs 2·pp = 4
+    chunks per micro-batch, so 2 data ranks take 8 rows per step."""
+    run_distributed_test(_check_pipeline, world_size=4,
+                         args=({"pp": 2, "dp": 2, "pp_schedule": "dualpipev", "pp_microbatches": 4}, "muon", 1, 8))

@@ -36,7 +36,6 @@ def test_world_size_and_axes():
      r"parallel\.pp_microbatches: = 4 \(pp · virtual stages\) does not divide train\.micro_batch_size \(2\)"),
     (2, {"pp": 2, "pp_microbatches": 1}, r"parallel\.pp_microbatches: = 1: the 1f1b schedule needs at least 2"),
     (2, {"pp": 2, "pp_microbatches": -1}, r"parallel\.pp_microbatches: must be >= 0"),
-    (4, {"pp": 2, "dp": 2, "pp_schedule": "dualpipev"}, r"parallel\.pp_schedule: = dualpipev does not compose with FSDP"),
 ])
 def test_bad_layouts_name_the_key(world, layout, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -52,6 +51,7 @@ def test_good_layouts_pass():
     _check(2, cp=2)
     _check(8, cp=2, dp=2, tp=2)
     _check(4, cp=2, pp=2)
+    _check(4, micro_batch=4, pp=2, dp=2, pp_schedule="dualpipev")  # with FSDP (pp.py's _split_backward_fsdp)
     _check(2, micro_batch=4, pp=2, pp_schedule="interleaved_1f1b")
     _check(2, micro_batch=8, pp=2, pp_schedule="dualpipev", pp_microbatches=8)
 

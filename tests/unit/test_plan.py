@@ -79,6 +79,13 @@ def test_doubling_dp_halves_the_sharded_state():
     assert h.dims.data_ranks == b.dims.data_ranks == 8
 
 
+
+def test_dualpipev_keeps_the_stage_gathered():
+    """DualPipeV with FSDP holds every unit of its stages gathered, with its gradient, for the whole step."""
+    one = _plan("parallel.pp=2", "parallel.dp=2").stages[0].terms["FSDP gathered units"]
+    vee = _plan("parallel.pp=2", "parallel.dp=2", "parallel.pp_schedule=dualpipev").stages[0].terms
+    assert vee["FSDP gathered units"] > 2 * one
+
 def test_optimizer_state_muon_one_buffer_adamw_two():
     muon, adamw = _plan("parallel.dp=2"), _plan("parallel.dp=2", "optim=adamw")
     p = muon.stages[0].terms["params (fp32 master)"]
