@@ -108,6 +108,13 @@ def groups_of(dims: ParallelDims, rank: int) -> dict[str, list[int]]:
         groups[a] = g[tuple(idx)].flatten().tolist()
     groups["fsdp"] = g[c["pp"], :, :, :, c["tp"]].flatten().tolist()
     groups["efsdp"] = g[c["pp"], :, :, c["ep"], c["tp"]].flatten().tolist()
+    if dims.dp_replicate > 1:  # HSDP: dp is the outermost factor, so a replica is a contiguous block of the group
+        for name in ("fsdp", "efsdp"):
+            ranks = groups[name]
+            per = len(ranks) // dims.dp_replicate
+            i = ranks.index(rank)
+            groups[f"{name}_shard"] = ranks[i // per * per: (i // per + 1) * per]
+            groups[f"{name}_replicate"] = ranks[i % per::per]
     return groups
 
 
@@ -132,7 +139,7 @@ def check_mesh(dims: ParallelDims, ranks: list[int]) -> dict[int, dict]:
     its coordinates and groups with the plan's; raises AssertionError on a mismatch. Returns what it saw."""
     import warnings
 
-    from dsv4train.parallel.mesh import build_mesh
+    from dsv4train.parallel.mesh import build_mesh, fsdp_meshes
 
     seen = {}
     for r in ranks:
@@ -141,6 +148,10 @@ def check_mesh(dims: ParallelDims, ranks: list[int]) -> dict[int, dict]:
             mesh = build_mesh(dims, "cpu")
             got = {"coords": dict(zip(AXES, mesh.get_coordinate())),
                    "groups": {name: mesh[name].mesh.flatten().tolist() for name in (*AXES, "fsdp", "efsdp")}}
+            if dims.dp_replicate > 1:
+                for hsdp in fsdp_meshes(dims, mesh):
+                    for name in hsdp.mesh_dim_names:
+                        got["groups"][name] = hsdp[name].mesh.flatten().tolist()
         want = {"coords": coords_of(dims, r), "groups": groups_of(dims, r)}
         if got != want:
             raise AssertionError(f"rank {r}: DeviceMesh gives {got}, the plan assumes {want}")

@@ -80,6 +80,15 @@ def test_doubling_dp_halves_the_sharded_state():
 
 
 
+def test_hsdp_meshes_match_the_plan():
+    """The 2-D (replicate, shard) meshes FSDP2 gets under HSDP, built on a fake process group, are the plan's."""
+    plan = _plan("parallel.dp=4", "parallel.ep=2", "parallel.tp=2", "parallel.dp_replicate=2", check_ranks=[0, 5, 15])
+    g = plan.mesh_checked[5]["groups"]
+    assert g["fsdp"] == [1, 3, 5, 7, 9, 11, 13, 15]  # tp innermost: the other tp rank's weights are elsewhere
+    assert g["fsdp_shard"] == [1, 3, 5, 7] and g["fsdp_replicate"] == [5, 13]
+    assert g["efsdp_shard"] == [1, 5] and g["efsdp_replicate"] == [5, 13]
+
+
 def test_dualpipev_keeps_the_stage_gathered():
     """DualPipeV with FSDP holds every unit of its stages gathered, with its gradient, for the whole step."""
     one = _plan("parallel.pp=2", "parallel.dp=2").stages[0].terms["FSDP gathered units"]
