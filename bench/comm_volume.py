@@ -4,7 +4,9 @@ formula for it derived from the code (dsv4train/parallel/*, dsv4train/train/step
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy --seq 128 --rows 2 [--write-docs]
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
 
-Layouts dp2, ep2, dp2×ep2, cp2 (and tp2 when `ParallelDims.validate` accepts it) on gloo CPU processes. Each
+Layouts dp2, ep2, dp2×ep2, cp2 (and tp2 when `ParallelDims.validate` accepts it), dp4, and dp4 as HSDP with 2
+replicas (`parallel.dp_replicate` = 2: FSDP over 2-rank shard groups, gradients all-reduced across replicas) on
+gloo CPU processes. Each
 runs two optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank (the
 cp ranks of a data rank split its rows' sequence); the second (steady-state) step is reported, and what the first
 step adds (DistributedMuon's plan) is listed below it.
@@ -58,7 +60,7 @@ from dsv4train.parallel import cp as cp_module
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 
-LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2})
+LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2}, {"dp": 4}, {"dp": 4, "dp_replicate": 2})
 P2P_OPS = ("c10d.send", "c10d.recv_")  # not in CommDebugMode's comm_counts
 SECTION = "## Communication volume per step"
 _EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
@@ -223,6 +225,13 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
     opt = rt.distribute_optimizer(build_optimizers(model, OptimConfig(name=optim, muon_ns_dtype="float32")))
     mesh = rt.dims.mesh
     groups = {mesh[d].get_group().group_name: d for d in ("tp", "ep", "efsdp", "fsdp")}  # later wins on equal
+    # HSDP: FSDP2's 2-D (replicate, shard) meshes are new process groups that `fsdp_meshes` made with `_unflatten`
+    # ("fsdp_replicate", "fsdp_shard", and "efsdp_*" for the experts); the sharded parameters' meshes hold them
+    for p in model.parameters():
+        m = getattr(p, "device_mesh", None)
+        for i, dim in enumerate(m.mesh_dim_names or () if m is not None else ()):
+            if dim.endswith(("_replicate", "_shard")):
+                groups[m.get_group(i).group_name] = dim
     groups.setdefault(dist.group.WORLD.group_name, "world")
 
     g = torch.Generator().manual_seed(1)
@@ -367,6 +376,10 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     Bytes are wire bytes sent per rank per step (see the module docstring), fp32 parameters and activations."""
     d = ParallelDims(**layout)
     nf, ne, ep, W = d.dp * d.cp * d.ep, d.dp * d.cp, d.ep, d.world_size
+    # HSDP (dp_replicate = r > 1): FSDP2 shards over n_s = n_f/r (n_es = n_e/r) ranks of a replica and all-reduces
+    # the sharded gradients across the r replicas; the data (loss, metrics) is still averaged over all n_f ranks
+    r, ns, nes = d.dp_replicate, d.fsdp_shards, d.expert_fsdp_shards
+    sn, se = ("n_f", "n_e") if r == 1 else ("n_s", "n_es")  # symbol of the shard count in the formula text
     units = param_split(cfg, ep)
     B = 4
     L = len(cfg.layer_types) + cfg.n_mtp_layers  # MoE layers: every block is MoE, MTP too
@@ -375,29 +388,36 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     padded = lambda unit_list, n: sum(_padded(s, n) for u in unit_list for s in u)
     dense_units = [units["root"]] + units["blocks"]
     P_dense, P_root = sum(numel(u) for u in dense_units), numel(units["root"])
-    P_dense_pad, P_root_pad = padded(dense_units, nf), padded([units["root"]], nf)
+    P_dense_pad, P_root_pad = padded(dense_units, ns), padded([units["root"]], ns)
     P_exp_local = sum(numel(u) for u in units["experts"])
-    P_exp_pad = padded(units["experts"], ne)
+    P_exp_pad = padded(units["experts"], nes)
     out = {}
 
     def term(name, phase, calls, formula, value, exact=None):
         out[name] = {"phase": phase, "calls": calls, "formula": formula, "bytes": value, "exact": exact}
 
-    f = 1 - 1 / nf
-    term("FSDP all-gather, dense (forward)", "forward", len(dense_units), "(1-1/n_f)·P_dense·4", f * P_dense * B,
-         (nf - 1) * P_dense_pad // nf * B)
-    term("FSDP all-gather, dense (backward)", "backward", len(units["blocks"]), "(1-1/n_f)·(P_dense-P_root)·4",
-         f * (P_dense - P_root) * B, (nf - 1) * (P_dense_pad - P_root_pad) // nf * B)
-    term("FSDP reduce-scatter, dense", "backward", len(dense_units), "(1-1/n_f)·P_dense·4", f * P_dense * B,
-         (nf - 1) * P_dense_pad // nf * B)
+    f, fs = 1 - 1 / nf, 1 - 1 / ns
+    term("FSDP all-gather, dense (forward)", "forward", len(dense_units), f"(1-1/{sn})·P_dense·4", fs * P_dense * B,
+         (ns - 1) * P_dense_pad // ns * B)
+    term("FSDP all-gather, dense (backward)", "backward", len(units["blocks"]), f"(1-1/{sn})·(P_dense-P_root)·4",
+         fs * (P_dense - P_root) * B, (ns - 1) * (P_dense_pad - P_root_pad) // ns * B)
+    term("FSDP reduce-scatter, dense", "backward", len(dense_units), f"(1-1/{sn})·P_dense·4", fs * P_dense * B,
+         (ns - 1) * P_dense_pad // ns * B)
+    if r > 1:  # each unit's sharded gradient (padded, P_padded/n_s elements) all-reduced over the replicate group
+        term("FSDP all-reduce across replicas, dense", "backward", len(dense_units), "2·(1-1/r)·P_dense·4/n_s",
+             2 * (1 - 1 / r) * P_dense * B / ns, 2 * (r - 1) * (P_dense_pad // ns * B) / r)
     if ep > 1:
-        fe = 1 - 1 / ne
-        ce = len(units["experts"]) if ne > 1 else 0  # FSDP2 issues nothing on a 1-rank mesh
+        fe = 1 - 1 / nes
+        ce = len(units["experts"]) if nes > 1 else 0  # FSDP2 issues nothing on a 1-rank mesh
         for phase in ("forward", "backward"):
-            term(f"FSDP all-gather, experts ({phase})", phase, ce, "(1-1/n_e)·(P_exp/ep)·4", fe * P_exp_local * B,
-                 (ne - 1) * P_exp_pad // ne * B)
-        term("FSDP reduce-scatter, experts", "backward", ce, "(1-1/n_e)·(P_exp/ep)·4", fe * P_exp_local * B,
-             (ne - 1) * P_exp_pad // ne * B)
+            term(f"FSDP all-gather, experts ({phase})", phase, ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
+                 (nes - 1) * P_exp_pad // nes * B)
+        term("FSDP reduce-scatter, experts", "backward", ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
+             (nes - 1) * P_exp_pad // nes * B)
+        if r > 1:  # not measured by any layout here (no HSDP × EP layout in LAYOUTS)
+            term("FSDP all-reduce across replicas, experts", "backward", len(units["experts"]),
+                 "2·(1-1/r)·(P_exp/ep)·4/n_es", 2 * (1 - 1 / r) * P_exp_local * B / nes,
+                 2 * (r - 1) * (P_exp_pad // nes * B) / r)
         term("EP counts all-to-all", "forward", L, "L·(ep-1)·(E/ep)·8", L * (ep - 1) * (E // ep) * 8,
              L * (ep - 1) * (E // ep) * 8)
         a2a = L * 2 * N * K * (1 - 1 / ep) * D * B
@@ -409,22 +429,24 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     metric_bytes = 5 * 8 + L * E * 8
     term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", 2 * f * metric_bytes,
          2 * f * metric_bytes)
-    gn = 2 * f * 4 + ((2 * (1 - 1 / ne) * 4 + 2 * (1 - 1 / ep) * 4) if ep > 1 else 0)
+    # squared norms are summed over the gradients' sharded mesh dims only: the shard group under HSDP
+    gn = 2 * fs * 4 + ((2 * (1 - 1 / nes) * 4 + 2 * (1 - 1 / ep) * 4) if ep > 1 else 0)
     term("grad-norm all-reduce", "grad_norm", 1 + (2 if ep > 1 else 0),
-         "2·(1-1/n_f)·4" + (" + 2·(1-1/n_e)·4 + 2·(1-1/ep)·4" if ep > 1 else ""), gn, gn)
-    if optim == "muon":
-        P_own, mats = muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), nf, ep)
-        term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, "2·(1-1/n_f)·P_own·4/n_f",
-             2 * f * P_own * B / nf)
+         f"2·(1-1/{sn})·4" + (f" + 2·(1-1/{se})·4 + 2·(1-1/ep)·4" if ep > 1 else ""), gn, gn)
+    if optim == "muon":  # owner-compute within each parameter's shard group (its sharded mesh dims)
+        P_own, mats = muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), ns, ep)
+        term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, f"2·(1-1/{sn})·P_own·4/{sn}",
+             2 * fs * P_own * B / ns)
         term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", 2 * (1 - 1 / W) * 16, 2 * (1 - 1 / W) * 16)
     else:
         P_own, mats = 0, 0
     pads = defaultdict(int)  # padding elements by parameter kind (name without the layer index)
     for name, (shape, where) in units["names"].items():
-        extra = _padded(shape, ne if where == "experts" else nf) - math.prod(shape)
+        extra = _padded(shape, nes if where == "experts" else ns) - math.prod(shape)
         if extra:
             pads[re.sub(r"^(layers|mtp)\.\d+\.", r"\1.*.", name)] += extra
     out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])), n_f=nf, n_e=ne, ep=ep, W=W,
+                        r=r, n_s=ns, n_es=nes,
                         P_dense=P_dense, P_dense_padded=P_dense_pad, P_root=P_root, P_root_padded=P_root_pad,
                         P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
                         P_own=P_own, muon_owner_matrices=mats, units=len(dense_units), cp=cp_vars)
@@ -507,10 +529,12 @@ def term_of(rec: dict, ep: int) -> str:
     if group == "tp" and phase in ("forward", "backward"):
         return f"TP {kind.replace('_', '-')} ({phase})"
     if phase in ("forward", "backward"):
+        unit = "experts" if group in ("efsdp", "efsdp_shard", "efsdp_replicate") and ep > 1 else "dense"
         if kind in ("all_gather", "reduce_scatter"):
-            unit = "experts" if group == "efsdp" and ep > 1 else "dense"
             return (f"FSDP all-gather, {unit} ({phase})" if kind == "all_gather"
                     else f"FSDP reduce-scatter, {unit}")
+        if kind == "all_reduce" and phase == "backward" and group.endswith("_replicate"):
+            return f"FSDP all-reduce across replicas, {unit}"  # HSDP
         if kind == "all_to_all":
             if rec["op"].startswith("_c10d_functional."):
                 return f"EP dispatch+combine ({phase})"
@@ -640,7 +664,9 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
     if v:
         notes.append("n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
                      "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
-                     "D={D}, N={N}, P_root={P_root:,}".format(**v))
+                     "D={D}, N={N}, P_root={P_root:,}".format(**v)
+                     + ("; HSDP: r={r} replicas, FSDP shard group n_s={n_s}, n_es={n_es} (P_dense_padded and "
+                        "P_own are for n_s)".format(**v) if v["r"] > 1 else ""))
         if v["cp"]:
             notes.append("CP: " + ", ".join(f"{k}={x}" for k, x in v["cp"].items()) + " (L_att counts the MTP "
                          "block, a sliding-window layer; L_bal: the MoE layers with a balance loss)")
@@ -691,8 +717,9 @@ layers incl. MTP; each EP rank holds P_exp/ep), L = MoE layers incl. the MTP blo
 D = dim, N = rows·seq/cp tokens per rank, P_own = elements of the Muon matrices that DistributedMuon
 owner-computes. CP terms: R = rows per data rank, S = seq, w = window, c = head_dim, c_I = index_head_dim, m / m' =
 CSA / HCA ratio, L_att / L_csa / L_hca = attention / CSA / HCA layers (L_att counts the MTP block), L_mtp = MTP
-blocks, L_bal = MoE layers with a balance loss (not hash-routed; MTP included). All weights, gradients and
-activations are fp32 (4 bytes); metric buffers are float64/int64.
+blocks, L_bal = MoE layers with a balance loss (not hash-routed; MTP included). HSDP (`parallel.dp_replicate` = r):
+n_s = n_f/r and n_es = n_e/r, the FSDP shard group of one replica. All weights, gradients and activations are fp32
+(4 bytes); metric buffers are float64/int64.
 
 Where the formulas come from, and why measured differs where it does:
 
@@ -729,6 +756,22 @@ Where the formulas come from, and why measured differs where it does:
   first step adds the plan's `all_gather_object` (two `allgather_` calls: sizes, pickled plan).
 - **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (loss parts: 5 float64;
   expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
+- **HSDP** (dp4 as r = 2 replicas; mesh.py `fsdp_meshes` unflattens "fsdp" into ("fsdp_replicate",
+  "fsdp_shard"), new process groups that the bench names from the parameters' DTensor meshes). FSDP2 all-gathers
+  and reduce-scatters inside a replica, so every FSDP term above has n_s = n_f/r for n_f (and pads dim 0 to a
+  multiple of n_s); after each unit's reduce-scatter it issues one `dist.all_reduce` of that unit's sharded,
+  padded gradient (P_padded/n_s elements) over the replicate group, 2·(1-1/r)·P_dense·4/n_s per step (one call
+  per unit, root included). The loss/metric all-reduce still spans all n_f data ranks (`mean_over_data` uses the
+  flattened "fsdp" group); the grad norm reduces over the gradients' sharded mesh dim only (the shard group:
+  `grad.py` skips the Replicate dim); DistributedMuon's owner-compute gathers each matrix within its shard group
+  (the DTensor's sharded mesh dims), so each replica runs its own plan: P_own is counted for n_s ranks and the
+  all-to-all, though issued over the world group, sends only inside the replica; its RMS all-reduce spans the
+  world. All of these are exact. Per rank per step the FSDP bytes go from (1-1/n_f)·(3·P_dense-P_root)·4 to
+  (1-1/n_s)·(3·P_dense-P_root)·4 + 2·(1-1/r)·P_dense·4/n_s, i.e. for dp4 from 0.75·(3P-P_root) to
+  0.5·(3P-P_root) + 0.5·P: HSDP sends slightly fewer bytes per rank (8/9 of plain FSDP's when P_root is small),
+  only the all-reduce (a quarter of them when P_root is small) crosses replicas, and each rank holds twice the
+  shard.
+  <HSDP_MEASURED>
 - **Context parallelism** (dsv4train/parallel/cp.py; each rank holds S/cp tokens of every row; the dense weights
   are sharded over n_f = dp·cp·ep, so cp adds to the FSDP terms as dp does). Every CP term is a fixed shape, so
   measured equals the formula exactly:
@@ -764,6 +807,7 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
            "`comm_counts` (which leaves out point-to-point sends and receives) and, for plain `dist.all_reduce` / "
            "`dist.all_to_all_single` and the ops of `dist.batch_isend_irecv`, a Python shim's count. "
            f"Optimizer {optim} (Muon + AdamW groups), fp32, one micro-batch per step.", ""]
+    totals = {}  # (flavor, layout) -> measured step total, per rank (mean)
     for flavor, seq, rows in settings:
         cfg = model_config(flavor, seq)
         out += [f"### flavor `{flavor}`, seq {seq}, {rows} rows per data rank", ""]
@@ -776,11 +820,20 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
                 continue
             print(f"[{flavor}] {d.describe()}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
             data = measure(layout, flavor, seq, rows, optim)
+            totals[flavor, d.describe()] = sum(t["mean"] for k, t in summarize(data, d.ep).items()
+                                               if not k.endswith("(first step)"))
             table, notes = layout_table(layout, cfg, seq, rows, optim, data)
             out += [f"**{d.describe()}** ({d.world_size} ranks)", "", table, ""]
             out += [f"- {n}" for n in notes] + [""]
             print("\n".join(out[-(len(notes) + 4):]), file=sys.stderr, flush=True)
-    out += [EXPLANATIONS, *cp_vs_ring("1b", 4096, (4, 8))]
+    plain, hsdp = ParallelDims(dp=4).describe(), ParallelDims(dp=4, dp_replicate=2).describe()
+    pairs = [(f, totals[f, plain], totals[f, hsdp]) for f, _, _ in settings
+             if (f, plain) in totals and (f, hsdp) in totals]
+    measured = ("Measured above, step total per rank, dp4 vs dp4 as 2 replicas: " + "; ".join(
+        f"`{f}` {_fmt_bytes(a)} vs {_fmt_bytes(b)} (HSDP/plain {b / a:.3f})" for f, a, b in pairs) + "."
+                if pairs else "")
+    out += [EXPLANATIONS.replace("  <HSDP_MEASURED>\n", f"  {measured}\n" if measured else ""),
+            *cp_vs_ring("1b", 4096, (4, 8))]
     return "\n".join(out)
 
 

@@ -3,7 +3,10 @@
 Exact: FSDP2 all-gather / reduce-scatter bytes equal (1-1/n)·P_padded·4, where P_padded pads each parameter's
 dim 0 to a multiple of n (FSDP2's sharding; the unpadded formula is smaller by exactly that padding), with every
 unit all-gathered in forward and every block again in backward (blocks reshard after forward; the root keeps
-torch's default and stays unsharded into backward, so it is gathered once); EP's row all-to-alls equal the
+torch's default and stays unsharded into backward, so it is gathered once); under HSDP (dp4 as 2 replicas) n is the
+shard group n_s = 2 and each unit's sharded gradient is all-reduced across the replicas once,
+2·(1-1/r)·P_padded/n_s·4, while the loss/metric all-reduce still spans all n_f = 4 data ranks and the grad norm and
+Muon's owner-compute only the shard group; EP's row all-to-alls equal the
 routing-exact prediction from the counts each rank exchanged, and their count and the counts exchange follow the
 layer count; CP's point-to-point sends (the last rank sends nothing forward, the first nothing backward),
 compressed-entry all-gathers / reduce-scatters and count all-reduces equal their formulas, and every send has a
@@ -36,7 +39,8 @@ def _measured(data, term: str, ep: int) -> tuple[int, float, float]:
     return t["calls"], t["min"], t["max"]
 
 
-@pytest.mark.parametrize("layout", [{"dp": 2}, {"ep": 2}, {"cp": 2}], ids=["dp2", "ep2", "cp2"])
+@pytest.mark.parametrize("layout", [{"dp": 2}, {"ep": 2}, {"cp": 2}, {"dp": 4, "dp_replicate": 2}],
+                         ids=["dp2", "ep2", "cp2", "hsdp_dp4_r2"])
 def test_measured_bytes_match_formulas(layout):
     cfg = tiny_config(n_hash_layers=1)
     data = cv.measure(layout, cfg, SEQ, ROWS, optim="muon", steps=1)
@@ -44,19 +48,26 @@ def test_measured_bytes_match_formulas(layout):
     form = cv.formulas(cfg, layout, SEQ, ROWS, "muon")
     v = form.pop("_vars")
 
+    r = layout.get("dp_replicate", 1)
     fsdp = [k for k in form if k.startswith("FSDP")]
     assert fsdp
+    # HSDP: one all-reduce of each unit's sharded gradient across the replicas; none without replicas
+    replicas = [k for k in form if "across replicas" in k]
+    assert replicas == (["FSDP all-reduce across replicas, dense"] if r > 1 else [])
+    assert sorted(replicas) == sorted(k for k in cv.summarize(data, ep) if "across replicas" in k)
     for name in fsdp:
         calls, lo, hi = _measured(data, name, ep)
         f = form[name]
         assert calls == f["calls"], f"{name}: {calls} calls, formula {f['calls']}"
         assert lo == hi == f["exact"], f"{name}: measured {lo}..{hi} B, padded formula {f['exact']} B"
         pad = f["exact"] - f["bytes"]  # exactly the padding, nothing else
-        if "dense" in name:
+        if "dense" in name:  # padded to a multiple of the shard group n_s (= n_f without HSDP)
             root = name == "FSDP all-gather, dense (backward)"  # the root is not gathered again
             padding = v["P_dense_padded"] - v["P_dense"] - root * (v["P_root_padded"] - v["P_root"])
-            assert math.isclose(pad, (1 - 1 / v["n_f"]) * padding * 4)
+            per_elem = 2 * (1 - 1 / r) / v["n_s"] if "across replicas" in name else 1 - 1 / v["n_s"]
+            assert math.isclose(pad, per_elem * padding * 4)
     assert form["FSDP all-gather, dense (backward)"]["calls"] == v["units"] - 1 == len(cfg.layer_types)
+    assert v["n_s"] * r == v["n_f"]
 
     # every rank-pair message counted, and the metric / grad-norm / Muon terms follow their formulas
     for name in ("loss/metric all-reduce", "grad-norm all-reduce", "Muon RMS all-reduce"):
@@ -65,7 +76,8 @@ def test_measured_bytes_match_formulas(layout):
     calls, lo, hi = _measured(data, "Muon owner-compute all-to-all", ep)
     muon_sent = [s[-1]["muon_last_comm"]["sent"] * 4 for s in data]
     assert calls == 2 and sorted([lo, hi]) == sorted([min(muon_sent), max(muon_sent)])
-    # the toy matrices split evenly over 2 ranks, so the mean is the formula exactly
+    # the toy matrices split evenly over 2 ranks (the shard group of each HSDP replica too), so the mean is the
+    # formula exactly
     assert math.isclose(sum(muon_sent) / len(muon_sent), form["Muon owner-compute all-to-all"]["bytes"])
 
     if ep > 1:
