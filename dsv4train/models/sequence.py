@@ -40,5 +40,10 @@ class WholeSequence:
         """This shard's part of a whole-sequence sum, scaled so that the mean over shards is that sum."""
         return t
 
+    def shard(self, t_BS: torch.Tensor) -> torch.Tensor:
+        """This shard's piece (dim 1) of a [B, S, ...] tensor of whole rows, such as token ids or labels. Cut after
+        anything that looks across positions (the label and MTP-target shifts)."""
+        return t_BS
+
 
 WHOLE_SEQUENCE = WholeSequence()

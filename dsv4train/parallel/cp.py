@@ -104,9 +104,9 @@ class SequenceShard(WholeSequence):
         return t * self.shards
 
     def shard(self, t_BS: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous piece of a [B, S, ...] tensor of the whole sequence (inputs, labels)."""
         length = t_BS.shape[1] // self.shards
-        return t_BS[:, self.rank * length: (self.rank + 1) * length]
+        start = self.offset(length)
+        return t_BS[:, start: start + length]
 
 
 def apply_context_parallel(model: nn.Module, seq: SequenceShard) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4train.parallel.cp import SequenceShard, apply_context_parallel
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
+from dsv4train.parallel.cp import apply_context_parallel
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.ep import apply_expert_parallel
 from dsv4train.parallel.fsdp import apply_fsdp
@@ -17,10 +18,10 @@ from dsv4train.parallel.tp import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32,
-                seq: SequenceShard | None = None) -> nn.Module:
+                seq: WholeSequence = WHOLE_SEQUENCE) -> nn.Module:
     """Shard `model` (built and initialised identically on every rank) in place for `dims`; returns it, or with
     pp > 1 the part of it this rank's pipeline stages hold (the rest is dropped). `seq`: this rank's sequence
-    shard under context parallelism (the runtime's, so that losses and batches use the same one)."""
+    shard under context parallelism (`ParallelRuntime.seq`, which also cuts the batches and scales the losses)."""
     mesh = dims.mesh
     if dims.pp > 1:
         model = split_stages(model, dims, mesh["pp"].get_local_rank())
@@ -29,7 +30,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
     if dims.cp > 1:
-        apply_context_parallel(model, seq or SequenceShard(mesh["cp"].get_group()))
+        if seq.shards != dims.cp:
+            raise ValueError(f"parallelize: cp = {dims.cp} needs this rank's sequence shard (ParallelRuntime.seq), "
+                             f"got one of {seq.shards} shards")
+        apply_context_parallel(model, seq)
     if dims.dp * dims.cp * dims.ep > 1:
         dense_mesh, expert_mesh = fsdp_meshes(dims, mesh)
         apply_fsdp(model, dense_mesh, expert_mesh if dims.ep > 1 else None, param_dtype)

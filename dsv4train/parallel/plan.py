@@ -270,7 +270,7 @@ def stage_memory(cfg: PretrainConfig, dims: ParallelDims) -> list[StageMemory]:
 
         largest_block = max((unit(b) for b in blocks), default=0.0)
         gathered = 2 * unit(root) + 3 * largest_block
-        if dims.pp_schedule == "dualpipev":  # units stay gathered, and their gradients whole, for the whole step (pp.py)
+        if dims.pp_schedule == "dualpipev":  # every unit stays gathered, with a whole gradient, all step (pp.py)
             gathered = 2 * (unit(root) + sum(unit(b) for b in blocks))
         in_flight = min(dims.pp - s, t.grad_accum) if dims.pp > 1 else 1
         terms = {

@@ -257,9 +257,10 @@ class Pipeline:
     def train(self, inputs: torch.Tensor, targets_BS2: torch.Tensor, loss_parts, mtp_weight: float,
               balance_weight: float, indexer_weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one micro-batch: token ids [B, S] and targets [B, S, 2] (next-token labels, MTP
-        targets); `loss_parts(outputs, targets)` gives the last stage's (CE, MTP) of a chunk. Gradients accumulate, scaled by `scale` / chunks. Returns this
-        rank's (CE, MTP, balance, indexer) summed over its stages and averaged over the chunks (float64), and its
-        expert counts [n_layers + n_mtp, E] (zeros in the rows of other ranks' layers): sum both over the pp group."""
+        targets); `loss_parts(outputs, targets)` gives the last stage's (CE, MTP) of a chunk. Gradients accumulate,
+        scaled by `scale` / chunks. Returns this rank's (CE, MTP, balance, indexer) summed over its stages and
+        averaged over the chunks (float64), and its expert counts [n_layers + n_mtp, E] (zeros in the rows of
+        other ranks' layers): sum both over the pp group."""
         m = self.dims.microbatches
         self._loss_parts, self._mtp_weight, self._scale = loss_parts, mtp_weight, scale / m
         self.model.aux_weights = (balance_weight * scale / m, indexer_weight * scale / m)

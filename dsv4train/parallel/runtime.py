@@ -48,11 +48,6 @@ class ParallelRuntime:
 
         return SequenceShard(self.dims.mesh["cp"].get_group())
 
-    def shard_sequence(self, t_BS: torch.Tensor) -> torch.Tensor:
-        """This rank's piece of a [B, S] tensor of whole rows (the identity without context parallelism). Cut
-        after anything that looks across positions (the label and MTP-target shifts)."""
-        return t_BS if self.dims.cp == 1 else self.seq.shard(t_BS)
-
     @property
     def is_main(self) -> bool:
         return not self.distributed or dist.get_rank() == 0
@@ -62,7 +57,7 @@ class ParallelRuntime:
             return model
         from dsv4train.parallel.parallelize import parallelize
 
-        model = parallelize(model, self.dims, seq=self.seq if self.dims.cp > 1 else None)
+        model = parallelize(model, self.dims, seq=self.seq)
         if self.dims.pp > 1:
             from dsv4train.parallel.pp import Pipeline
 

@@ -77,7 +77,7 @@ def _forward_backward(model: DSV4Model, batches: list[dict], mtp_weight: float, 
     counts = None
     for batch in batches:
         rows = batch["tokens"].to(device, non_blocking=True)
-        inputs, labels, mtp_labels = map(rt.shard_sequence, _inputs_and_targets(rows))
+        inputs, labels, mtp_labels = _inputs_and_targets(rows, rt)
         with _autocast(device, dtype):
             out = model(inputs, mtp_input_ids=labels, with_aux=True)
         ce = lm_loss(out.logits, labels, rt.seq)
@@ -89,16 +89,16 @@ def _forward_backward(model: DSV4Model, batches: list[dict], mtp_weight: float, 
     return parts / len(batches), counts
 
 
-def _inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of seq+1 tokens -> (inputs, next-token labels, MTP targets), each [B, seq]. The MTP input at position t
-    is labels[t] (token t+1)."""
+def _inputs_and_targets(rows: torch.Tensor, rt: ParallelRuntime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of seq+1 tokens -> this rank's (inputs, next-token labels, MTP targets), each [B, seq] (or its
+    context-parallel piece, cut after the shifts). The MTP input at position t is labels[t] (token t+1)."""
     labels = rows[:, 1:]
-    return rows[:, :-1], labels, mtp_targets(labels)
+    return tuple(rt.seq.shard(t) for t in (rows[:, :-1], labels, mtp_targets(labels)))
 
 
 def _pipeline_inputs(rows: torch.Tensor, rt: ParallelRuntime) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's token ids [B, S] and targets [B, S, 2] (labels, MTP targets) for the pipeline."""
-    inputs, labels, mtp_labels = map(rt.shard_sequence, _inputs_and_targets(rows))
+    inputs, labels, mtp_labels = _inputs_and_targets(rows, rt)
     return inputs, torch.stack((labels, mtp_labels), dim=-1)
 
 
@@ -139,7 +139,7 @@ def evaluate(model: DSV4Model, batches: list[dict], device: torch.device, dtype:
         rows = batch["tokens"].to(device)
         with _autocast(device, dtype):
             if rt.pipeline is None:
-                inputs, labels = rt.shard_sequence(rows[:, :-1]), rt.shard_sequence(rows[:, 1:])
+                inputs, labels, _ = _inputs_and_targets(rows, rt)
                 total += lm_loss(model(inputs), labels, rt.seq).double().cpu()
             else:
                 total += rt.pipeline.evaluate(*_pipeline_inputs(rows, rt),
