@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def open_run_dir(path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A probe file of this process's own: ranks sharing one run dir must not remove each other's.
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
     except OSError as e:
         raise ConfigError(f"run.dir: cannot write to {path} ({e.strerror or e}); pick a writable run.dir") from None
     return path
