@@ -16,6 +16,7 @@ from dsv4train.models.mhc import hc_head
 from dsv4train.models.moe import Gate, build_hash_table
 from dsv4train.models.mtp import MTPBlock
 from dsv4train.models.norms import RMSNorm
+from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 
 
 def _owner(name: str) -> str:
@@ -42,6 +43,8 @@ def aux_losses(auxes: list[BlockAux], like: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class DSV4Model(nn.Module):
+    seq: WholeSequence = WHOLE_SEQUENCE  # replaced by context parallelism (dsv4train/parallel/cp.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -64,6 +67,9 @@ class DSV4Model(nn.Module):
 
         mtp_logits = None
         if len(self.mtp):
+            if mtp_input_ids is None and self.seq.shards > 1:
+                raise ValueError("under context parallelism pass mtp_input_ids (token t+1 at position t, e.g. the "
+                                 "labels): this shard's last position needs the next shard's first token")
             if mtp_input_ids is None:  # token t+1 at position t; the last position gets a dummy
                 mtp_input_ids = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
             mtp_logits, aux = self.mtp_logits(x_BSND, self.embed(mtp_input_ids))

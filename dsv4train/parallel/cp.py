@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv4train.models.attention import Attention
+from dsv4train.models.model import DSV4Model
 from dsv4train.models.moe import MoE
 from dsv4train.models.sequence import WholeSequence
 
@@ -113,5 +114,5 @@ def apply_context_parallel(model: nn.Module, seq: SequenceShard) -> None:
     """Give every attention and MoE module of `model` this rank's shard (the runtime keeps the same object for the
     losses and to cut the batches)."""
     for m in model.modules():
-        if isinstance(m, (Attention, MoE)):
+        if isinstance(m, (DSV4Model, Attention, MoE)):
             m.seq = seq

@@ -99,3 +99,19 @@ def test_fp8_fp4_experts_under_expert_parallelism():
     """FP8 GEMMs + FP4 expert QAT compose with the all-to-all dispatch (experts keep their quantised mlp)."""
     precision = PrecisionConfig(name="fp8_fp4", fp8=True, fp4_experts=True, fp8_block=16, fp4_block=16)
     run_distributed_test(_check_layout, world_size=2, args=({"ep": 2}, "adamw", precision))
+
+
+def _check_cp_needs_mtp_ids(rank, world_size):
+    cfg = tiny_config(n_hash_layers=1)
+    rt = ParallelRuntime(ParallelDims(cp=2))
+    model = DSV4Model(cfg)
+    model.init_weights(0)
+    rt.parallelize(model)
+    ids_BS = rt.seq.shard(fixed_batches(cfg.vocab_size, 1, 32, 1)[0]["tokens"][:, :32])
+    model(ids_BS)  # logits alone need no next token
+    with pytest.raises(ValueError, match="under context parallelism pass mtp_input_ids"):
+        model(ids_BS, with_aux=True)
+
+
+def test_context_parallel_refuses_to_guess_the_mtp_input_at_the_shard_edge():
+    run_distributed_test(_check_cp_needs_mtp_ids, world_size=2)
