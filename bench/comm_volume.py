@@ -4,9 +4,9 @@ formula for it derived from the code (dsv4train/parallel/*, dsv4train/train/step
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy --seq 128 --rows 2 [--write-docs]
     PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
 
-Layouts dp2, ep2, dp2×ep2, cp2 (and tp2 when `ParallelDims.validate` accepts it), dp4, and dp4 as HSDP with 2
-replicas (`parallel.dp_replicate` = 2: FSDP over 2-rank shard groups, gradients all-reduced across replicas) on
-gloo CPU processes. Each
+Layouts dp2, ep2, dp2×ep2, cp2, tp2, dp4, dp4 as HSDP with 2 replicas (`parallel.dp_replicate` = 2: FSDP over
+2-rank shard groups, gradients all-reduced across replicas), and pp2 with each schedule (1F1B, interleaved 1F1B,
+DualPipeV) on gloo CPU processes. Each
 runs two optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank (the
 cp ranks of a data rank split its rows' sequence); the second (steady-state) step is reported, and what the first
 step adds (DistributedMuon's plan) is listed below it.
@@ -17,12 +17,14 @@ That sees FSDP2's all-gathers / reduce-scatters (which call `dist.all_gather_sin
 so a shim over `dist.all_gather_into_tensor` would miss them), EP's functional `all_to_all_single_autograd` in
 forward and in backward, plain `dist.all_reduce` / `dist.all_to_all_single` (ops `c10d.allreduce_`,
 `c10d.alltoall_base_`), and CP's point-to-point sends and receives (`dist.batch_isend_irecv` on gloo issues one
-`c10d.send` / `c10d.recv_` per op; CommDebugMode does not count those); a shim over those three `dist` functions
-cross-checks the count. A collective issued from dsv4train/parallel/cp.py (found on the Python stack; forward, or
-the backward of its autograd functions) is a CP term: under cp2 alone the cp, fsdp and efsdp meshes are the same
-process group, so the group cannot tell CP's all-gathers from FSDP's. CommDebugMode's own module tracker is
-switched off: it raises IndexError when the shared output head runs a second time (for MTP) inside the root
-forward (torch 2.13); its per-op `comm_counts` is kept and checked against our records.
+`c10d.send` / `c10d.recv_` per op; CommDebugMode does not count those), and pipelining's sends and receives of
+stage activations and gradients (op by op, outside autograd: their own "pipeline" phase); a shim over
+`dist.all_reduce`, `dist.all_to_all_single`, `dist.isend` and `dist.irecv` cross-checks the count. A collective
+issued from dsv4train/parallel/cp.py (found on the Python stack; forward, or the backward of its autograd
+functions) is a CP term: under cp2 alone the cp, fsdp and efsdp meshes are the same process group, so the group
+cannot tell CP's all-gathers from FSDP's. CommDebugMode's own module tracker is switched off: it raises IndexError
+when the shared output head runs a second time (for MTP) inside the root forward (torch 2.13); its per-op
+`comm_counts` is kept and checked against our records.
 
 Bytes are "wire bytes sent per rank" of the bandwidth-optimal algorithm: all-gather (n-1)·shard,
 reduce-scatter (1-1/n)·input, all-reduce 2·(1-1/n)·buffer (ring), all-to-all the rows sent to OTHER ranks
@@ -58,9 +60,12 @@ from dsv4train.models.model import DSV4Model
 from dsv4train.optim.groups import describe_groups
 from dsv4train.parallel import cp as cp_module
 from dsv4train.parallel.dims import ParallelDims
+from dsv4train.parallel.pp import rank_stages
 from dsv4train.parallel.runtime import ParallelRuntime
 
-LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2}, {"dp": 4}, {"dp": 4, "dp_replicate": 2})
+LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2}, {"dp": 4}, {"dp": 4, "dp_replicate": 2},
+           {"pp": 2, "pp_microbatches": 2}, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
+           {"pp": 2, "pp_schedule": "dualpipev"})  # DualPipeV: at least one chunk per stage (4 rows, see render)
 P2P_OPS = ("c10d.send", "c10d.recv_")  # not in CommDebugMode's comm_counts
 SECTION = "## Communication volume per step"
 _EXPERT = re.compile(r"(^|\.)experts\.w[123]$")
@@ -75,7 +80,7 @@ class CommVolumeMode(CommDebugMode):
         tracker = self.advanced_module_tracker
         tracker.name, tracker.module_parents_dict = "Global", {"Global": set()}
         self.records: list[dict] = []
-        self.phase = "step"
+        self.phase, self.term = "step", None
 
     def __enter__(self):
         self.comm_counts.clear()
@@ -88,12 +93,13 @@ class CommVolumeMode(CommDebugMode):
         return TorchDispatchMode.__exit__(self, *exc)
 
     @contextlib.contextmanager
-    def tagged(self, phase: str):
-        old, self.phase = self.phase, phase
+    def tagged(self, phase: str, term: str | None = None):
+        """Collectives issued inside belong to `phase` (and, if given, to the formula term `term`)."""
+        old, self.phase, self.term = (self.phase, self.term), phase, term
         try:
             yield
         finally:
-            self.phase = old
+            self.phase, self.term = old
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -101,10 +107,13 @@ class CommVolumeMode(CommDebugMode):
             return out
         name = str(func._overloadpacket)
         if name.startswith(("c10d.", "_c10d_functional.")) and _kind(name):
-            phase = self.phase
-            if phase == "step":
+            phase, term, cp = self.phase, self.term, _from_cp()
+            if phase == "step" and _kind(name) in ("send", "recv") and not cp:
+                # a pipeline stage's activations or their gradients: the schedule sends both outside autograd
+                phase, term = "pipeline", "PP point-to-point"
+            elif phase == "step":
                 phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-            self.records.append(_describe(name, args, kwargs or {}, phase) | {"cp": _from_cp()})
+            self.records.append(_describe(name, args, kwargs or {}, phase) | {"cp": cp, "term": term})
         return out
 
 
@@ -189,8 +198,8 @@ class _TaggedRuntime(ParallelRuntime):
 
     mode: CommVolumeMode | None = None
 
-    def _tag(self, phase):
-        return self.mode.tagged(phase) if self.mode is not None else contextlib.nullcontext()
+    def _tag(self, phase, term=None):
+        return self.mode.tagged(phase, term) if self.mode is not None else contextlib.nullcontext()
 
     def mean_over_data(self, t):
         with self._tag("metrics"):
@@ -203,6 +212,10 @@ class _TaggedRuntime(ParallelRuntime):
     def clip_grad_norm(self, params, max_norm):
         with self._tag("grad_norm"):
             return super().clip_grad_norm(params, max_norm)
+
+    def sum_over_stages(self, t):
+        with self._tag("metrics", "PP stage-sum all-reduce"):
+            return super().sum_over_stages(t)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -246,11 +259,16 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
 
     opt.step = tagged_step
     shim = defaultdict(int)
-    originals = {f: getattr(dist, f) for f in ("all_reduce", "all_to_all_single", "batch_isend_irecv")}
+    # point-to-point: every send / receive, one call per op, whether batched (`batch_isend_irecv` runs each op's
+    # function), op by op (pipelining's homogeneous batches) or blocking (`dist.send` / `recv` call `isend` /
+    # `irecv` in torch 2.13); patched where c10d looks them up too
+    p2p = ("isend", "irecv")
+    originals = {f: getattr(dist, f) for f in ("all_reduce", "all_to_all_single") + p2p}
+    c10d = dist.distributed_c10d
 
     def _shimmed(fname):
         def call(*a, **k):
-            shim[fname] += len(a[0]) if fname == "batch_isend_irecv" else 1  # P2P ops in the batch
+            shim["p2p" if fname in p2p else fname] += 1
             return originals[fname](*a, **k)
         return call
 
@@ -259,6 +277,8 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         shim.clear()
         for f in originals:
             setattr(dist, f, _shimmed(f))
+            if f in p2p:
+                setattr(c10d, f, getattr(dist, f))
         try:
             with CommVolumeMode() as mode:
                 rt.mode = mode
@@ -268,6 +288,8 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
             rt.mode = None
             for f, fn in originals.items():
                 setattr(dist, f, fn)
+                if f in p2p:
+                    setattr(c10d, f, fn)
         counted = defaultdict(int)
         for r in mode.records:
             counted[r["op"]] += 1
@@ -277,7 +299,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         assert debug_counts == collectives, f"CommDebugMode counts {debug_counts} != records {collectives}"
         assert shim["all_reduce"] == counted["c10d.allreduce_"], (dict(shim), dict(counted))
         assert shim["all_to_all_single"] == counted["c10d.alltoall_base_"], (dict(shim), dict(counted))
-        assert shim["batch_isend_irecv"] == sum(counted[k] for k in P2P_OPS), (dict(shim), dict(counted))
+        assert shim["p2p"] == sum(counted[k] for k in P2P_OPS), (dict(shim), dict(counted))
         for r in mode.records:
             r["group"] = groups.get(r["group"], f"size {r['n']}")
         muon = getattr(opt, "optimizers", {}).get("muon") if hasattr(opt, "optimizers") else None
@@ -328,6 +350,12 @@ def _blocks(d0: int, n: int) -> list[tuple[int, int]]:
     return [(min(r * chunk, d0), max(0, min(chunk, d0 - r * chunk))) for r in range(n)]
 
 
+def _whole_units(d0: int, unit: int, n: int) -> bool:
+    """Whether every rank's dim-0 block of a [d0, ...] matrix split over n ranks is a run of whole `unit`-row
+    matrices (then DistributedMuon orthogonalises it locally)."""
+    return all(rows == 0 or (off % unit == 0 and rows % unit == 0) for off, rows in _blocks(d0, n))
+
+
 def param_split(cfg: ModelConfig, ep: int) -> dict:
     """Shapes of the FSDP units: "root", "blocks" (one list per layer) and, with EP, "experts" (one local stack
     per MoE layer incl. MTP, shapes as each rank holds them before efsdp)."""
@@ -364,7 +392,7 @@ def muon_owner_elements(model, cfg: ModelConfig, optim: OptimConfig, n: int, ep:
         if p.ndim == 3:
             continue  # expert stacks: whole experts per FSDP / EP block
         unit = p.shape[0] // cfg.o_groups if label == "muon:row_blocks" else p.shape[0]
-        if all(rows == 0 or (off % unit == 0 and rows % unit == 0) for off, rows in _blocks(p.shape[0], n)):
+        if _whole_units(p.shape[0], unit, n):
             continue
         total += p.numel()
         mats += 1
@@ -397,6 +425,10 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         out[name] = {"phase": phase, "calls": calls, "formula": formula, "bytes": value, "exact": exact}
 
     f, fs = 1 - 1 / nf, 1 - 1 / ns
+    if d.tp > 1:  # tensor parallelism alone: no FSDP (a 1-rank mesh issues nothing), TP and its Muon terms
+        return _tp_formulas(cfg, d, seq, rows, optim, units, term, out)
+    if d.pp > 1:  # pipeline parallelism alone: the stages' point-to-point and the sums over the stages
+        return _pp_formulas(cfg, d, seq, rows, optim, term, out)
     term("FSDP all-gather, dense (forward)", "forward", len(dense_units), f"(1-1/{sn})·P_dense·4", fs * P_dense * B,
          (ns - 1) * P_dense_pad // ns * B)
     term("FSDP all-gather, dense (backward)", "backward", len(units["blocks"]), f"(1-1/{sn})·(P_dense-P_root)·4",
@@ -414,7 +446,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
                  (nes - 1) * P_exp_pad // nes * B)
         term("FSDP reduce-scatter, experts", "backward", ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
              (nes - 1) * P_exp_pad // nes * B)
-        if r > 1:  # not measured by any layout here (no HSDP × EP layout in LAYOUTS)
+        if r > 1:  # measured by tests/dist/test_comm_volume.py (dp2×ep2 as 2 replicas), not among LAYOUTS
             term("FSDP all-reduce across replicas, experts", "backward", len(units["experts"]),
                  "2·(1-1/r)·(P_exp/ep)·4/n_es", 2 * (1 - 1 / r) * P_exp_local * B / nes,
                  2 * (r - 1) * (P_exp_pad // nes * B) / r)
@@ -450,6 +482,119 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
                         P_dense=P_dense, P_dense_padded=P_dense_pad, P_root=P_root, P_root_padded=P_root_pad,
                         P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
                         P_own=P_own, muon_owner_matrices=mats, units=len(dense_units), cp=cp_vars)
+    return out
+
+
+# The Muon matrices that tensor parallelism splits (parallel/tp.py), by the dim their DTensor is sharded on: a
+# dim-1 split never holds whole rows; a dim-0 split is local only when each rank's rows are whole output groups
+# (`wo_a`, "muon:row_blocks"), like an FSDP block.
+_TP_SPLIT = {"attn.wq_b.weight": 0, "attn.wo_a.weight": 0, "attn.wo_b.weight": 1,
+             "ffn.shared_experts.w1.weight": 0, "ffn.shared_experts.w3.weight": 0, "ffn.shared_experts.w2.weight": 1}
+
+
+def _tp_split_dim(name: str) -> int | None:
+    return next((dim for suffix, dim in _TP_SPLIT.items() if name.endswith(suffix)), None)
+
+
+def tp_muon_owner_elements(model, cfg: ModelConfig, optim: OptimConfig, tp: int) -> tuple[int, int]:
+    """(elements, matrices) of the Muon matrices that DistributedMuon owner-computes over the tp group."""
+    total = mats = 0
+    params = dict(model.named_parameters())
+    for name, label in describe_groups(model, optim).items():
+        dim = _tp_split_dim(name)
+        if not label.startswith("muon") or dim is None:
+            continue
+        p = params[name]
+        unit = p.shape[0] // cfg.o_groups if label == "muon:row_blocks" else p.shape[0]
+        if dim == 0 and _whole_units(p.shape[0], unit, tp):
+            continue
+        total += p.numel()
+        mats += 1
+    return total, mats
+
+
+def tp_terms(cfg: ModelConfig, tp: int, seq: int, rows: int) -> tuple[list[tuple], dict]:
+    """`formulas()` terms of tensor parallelism (parallel/tp.py), training with the indexer KL on, and their
+    symbols. Every one is a fixed shape: the all-reduces of DTensor's Colwise/Rowwise plans and of tp.py's hooks,
+    and the head's logits gather."""
+    kinds = list(cfg.layer_types) + ["swa"] * cfg.n_mtp_layers  # the MTP block is a sliding-window layer
+    n_att, n_csa, n_hca = len(kinds), kinds.count("csa"), kinds.count("hca")
+    n_sh = len(kinds) if cfg.n_shared_experts else 0  # MoE layers with a shared expert (every block, MTP too)
+    heads = 1 + cfg.n_mtp_layers  # the embedding and the output head run once more for each MTP block
+    N, D, V = rows * seq, cfg.dim, cfg.vocab_size
+    entries = seq // cfg.csa_ratio
+    k_i = min(cfg.index_topk, entries) if cfg.indexer_mode == "sparse" else entries  # KL teacher entries
+    ar = 2 * (1 - 1 / tp) * 4  # all-reduce wire bytes per element
+    fwd = (n_att + n_sh + heads) * N * D + n_csa * N * k_i
+    bwd = (n_att * N * (cfg.q_lora_rank + cfg.head_dim) + rows * cfg.head_dim
+           * (n_csa * (seq // cfg.csa_ratio) + n_hca * (seq // cfg.hca_ratio)) + (2 * n_sh + heads) * N * D)
+    gather = heads * (tp - 1) * N * V // tp * 4
+    terms = [("TP all-reduce (forward)", "forward", n_att + n_sh + heads + n_csa,
+              "2·(1-1/tp)·((L_att + L_sh + H_out)·N·D + L_csa·N·k_I)·4", ar * fwd, ar * fwd),
+             ("TP all-gather (forward)", "forward", heads, "H_out·(1-1/tp)·N·V·4", gather, gather),
+             ("TP all-reduce (backward)", "backward", 2 * n_att + n_csa + n_hca + 2 * n_sh + heads,
+              "2·(1-1/tp)·(L_att·N·(r_q+c) + R·c·(L_csa·S/m + L_hca·S/m') + (2·L_sh + H_out)·N·D)·4",
+              ar * bwd, ar * bwd)]
+    symbols = {"tp": tp, "R": rows, "S": seq, "N": N, "D": D, "V": V, "r_q": cfg.q_lora_rank, "c": cfg.head_dim,
+               "k_I": k_i, "m": cfg.csa_ratio, "m'": cfg.hca_ratio, "L_att": n_att, "L_csa": n_csa,
+               "L_hca": n_hca, "L_sh": n_sh, "H_out": heads}
+    return terms, symbols
+
+
+def _tp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: str, units: dict, term,
+                 out: dict) -> dict:
+    """`formulas()` for tensor parallelism alone (every other dim 1)."""
+    tp = d.tp
+    tp_list, tp_vars = tp_terms(cfg, tp, seq, rows)
+    for t in tp_list:
+        term(*t)
+    term("loss/metric all-reduce", "metrics", 2, "over one data rank: 0", 0, 0)  # the 1-rank data group
+    # one squared norm per (mesh, placements) group: TP shards on dim 0 (Colwise, embed, wo_a) and dim 1 (Rowwise)
+    norm = 2 * 2 * (1 - 1 / tp) * 4
+    term("grad-norm all-reduce", "grad_norm", 2, "2·2·(1-1/tp)·4", norm, norm)
+    P_own, mats = 0, 0
+    if optim == "muon":
+        P_own, mats = tp_muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), tp)
+        own = 2 * (1 - 1 / tp) * P_own * 4 / tp
+        term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, "2·(1-1/tp)·P_own·4/tp", own, own)
+        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", 2 * (1 - 1 / tp) * 16, 2 * (1 - 1 / tp) * 16)
+    out["_vars"] = {"tp": tp_vars, "P_own": P_own, "muon_owner_matrices": mats}
+    return out
+
+
+def pp_terms(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int) -> tuple[list[tuple], dict]:
+    """`formulas()` terms of pipeline parallelism (parallel/pp.py) and their symbols. Each boundary between
+    consecutive stages held by different ranks carries, per chunk, the streams [R/M, S, N_hc, D] (and with MTP the
+    next-token embedding [R/M, S, D]) forward and their gradients back, one send and one receive per tensor; a
+    boundary inside one rank (DualPipeV's turn of the V) is a local hand-over."""
+    owner = {s: r for r in range(d.pp) for s in rank_stages(d, r)}
+    cross = [s for s in range(d.n_stages - 1) if owner[s] != owner[s + 1]]
+    m, tensors = d.microbatches, 1 + (cfg.n_mtp_layers > 0)
+    width = cfg.hc_mult * cfg.dim + (cfg.dim if cfg.n_mtp_layers else 0)
+    calls = max(sum(2 * m * tensors for s in cross if r in (owner[s], owner[s + 1])) for r in range(d.pp))
+    p2p = 2 * len(cross) * rows * seq * width * 4 / d.pp
+    L, E = len(cfg.layer_types) + cfg.n_mtp_layers, cfg.n_routed_experts
+    sums = 2 * (1 - 1 / d.pp) * (4 * 8 + L * E * 8)
+    mtp = " + D" if cfg.n_mtp_layers else ""
+    terms = [("PP point-to-point", "pipeline", calls, f"2·X·R·S·(N_hc·D{mtp})·4/pp (mean)", p2p, p2p),
+             ("PP stage-sum all-reduce", "metrics", 2, "2·(1-1/pp)·(4·8 + L·E·8)", sums, sums)]
+    symbols = {"pp": d.pp, "schedule": d.pp_schedule, "stages": d.n_stages, "X": len(cross), "M": m, "R": rows,
+               "S": seq, "N_hc": cfg.hc_mult, "D": cfg.dim, "L": L, "E": E}
+    return terms, symbols
+
+
+def _pp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: str, term, out: dict) -> dict:
+    """`formulas()` for pipeline parallelism alone (every other dim 1): no FSDP, nothing for Muon to gather."""
+    pp_list, pp_vars = pp_terms(cfg, d, seq, rows)
+    for t in pp_list:
+        term(*t)
+    term("loss/metric all-reduce", "metrics", 2, "over one data rank: 0", 0, 0)
+    # no DTensor gradients: the stages' squared norms are only added up over pp
+    term("grad-norm all-reduce", "grad_norm", 1, "2·(1-1/pp)·4", 2 * (1 - 1 / d.pp) * 4, 2 * (1 - 1 / d.pp) * 4)
+    if optim == "muon":
+        rms = 2 * (1 - 1 / d.world_size) * 16
+        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", rms, rms)
+    out["_vars"] = {"pp": pp_vars}
     return out
 
 
@@ -522,6 +667,8 @@ def cp_vs_ring(flavor: str, seq: int, cps: tuple[int, ...], elem_bytes: int = 2)
 def term_of(rec: dict, ep: int) -> str:
     """The formula term a recorded collective belongs to (by phase, kind and group)."""
     kind, phase, group = rec["kind"], rec["phase"], rec["group"]
+    if rec.get("term"):
+        return rec["term"]
     if rec["cp"]:
         what = {"send": "point-to-point", "recv": "point-to-point", "all_reduce": "count all-reduce",
                 "all_gather": "all-gather, compressed entries", "reduce_scatter": "reduce-scatter, compressed entries"}
@@ -613,13 +760,13 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.0f} B"
 
 
-PHASES = ("forward", "backward", "metrics", "grad_norm", "optimizer")
+PHASES = ("forward", "backward", "pipeline", "metrics", "grad_norm", "optimizer")
 
 
 def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str, data) -> tuple[str, list[str]]:
     """Markdown table for one layout and the list of findings (formula vs measured)."""
     d = ParallelDims(**layout)
-    model_terms = d.tp == 1 and d.pp == 1
+    model_terms = d.world_size in (d.tp * d.pp, d.dp * d.cp * d.ep) and min(d.tp, d.pp) == 1  # TP, PP: alone
     form = formulas(cfg, layout, seq, rows, optim) if model_terms else {"_vars": {}}
     v = form.pop("_vars")
     meas = summarize(data, d.ep)
@@ -657,11 +804,20 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
     extra = [f"{k}: {x['calls']} calls, {_fmt_bytes(x['mean'])}"
              + (f" [{_fmt_bytes(x['max'])}]" if x["max"] != x["min"] else "")
              for k, x in first.items() if k not in meas]
-    changed = [f"{k}: {_fmt_bytes(x['mean'])} vs {_fmt_bytes(meas[k]['mean'])}" for k, x in first.items()
+    changed = [f"{k}: {x['calls']} calls, {_fmt_bytes(x['mean'])} vs {meas[k]['calls']} calls, "
+               f"{_fmt_bytes(meas[k]['mean'])}" for k, x in first.items()
                if k in meas and (abs(x["mean"] - meas[k]["mean"]) > 0.5 or x["calls"] != meas[k]["calls"])]
     notes.append("first step adds: " + ("; ".join(extra) or "nothing")
                  + ("; differs from the steady step: " + "; ".join(changed) if changed else ""))
-    if v:
+    if v and "tp" in v:
+        notes.append("TP: " + ", ".join(f"{k}={x}" for k, x in v["tp"].items()) + "; P_own={P_own:,} in "
+                     "{muon_owner_matrices} matrices (H_out: the embedding / output head calls, one more per MTP "
+                     "block; L_sh: MoE layers with a shared expert, MTP included)".format(**v))
+        _muon_note(data, meas, notes)
+    elif v and "pp" in v:
+        notes.append("PP: " + ", ".join(f"{k}={x}" for k, x in v["pp"].items()) + " (X: stage boundaries between "
+                     "ranks, M: chunks per micro-batch; the MTP block's next-token embedding travels with the streams)")
+    elif v:
         notes.append("n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
                      "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
                      "D={D}, N={N}, P_root={P_root:,}".format(**v)
@@ -685,17 +841,19 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
             sent, received = p2p_totals(data)
             notes.append(f"CP point-to-point over all ranks: {sent} B sent, {received} B received"
                          + (" — every send matched" if sent == received else " — DIFFER"))
-        muon = [s[-1]["muon_last_comm"] for s in data]
-        if muon and muon[0]:
-            sent = sum(m.get("sent", 0) for m in muon) / len(muon) * 4
-            mm = meas.get("Muon owner-compute all-to-all", {}).get("mean", 0.0)
-            notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
-                         + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
+        _muon_note(data, meas, notes)
     else:
-        notes.append("no formulas for this layout (TP and PP terms are not modelled here): measured only. The TP "
-                     "all-gather in forward is the vocabulary-split head's logits gather (`head` ColwiseParallel, "
-                     "output gathered), main and MTP head: 2·(1-1/tp)·N·V·4 bytes")
+        notes.append("no formulas for this layout (TP and PP are modelled alone): measured only")
     return "\n".join(lines), notes
+
+
+def _muon_note(data, meas: dict, notes: list[str]) -> None:
+    muon = [s[-1]["muon_last_comm"] for s in data]
+    if muon and muon[0]:
+        sent = sum(m.get("sent", 0) for m in muon) / len(muon) * 4
+        mm = meas.get("Muon owner-compute all-to-all", {}).get("mean", 0.0)
+        notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
+                     + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
 
 
 def machine() -> str:
@@ -710,6 +868,8 @@ def machine() -> str:
 
 
 EXPLANATIONS = """\
+TP and PP are modelled alone (tp2, pp2); layouts that mix them with other dims are measured only.
+
 Symbols: n_f = dp·cp·ep (the "fsdp" mesh, dense weights), n_e = dp·cp ("efsdp", routed experts under EP),
 W = world size, P_dense = elements in the dense FSDP units (root + blocks; with ep = 1 the routed experts are
 inside the blocks and counted here), P_root = those of the root unit, P_exp = routed-expert elements (all MoE
@@ -794,7 +954,38 @@ Where the formulas come from, and why measured differs where it does:
     MoE layer with a balance loss.
   - under cp2 alone the cp, fsdp and efsdp meshes are one process group; CP's collectives are told apart by
     coming from cp.py (the module docstring).
+- **Tensor parallelism** (dsv4train/parallel/tp.py; tp ranks see the same N = R·S tokens; symbols in each tp
+  layout's note). Every term is a fixed shape, so measured equals the formula exactly:
+  - forward all-reduces of [N, D]: the output of `wo_b` (RowwiseParallel) per attention layer (L_att, MTP
+    included), of the shared expert's `w2` per MoE layer (L_sh), and of the vocabulary-split embedding per call
+    (H_out = 1 + MTP blocks: the MTP block embeds the next tokens); plus, per CSA layer, the indexer KL's
+    teacher summed over the heads of all tp ranks, [R, S, k_I] (k_I = min(index_topk, S/m) sparse, S/m dense).
+  - forward all-gather of the vocabulary-split logits, (1-1/tp)·N·V·4 per output-head call: the largest TP term
+    at small D (4 MiB of toy's 6 MiB step), the price of a replicated loss over a split head.
+  - backward all-reduces of the input gradients of the ColwiseParallel modules (`wq_b` [N, r_q], the shared
+    expert's `w1` and `w3` [N, D] each, the head [N, D] per call) and of the tensors every head shares (tp.py's
+    hooks): the K=V head after `kv_norm` [N, c] per attention layer and the compressed entries [R, S/m, c] or
+    [R, S/m', c] per CSA / HCA layer. The embedding's input is token ids: no gradient to reduce.
+  - the grad norm all-reduces one squared norm per placement group (Shard(0) and Shard(1)); Muon owner-computes
+    the TP-split matrices (`wq_b`, `wo_b`, shared `w1`/`w2`/`w3`; `wo_a` holds whole output groups per rank, so
+    it stays local) over the tp group, 2·(1-1/tp)·P_own·4/tp.
+- **Pipeline parallelism** (dsv4train/parallel/pp.py, torch.distributed.pipelining). Per chunk (M per
+  micro-batch) every stage boundary between two ranks carries the mHC streams [R/M, S, N_hc, D] and, with MTP,
+  the next-token embedding [R/M, S, D] forward, and their gradients back: one send and one receive per tensor,
+  in the "pipeline" phase (the schedule sends outside autograd, so forward and backward sends are not told
+  apart). X counts those boundaries: pp-1 for 1F1B, pp·v-1 for interleaved 1F1B (v = 2 stages per rank, which
+  alternate ranks), and 2·(pp-1) for DualPipeV, whose turn of the V (stages pp-1 and pp on the last rank) is a
+  local hand-over. So the bytes do not depend on M, and interleaving multiplies them by (pp·v-1)/(pp-1): the
+  price of its smaller bubble. The loss parts (4 float64) and the [L, E] expert counts are summed over the
+  stages (`sum_over_stages`), and the grad norm adds the stages' squared norms. The first step also opens each
+  link with a 4-byte message per neighbour and direction (pipelining's handshake).
 """
+
+
+def _rows_for(d: ParallelDims, rows: int) -> int:
+    """Rows per data rank for a layout: a pipeline splits them into its chunks, so round up to a multiple."""
+    m = d.microbatches if d.pp > 1 else 1
+    return -(-rows // m) * m
 
 
 def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) -> str:
@@ -813,17 +1004,19 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
         out += [f"### flavor `{flavor}`, seq {seq}, {rows} rows per data rank", ""]
         for layout in LAYOUTS:
             d = ParallelDims(**layout)
-            why = check_layout(layout, cfg, seq, rows)
+            label = d.describe() + (f", {d.pp_schedule}, {d.microbatches} chunks" if d.pp > 1 else "")
+            r = _rows_for(d, rows)
+            why = check_layout(layout, cfg, seq, r)
             if why is not None:
-                out += [f"**{d.describe()}** ({d.world_size} ranks): skipped — `{why}`", ""]
-                print(f"[{flavor}] {d.describe()}: skipped ({why})", file=sys.stderr, flush=True)
+                out += [f"**{label}** ({d.world_size} ranks): skipped — `{why}`", ""]
+                print(f"[{flavor}] {label}: skipped ({why})", file=sys.stderr, flush=True)
                 continue
-            print(f"[{flavor}] {d.describe()}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
-            data = measure(layout, flavor, seq, rows, optim)
-            totals[flavor, d.describe()] = sum(t["mean"] for k, t in summarize(data, d.ep).items()
+            print(f"[{flavor}] {label}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
+            data = measure(layout, flavor, seq, r, optim)
+            totals[flavor, label] = sum(t["mean"] for k, t in summarize(data, d.ep).items()
                                                if not k.endswith("(first step)"))
-            table, notes = layout_table(layout, cfg, seq, rows, optim, data)
-            out += [f"**{d.describe()}** ({d.world_size} ranks)", "", table, ""]
+            table, notes = layout_table(layout, cfg, seq, r, optim, data)
+            out += [f"**{label}** ({d.world_size} ranks" + (f", {r} rows" if r != rows else "") + ")", "", table, ""]
             out += [f"- {n}" for n in notes] + [""]
             print("\n".join(out[-(len(notes) + 4):]), file=sys.stderr, flush=True)
     plain, hsdp = ParallelDims(dp=4).describe(), ParallelDims(dp=4, dp_replicate=2).describe()
