@@ -45,8 +45,26 @@ def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: 
         dist.destroy_process_group()
 
 
-def run_distributed_test(fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0) -> None:
-    """Run fn(rank, world_size, *args) on world_size spawned processes; re-raise the first failure here."""
+def run_distributed_test(fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0,
+                         attempts: int = 3) -> None:
+    """Run fn(rank, world_size, *args) on world_size spawned processes; re-raise the first failure here.
+
+    The rendezvous port is picked free here but bound later by rank 0; if another process took it meanwhile
+    (tests running side by side open many sockets), rank 0 fails with EADDRINUSE before `fn` runs, and the run
+    is started again on a new port, up to `attempts` times."""
+    for attempt in range(attempts):
+        failures = _spawn(fn, world_size, args, backend, timeout_s)
+        if failures is None:
+            return
+        if attempt + 1 == attempts or not any(_PORT_TAKEN in tb for tb in failures):
+            raise AssertionError("distributed test failed:\n" + "\n".join(failures))
+
+
+_PORT_TAKEN = "EADDRINUSE"  # in the TCPStore error when rank 0 cannot bind MASTER_PORT
+
+
+def _spawn(fn, world_size: int, args: tuple, backend: str, timeout_s: float) -> list[str] | None:
+    """One run; None when every rank finished, else each failing rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
@@ -57,4 +75,5 @@ def run_distributed_test(fn, world_size: int, args: tuple = (), backend: str = "
         while not errors.empty():
             rank, tb = errors.get()
             details.append(f"--- rank {rank} ---\n{tb}")
-        raise AssertionError("distributed test failed:\n" + ("\n".join(details) or str(e))) from None
+        return details or [str(e)]
+    return None
