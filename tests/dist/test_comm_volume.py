@@ -1,4 +1,5 @@
-"""bench/comm_volume.py's formulas against the collectives one training step really issues (gloo, tiny model).
+"""bench/comm_formulas.py's formulas against the collectives one training step really issues (bench/comm_volume.py;
+gloo, tiny model).
 
 Exact: FSDP2 all-gather / reduce-scatter bytes equal (1-1/n)·P_padded·4, where P_padded pads each parameter's
 dim 0 to a multiple of n (FSDP2's sharding; the unpadded formula is smaller by exactly that padding), with every
