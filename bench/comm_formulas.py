@@ -1,6 +1,6 @@
 """The formulas of bench/comm_volume.py: wire bytes per rank per training step for each term of a layout, derived
 from the code (dsv4train/parallel/*, dsv4train/train/step.py), and the text that explains them in
-docs/benchmarks.md. bench/comm_volume.py measures the same terms and tests/dist/test_comm_volume.py holds every
+docs/benchmarks.md. bench/comm_volume.py measures the same terms and tests/distributed/test_comm_volume.py holds every
 exact one to its measurement.
 
 `formulas(cfg, layout, seq, rows, optim)` covers FSDP/HSDP, EP and CP and their combinations, and TP and PP alone.
@@ -135,7 +135,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
                  (nes - 1) * P_exp_pad // nes * B)
         term("FSDP reduce-scatter, experts", "backward", ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
              (nes - 1) * P_exp_pad // nes * B)
-        if r > 1:  # measured by tests/dist/test_comm_volume.py (dp2×ep2 as 2 replicas), not among LAYOUTS
+        if r > 1:  # measured by tests/distributed/test_comm_volume.py (dp2×ep2 as 2 replicas), not among LAYOUTS
             term("FSDP all-reduce across replicas, experts", "backward", len(units["experts"]),
                  "2·(1-1/r)·(P_exp/ep)·4/n_es", 2 * (1 - 1 / r) * P_exp_local * B / nes,
                  2 * (r - 1) * (P_exp_pad // nes * B) / r)

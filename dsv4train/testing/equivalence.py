@@ -1,4 +1,4 @@
-"""Shared pieces of the "a parallel layout trains like one process" tests (tests/dist/): fixed batches, whole
+"""Shared pieces of the "a parallel layout trains like one process" tests (tests/distributed/): fixed batches, whole
 gradients of a possibly sharded model, and the comparisons with their tolerances.
 
 Why the gradient tolerances look the way they do (all measured on the tiny configs):

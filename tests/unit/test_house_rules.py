@@ -3,6 +3,8 @@ model code never touches torch.distributed or Ray, and only parallel/ (plus the 
 set-up) uses DeviceMesh/DTensor/FSDP/pipelining."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "dsv4train"
@@ -36,3 +38,15 @@ def test_mesh_and_dtensor_only_in_parallel():
            if not rel.startswith(DIST_OK_DIRS) and rel not in DIST_OK
            for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
     assert not bad, f"parallelism belongs in dsv4train/parallel/: {bad}"
+
+
+def test_the_test_command_collects_every_test_file():
+    """`make test` runs `pytest tests`; a folder pytest skips by default (its norecursedirs: dist, build, venv, …)
+    would drop its tests silently, as tests/dist once did."""
+    tests = PKG.parent / "tests"
+    files = {p.relative_to(tests.parent).as_posix() for p in tests.rglob("test_*.py")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                         cwd=tests.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    collected = {line.split("::", 1)[0] for line in out.stdout.splitlines() if "::" in line}
+    assert files - collected == set(), f"test files pytest does not collect: {sorted(files - collected)}"
