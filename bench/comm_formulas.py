@@ -113,7 +113,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     def term(name, phase, calls, formula, value, exact=None):
         out[name] = {"phase": phase, "calls": calls, "formula": formula, "bytes": value, "exact": exact}
 
-    f, fs = 1 - 1 / nf, 1 - 1 / ns
+    fs = 1 - 1 / ns
     if d.tp > 1:  # tensor parallelism alone: no FSDP (a 1-rank mesh issues nothing), TP and its Muon terms
         return _tp_formulas(cfg, d, seq, rows, optim, units, term, out)
     if d.pp > 1:  # pipeline parallelism alone: the stages' point-to-point and the sums over the stages
@@ -147,9 +147,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     cp_list, cp_vars = cp_terms(cfg, d.cp, seq, rows) if d.cp > 1 else ([], {})
     for t in cp_list:
         term(*t)
-    metric_bytes = 5 * 8 + L * E * 8
-    term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", 2 * f * metric_bytes,
-         2 * f * metric_bytes)
+    _metric_term(term, cfg, nf)
     # squared norms are summed over the gradients' sharded mesh dims only: the shard group under HSDP
     gn = 2 * fs * 4 + ((2 * (1 - 1 / nes) * 4 + 2 * (1 - 1 / ep) * 4) if ep > 1 else 0)
     term("grad-norm all-reduce", "grad_norm", 1 + (2 if ep > 1 else 0),
@@ -158,7 +156,7 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         P_own, mats = muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), ns, ep)
         term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, f"2·(1-1/{sn})·P_own·4/{sn}",
              2 * fs * P_own * B / ns)
-        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", 2 * (1 - 1 / W) * 16, 2 * (1 - 1 / W) * 16)
+        _muon_rms_term(term, W)
     else:
         P_own, mats = 0, 0
     pads = defaultdict(int)  # padding elements by parameter kind (name without the layer index)
@@ -179,6 +177,19 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
 # (`wo_a`, "muon:row_blocks"), like an FSDP block.
 _TP_SPLIT = {"attn.wq_b.weight": 0, "attn.wo_a.weight": 0, "attn.wo_b.weight": 1,
              "ffn.shared_experts.w1.weight": 0, "ffn.shared_experts.w3.weight": 0, "ffn.shared_experts.w2.weight": 1}
+
+
+def _metric_term(term, cfg: ModelConfig, data_ranks: int) -> None:
+    """The trainer's all-reduces of the loss parts (5 float64) and the [L, E] int64 expert counts over the data
+    ranks (`mean_over_data`, `sum_over_data`), in every layout."""
+    metric = 2 * (1 - 1 / data_ranks) * (5 * 8 + (len(cfg.layer_types) + cfg.n_mtp_layers) * cfg.n_routed_experts * 8)
+    term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", metric, metric)
+
+
+def _muon_rms_term(term, world: int) -> None:
+    """DistributedMuon's all-reduce of the two numbers behind its global update RMS (float64) over the world."""
+    rms = 2 * (1 - 1 / world) * 16
+    term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", rms, rms)
 
 
 def _tp_split_dim(name: str) -> int | None:
@@ -237,7 +248,7 @@ def _tp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: 
     tp_list, tp_vars = tp_terms(cfg, tp, seq, rows)
     for t in tp_list:
         term(*t)
-    term("loss/metric all-reduce", "metrics", 2, "over one data rank: 0", 0, 0)  # the 1-rank data group
+    _metric_term(term, cfg, 1)  # the data group is this one rank: 0 bytes
     # one squared norm per (mesh, placements) group: TP shards on dim 0 (Colwise, embed, wo_a) and dim 1 (Rowwise)
     norm = 2 * 2 * (1 - 1 / tp) * 4
     term("grad-norm all-reduce", "grad_norm", 2, "2·2·(1-1/tp)·4", norm, norm)
@@ -246,7 +257,7 @@ def _tp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: 
         P_own, mats = tp_muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), tp)
         own = 2 * (1 - 1 / tp) * P_own * 4 / tp
         term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, "2·(1-1/tp)·P_own·4/tp", own, own)
-        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", 2 * (1 - 1 / tp) * 16, 2 * (1 - 1 / tp) * 16)
+        _muon_rms_term(term, tp)
     out["_vars"] = {"tp": tp_vars, "P_own": P_own, "muon_owner_matrices": mats}
     return out
 
@@ -277,12 +288,11 @@ def _pp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: 
     pp_list, pp_vars = pp_terms(cfg, d, seq, rows)
     for t in pp_list:
         term(*t)
-    term("loss/metric all-reduce", "metrics", 2, "over one data rank: 0", 0, 0)
+    _metric_term(term, cfg, 1)
     # no DTensor gradients: the stages' squared norms are only added up over pp
     term("grad-norm all-reduce", "grad_norm", 1, "2·(1-1/pp)·4", 2 * (1 - 1 / d.pp) * 4, 2 * (1 - 1 / d.pp) * 4)
     if optim == "muon":
-        rms = 2 * (1 - 1 / d.world_size) * 16
-        term("Muon RMS all-reduce", "optimizer", 1, "2·(1-1/W)·16", rms, rms)
+        _muon_rms_term(term, d.world_size)
     out["_vars"] = {"pp": pp_vars}
     return out
 
