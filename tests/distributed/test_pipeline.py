@@ -1,6 +1,6 @@
 """Pipeline parallelism trains like one process: 1F1B, Interleaved 1F1B and DualPipeV on 2 pp ranks, and pp
-composed with dp, tp and dp×ep, against the one-process reference each rank also runs (tests/distributed/test_layouts.py's
-pattern). Each pp rank holds only its stages' parameters, so gradients are compared per rank for the parameters it
+composed with dp, tp and dp×ep, against the one-process reference each rank also runs
+(tests/distributed/test_layouts.py's pattern). Each pp rank holds only its stages' parameters, so gradients are compared per rank for the parameters it
 holds, under their global names."""
 
 import pytest

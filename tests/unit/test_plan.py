@@ -79,7 +79,6 @@ def test_doubling_dp_halves_the_sharded_state():
     assert h.dims.data_ranks == b.dims.data_ranks == 8
 
 
-
 def test_hsdp_meshes_match_the_plan():
     """The 2-D (replicate, shard) meshes FSDP2 gets under HSDP, built on a fake process group, are the plan's."""
     plan = _plan("parallel.dp=4", "parallel.ep=2", "parallel.tp=2", "parallel.dp_replicate=2", check_ranks=[0, 5, 15])
@@ -94,6 +93,7 @@ def test_dualpipev_keeps_the_stage_gathered():
     one = _plan("parallel.pp=2", "parallel.dp=2").stages[0].terms["FSDP gathered units"]
     vee = _plan("parallel.pp=2", "parallel.dp=2", "parallel.pp_schedule=dualpipev").stages[0].terms
     assert vee["FSDP gathered units"] > 2 * one
+
 
 def test_optimizer_state_muon_one_buffer_adamw_two():
     muon, adamw = _plan("parallel.dp=2"), _plan("parallel.dp=2", "optim=adamw")
