@@ -60,7 +60,9 @@ def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     finite = torch.isfinite(a)
     m, e = torch.frexp(torch.where(finite, a, torch.ones_like(a)))
     k = e.to(torch.int32) - e_q + (m > m_q).to(torch.int32)
-    s = ((k + 127) << 23).view(torch.float32)  # 2^k for -126 <= k <= 127 (k <= 120 for finite float32 amax)
+    # 2^k for -126 <= k <= 127 (k <= 120 for finite float32 amax): the exponent bits, k + 127, times 2^23 (a
+    # multiply, not `<< 23`: torch 2.13's DTensor returns `t << 23` unshifted, which broke FP8 under TP).
+    s = ((k + 127) * (1 << 23)).view(torch.float32)
     return torch.where(finite, s, torch.full_like(s, float("nan")))
 
 
