@@ -324,7 +324,7 @@ def measure(layout: dict, flavor, seq: int, rows: int, optim: str = "muon", step
 
 
 def check_layout(layout: dict, cfg: ModelConfig, seq: int, rows: int) -> str | None:
-    """None when the layout can run, else why not (e.g. TP not built yet)."""
+    """None when the layout can run, else why not (the ParallelDims check that refuses it, e.g. tp not dividing the heads)."""
     dims = ParallelDims(**layout)
     try:
         dims.validate(dims.world_size, cfg, seq, rows)

@@ -1,10 +1,10 @@
-"""One softmax over sliding-window keys, compressed keys and a per-head sink (arch ref §3.7), without any
-O(S^2) tensor:
+"""One softmax over sliding-window keys, compressed keys and a per-head sink (arch ref §3.7). The window part
+never builds an S x S tensor; the dense compressed part does build S x S/ratio scores (a quarter of S^2 on CSA):
 
 - window: queries in blocks of W = window; block b attends to the keys of blocks b-1 and b (2W keys) with a
   fixed relative mask, so scores are [B, S, H, 2W].
 - compressed, dense: all T = S // ratio entries with the causal rule entry i visible iff i < (t+1) // ratio
-  (scores [B, S, H, T]; T is S/4 or S/128).
+  (scores [B, S, H, T]; T is S/4 or S/128: O(S^2/ratio), which is why CSA switches to the sparse mode).
 - compressed, sparse: the k entries picked by the indexer, gathered per query (scores [B, S, H, k]).
 The three score blocks and the sink column share one fp32 softmax; the sink column is then dropped."""
 
