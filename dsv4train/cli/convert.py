@@ -1,6 +1,9 @@
-"""`dsv4 convert from-hf SRC DST` and `dsv4 convert to-hf SRC DST`: move weights between a transformers
-`save_pretrained` folder of DeepseekV4ForCausalLM and a dsv4 folder. SRC of `to-hf` may also be a dsv4 folder,
-a training run directory or a `checkpoints/step_<N>/` folder. DST must not exist or be empty."""
+"""`dsv4 convert from-hf SRC DST` and `dsv4 convert to-hf SRC DST`: move weights between a Hugging Face folder of
+DeepseekV4ForCausalLM and a dsv4 folder. SRC of `from-hf` is a folder with a config.json: any layout transformers'
+`save_pretrained` writes, or the official hub layout (bf16, or FP8 block scales with FP4 experts, dequantised;
+its MTP layer is kept), one file or sharded. SRC of `to-hf` is a dsv4 folder, a training run directory or a
+`checkpoints/step_<N>/` folder; the MTP layer is not written (transformers has none). DST must not exist or be
+empty."""
 
 from __future__ import annotations
 
@@ -44,11 +47,13 @@ def convert_main(argv: list[str]) -> int:
         save = save_dsv4 if args.direction == "from-hf" else save_hf
         save(model, args.dst, dtype=DTYPES[args.dtype])
     except (ConfigError, FileNotFoundError, KeyError) as e:
-        print(f"dsv4 convert: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() adds quotes
+        print(f"dsv4 convert: {message}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({'dsv4' if args.direction == 'from-hf' else 'transformers'} format, "
-          f"{n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers) in {time.perf_counter() - t0:.1f} s")
+          f"{n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers + {model.cfg.n_mtp_layers} MTP) in "
+          f"{time.perf_counter() - t0:.1f} s")
     if args.direction == "to-hf" and model.cfg.n_mtp_layers:
         print("note: the MTP layer has no transformers counterpart and was not written")
     return 0

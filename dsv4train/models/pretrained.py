@@ -2,8 +2,10 @@
 
 - dsv4 folder: `dsv4_model.json` ({"format": "dsv4", "version": 1, "model": ModelConfig fields}) and
   `model.safetensors` with our canonical names (official V4 names, stacked experts, MTP kept).
-- transformers folder: `config.json` (model_type "deepseek_v4") and `model.safetensors`, or shards listed in
-  `model.safetensors.index.json`, with DeepseekV4ForCausalLM names. MTP is not part of that format.
+- transformers or hub folder: `config.json` (model_type "deepseek_v4") and `model.safetensors`, or shards listed
+  in `model.safetensors.index.json`, in any layout `models/hf.py` reads: what transformers' `save_pretrained`
+  writes (HF names, or the mixed names of a freshly built model) and the official hub names, bf16/fp32 or with
+  FP8 block scales and FP4-packed experts (dequantised to float32 on load). `mtp.*` tensors (hub only) are kept.
 - A training run directory or one of its `checkpoints/step_<N>/` folders is read by `train/checkpoint.py`.
 
 `load_pretrained` picks the format from the files present. Writers refuse a folder that already has files, so
@@ -13,15 +15,18 @@ nothing already written is overwritten.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
-from dsv4train.models.hf import config_from_hf, from_hf_state_dict, hf_config_kwargs, to_hf_state_dict
+from dsv4train.models.hf import (config_from_hf, from_hf_state_dict, hf_config_kwargs, hf_fp8_block,
+                                 official_name, to_hf_state_dict)
 from dsv4train.models.model import DSV4Model
 
 DSV4_META = "dsv4_model.json"
@@ -75,17 +80,60 @@ def save_hf(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
     return path
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a file that is not valid JSON (or not an object) raises a ConfigError naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{path} is not valid JSON{where}; repair the file or write it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; repair the file or write it "
+                          "again")
+    return data
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards named in its index, or its one `model.safetensors`."""
     if (path / HF_INDEX).exists():
-        files = sorted(set(json.loads((path / HF_INDEX).read_text())["weight_map"].values()))
-    elif (path / WEIGHTS).exists():
-        files = [WEIGHTS]
-    else:
-        raise FileNotFoundError(f"{path} has neither {WEIGHTS} nor {HF_INDEX}")
+        weight_map = read_json(path / HF_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"{path / HF_INDEX}: needs a non-empty \"weight_map\" object (tensor name -> shard)")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"{path / HF_INDEX} lists shards that are not in {path}: {absent[:5]}")
+        return files
+    if (path / WEIGHTS).exists():
+        return [path / WEIGHTS]
+    raise FileNotFoundError(f"{path} has neither {WEIGHTS} nor {HF_INDEX}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     sd = {}
-    for name in files:
-        sd.update(load_file(str(path / name)))
+    for file in _weight_files(path):
+        try:
+            shard = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{file}: not a readable safetensors file ({e})") from None
+        clash = sorted(set(shard) & set(sd))
+        if clash:
+            raise ConfigError(f"{file}: tensors {clash[:5]} are also in another shard of {path}")
+        sd.update(shard)
     return sd
+
+
+def _mtp_layers_in(path: Path) -> int:
+    """How many MTP layers (`mtp.{i}.*`, official names) the weights of a folder carry; only headers are read."""
+    names = set()
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), "pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{file}: not a readable safetensors file ({e})") from None
+    ids = {int(m[1]) for m in (re.match(r"^mtp\.(\d+)\.", official_name(k)) for k in names) if m}
+    return max(ids) + 1 if ids else 0
 
 
 def detect_format(path) -> str:
@@ -108,13 +156,20 @@ def read_config(path) -> ModelConfig:
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "dsv4":
-        meta = json.loads((path / DSV4_META).read_text())
+        meta = read_json(path / DSV4_META)
         if meta.get("format") != "dsv4" or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ConfigError(f"{path / DSV4_META}: unsupported format/version {meta.get('format')}/"
                               f"{meta.get('version')}; this dsv4train reads version <= {FORMAT_VERSION}")
-        return ModelConfig(**meta["model"])
+        if not isinstance(meta.get("model"), dict):
+            raise ConfigError(f"{path / DSV4_META}: needs a \"model\" object with the ModelConfig fields")
+        try:
+            return ModelConfig(**meta["model"])
+        except TypeError as e:  # an unknown or missing field
+            raise ConfigError(f"{path / DSV4_META}: \"model\" does not match this dsv4train's ModelConfig "
+                              f"({e})") from None
     if fmt == "hf":
-        return config_from_hf(json.loads((path / "config.json").read_text()), name=path.resolve().name)
+        return config_from_hf(read_json(path / "config.json"), name=path.resolve().name,
+                              n_mtp_layers=_mtp_layers_in(path))
     raise ConfigError(f"{path}: read the config of a training checkpoint with dsv4train.train.checkpoint")
 
 
@@ -141,7 +196,8 @@ def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
     model = build_empty(cfg, device)
     sd = _read_safetensors(path)
     if fmt == "hf":
-        sd = from_hf_state_dict(sd, model.state_dict().keys())
+        fp8_block = hf_fp8_block(read_json(path / "config.json"))
+        sd = from_hf_state_dict(sd, model.state_dict().keys(), fp8_block=fp8_block)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -152,8 +208,10 @@ def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
 
 
 def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, vocab_size: int | None = None):
-    """Model from a dsv4 folder, a transformers `save_pretrained` folder, a training run directory (newest
-    complete checkpoint) or one `checkpoints/step_<N>/` folder. `vocab_size`, if given, must match."""
+    """Model from a dsv4 folder, a transformers `save_pretrained` folder (any layout transformers writes), an
+    official hub folder (bf16, or FP8 blocks + FP4 experts, dequantised; MTP kept), single-file or sharded, a
+    training run directory (newest complete checkpoint) or one `checkpoints/step_<N>/` folder. Weights load in
+    float32, then are cast to `dtype` if given. `vocab_size`, if given, must match."""
     if detect_format(path) == "checkpoint":
         from dsv4train.train.checkpoint import load_model_from_checkpoint
 
