@@ -1,9 +1,8 @@
 """`dsv4 plan [overrides] [--gpu-memory-gb 80] [--json] [--all] [--check-ranks 0,5,63] [--config-dir DIR]`:
 a dry run of a parallel layout at scale, without GPUs. Composes the same config as `dsv4 pretrain` (e.g.
 `model=flash parallel.pp=4 parallel.dp=4 parallel.ep=4 train.seq_len=4096 train.micro_batch_size=1`), validates
-the layout for a world of
-exactly pp·dp·cp·ep·tp ranks (axes not built yet are allowed: this is a plan), builds the real device mesh on a fake
-process group as the first and last rank, and prints where every layer, expert and FSDP shard lives and an
+the layout for a world of exactly pp·dp·cp·ep·tp ranks with the same checks as a real run, builds the real device
+mesh on a fake process group as the first and last rank, and prints where every layer, expert and FSDP shard lives and an
 estimate of the memory per rank (formulas: dsv4train/parallel/plan.py). Nothing is trained or allocated."""
 
 from __future__ import annotations
@@ -119,10 +118,15 @@ def render(plan, show_all: bool = False) -> str:
         add(f"  {term:<24}" + "".join(f"{_gb(s.terms[term]):>10}" for s in plan.stages))
     add(f"  {'total':<24}" + "".join(f"{_gb(s.total):>10}" for s in plan.stages))
     if any(s.in_flight > 1 for s in plan.stages):
-        add(f"  {'(micro-batches alive)':<24}" + "".join(f"{s.in_flight:>10}" for s in plan.stages))
+        add(f"  {'(pp chunks alive)':<24}" + "".join(f"{s.in_flight:>10}" for s in plan.stages))
     peak = plan.peak
     add(f"  peak: stage {peak.stage}, {peak.total / GB:.2f} GB; biggest term: {peak.biggest} "
         f"({peak.terms[peak.biggest] / GB:.2f} GB)")
+    act = peak.activations
+    if act is not None:
+        parts = ", ".join(f"{k.removeprefix('layers.')} {v / GB:.2f}" for k, v in act.groups.items() if v)
+        add(f"  activations of stage {peak.stage}: CSA {act.indexer} (the larger of the modes the run uses), "
+            f"{act.rows:g} row(s) per forward; GB by part: {parts}")
     if plan.gpu_memory_gb is not None:
         room = plan.gpu_memory_gb - peak.total / GB
         verdict = (f"fits with {room:.1f} GB to spare (keep ~10% for the CUDA context and fragmentation)"

@@ -4,6 +4,7 @@ consistent, the memory estimate scales with the layout, bad layouts name the key
 import json
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from dsv4train.cli.plan import plan_main, span
@@ -141,3 +142,115 @@ def test_cli_text_and_json(capsys):
 def test_span():
     assert span([0, 1, 2, 3]) == "0-3" and span([0, 4, 8]) == "0,4,8" and span([0, 4, 8, 12, 16]) == "0..16 step 4"
     assert span([]) == "-" and span([7]) == "7"
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def test_meter_counts_storages_once_and_skips_parameters():
+    """The meter on a hand-countable graph: y = relu(x @ W^T) · x2 with x also saved through a view; the
+    parameter W is skipped; bf16 autocast adds a cast of W, flagged as a weight copy."""
+    from torch import nn
+
+    from dsv4train.testing.activation_memory import ActivationMeter
+
+    lin = nn.Linear(8, 16, bias=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    with ActivationMeter(lin) as meter:
+        h = torch.relu(lin(x))                   # mm saves x (4·8) and W (a parameter: skipped); relu its output
+        y = (h * h.sum()).sum() + (x.t() * 2).sum() * x.view(-1).sum()  # x.t(), x.view(): x's storage again
+        y.backward()
+    # x: 32 fp32; relu out: 64 fp32; h.sum(): 1 fp32; the product saves h and h.sum() (same storages); (x.t()*2)
+    # sum and x.view(-1).sum(): two 1-element results saved by the last product
+    assert meter.peak.total_bytes == 4 * (32 + 64 + 1 + 1 + 1)
+    assert meter.peak.weight_copy_bytes == 0
+    with ActivationMeter(lin) as meter, torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(x).sum().backward()
+    assert meter.peak.weight_copy_bytes == 2 * 16 * 8 and meter.peak.total_bytes == 2 * 16 * 8 + 2 * 32
+
+
+# Points that run in about a second each on the 2-core CPU box. Expected values are MEASURED on a real
+# train_step by the meter above, never taken from the formula. Every group of the formula must match to the byte,
+# up to the Python numbers autograd saves as 8-byte 0-dim tensors (loss weights, scales) and a few int64 counts,
+# which the formula does not model: 64 B per group is above what they add at these sizes (16 B measured) and
+# below every modelled term (the smallest, a bool mask per row, is >= 128 B here).
+ACTIVATION_POINTS = [
+    ("toy", 128, 1, "fp32", "sparse"),
+    ("toy", 128, 2, "fp32", "dense"),
+    ("toy", 128, 2, "bf16", "sparse"),
+    ("toy", 256, 1, "bf16", "dense"),
+    ("toy", 128, 1, "fp8", "sparse"),
+    ("tiny", 256, 1, "fp32", "sparse"),
+]
+
+
+@pytest.mark.parametrize("flavor,seq,rows,precision,indexer", ACTIVATION_POINTS,
+                         ids=["-".join(map(str, p)) for p in ACTIVATION_POINTS])
+def test_activation_formula_matches_measurement(flavor, seq, rows, precision, indexer):
+    from dsv4train.models.flavors import get_flavor
+    from dsv4train.parallel.plan import GROUPS, ActivationCase, activation_bytes
+    from dsv4train.testing.activation_memory import measure_step
+
+    cfg = get_flavor(flavor, max_seq_len=256)
+    got = measure_step(cfg, seq, rows, precision, indexer).groups()
+    want = activation_bytes(cfg, ActivationCase(rows=rows, seq=seq, compute_bytes=4 if precision == "fp32" else 2,
+                                                indexer=indexer, fp8=precision == "fp8"))
+    assert set(got) <= set(GROUPS)
+    for group in GROUPS:
+        assert abs(want[group] - got.get(group, 0)) <= 64, (group, want[group], got.get(group, 0))
+
+
+def test_plan_activations_are_the_formula_of_the_run():
+    """`dsv4 plan`'s activation term is `activation_bytes` of the run's micro-batch at the rank's tp/cp share, in
+    the CSA mode that peaks among those the trainer uses: dense during train.dense_indexer_steps, then sparse."""
+    from dsv4train.parallel.plan import ActivationCase, activation_bytes
+
+    case = dict(rows=2, seq=512, compute_bytes=2, cp=2, tp=2)
+    layout = [*BASE, "parallel.tp=2", "parallel.cp=2", "train.steps=20"]
+    by_mode = {}
+    for mode in ("dense", "sparse"):
+        groups = activation_bytes(compose_pretrain(BASE)[0].model, ActivationCase(indexer=mode, **case))
+        copies = groups.pop("weight copies")
+        by_mode[mode] = (sum(groups.values()), copies)
+    for steps, modes in ((0, ["sparse"]), (10, ["dense", "sparse"]), (20, ["dense"])):
+        st = make_plan(compose_pretrain([*layout, f"train.dense_indexer_steps={steps}"])[0]).stages[0]
+        mode = max(modes, key=lambda m: sum(by_mode[m]))
+        assert st.activations.indexer == mode
+        assert st.terms["activations"] == pytest.approx(by_mode[mode][0], rel=1e-12)
+        assert st.terms["weight copies (bf16/FP8)"] == pytest.approx(by_mode[mode][1], rel=1e-12)
+    assert by_mode["dense"][0] != by_mode["sparse"][0]
+
+
+def test_1f1b_keeps_pp_minus_rank_chunks():
+    """1F1B (Narayanan et al. 2021): pp rank r runs min(chunks, pp - r) warm-up forwards before its first
+    backward, so that many chunks are alive at its peak; the plan's stages hold that many chunk activations."""
+    from dsv4train.parallel.plan import peak_in_flight, schedule_actions
+
+    dims = ParallelDims(pp=4, pp_microbatches=8)
+    for r in range(4):
+        actions = schedule_actions(dims, r)
+        assert sorted(a for a in actions if a[1] == "F") == [(r, "F", i) for i in range(8)]
+        assert peak_in_flight(actions, {r: 1.0}) == (4 - r, 4 - r)
+    plan = _plan("parallel.pp=4", "parallel.dp=2", "train.micro_batch_size=4")  # 4 chunks of 1 row
+    assert [s.in_flight for s in plan.stages] == [4, 3, 2, 1]
+    one = _plan("parallel.dp=2", "train.micro_batch_size=4").stages[0].activations
+    assert plan.stages[0].activations.rows == 1 and one.rows == 4
+    # stage 0 holds 4 one-row chunks of its 3 layers; a block's activations are linear in the rows
+    per_layer = one.groups["layers.mhc"] / 12
+    assert plan.stages[0].activations.groups["layers.mhc"] == pytest.approx(per_layer * 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "dualpipev"])
+def test_two_stage_schedules_free_every_chunk(schedule):
+    """torch's own action lists for the 2-stage-per-rank schedules: every chunk of each of the rank's stages is run
+    forward once and freed once (by B, or W after I), so nothing is left alive at the end."""
+    from dsv4train.parallel.plan import schedule_actions
+
+    dims = ParallelDims(pp=2, pp_schedule=schedule, pp_microbatches=4)
+    for r in range(2):
+        actions = schedule_actions(dims, r)
+        stages = {a[0] for a in actions}
+        assert len(stages) == 2
+        for kind in ("F",):
+            assert sorted((s, c) for s, k, c in actions if k == kind) == [(s, c) for s in sorted(stages)
+                                                                           for c in range(4)]
+        freed = sorted((s, c) for s, k, c in actions if k in "BW")
+        assert freed == [(s, c) for s in sorted(stages) for c in range(4)]
