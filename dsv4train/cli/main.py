@@ -34,12 +34,33 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd in COMMANDS:
         module, func, _ = COMMANDS[cmd]
-        return getattr(importlib.import_module(module), func)(rest)
+        try:
+            return getattr(importlib.import_module(module), func)(rest)
+        except Exception as e:  # a user's mistake gets one paragraph and status 2; a bug keeps its traceback
+            message = user_error_message(e)
+            if message is None:
+                raise
+            print(f"dsv4 {cmd}: {message}", file=sys.stderr)
+            return 2
     if cmd in PENDING:
         print(f"dsv4 {cmd}: not available yet: {PENDING[cmd]}", file=sys.stderr)
         return 2
     print(f"dsv4: unknown command {cmd!r}; run `dsv4 --help`", file=sys.stderr)
     return 2
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """One paragraph for an error the user can fix (a bad config value or override, a damaged checkpoint), or
+    None for anything else. Hydra's and OmegaConf's errors come from composing what the user typed."""
+    from dsv4train.config.errors import ConfigError
+
+    if isinstance(e, ConfigError):
+        return str(e)
+    if type(e).__module__.split(".")[0] in ("hydra", "omegaconf"):
+        from dsv4train.config.hydra_entry import explain_composition_error
+
+        return explain_composition_error(e)
+    return None
 
 
 if __name__ == "__main__":

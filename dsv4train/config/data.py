@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dsv4train.config.errors import require
@@ -22,6 +23,7 @@ class DataConfig:
                 f"names must be unique, got {self.sources}")
         require(not self.weights or len(self.weights) == len(self.sources), "data.weights",
                 f"needs one weight per entry of data.sources ({len(self.sources)}), got {len(self.weights)}")
-        require(all(w > 0 for w in self.weights), "data.weights", f"must all be > 0, got {self.weights}")
+        require(all(w > 0 and math.isfinite(w) for w in self.weights), "data.weights",
+                f"must all be finite and > 0, got {self.weights}")
         require(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")

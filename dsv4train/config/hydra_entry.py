@@ -3,6 +3,7 @@ Below this module only dataclasses are used (OmegaConf.to_object runs every __po
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -35,3 +36,24 @@ def compose_pretrain(overrides: list[str] | None = None) -> tuple[PretrainConfig
     run_dir = cfg.run.dir
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     return to_config(cfg, run_dir), resolved
+
+
+def explain_composition_error(e: BaseException) -> str:
+    """One paragraph from a Hydra/OmegaConf composition error and its cause, without the internals
+    (`full_key`/`reference_type` lines, the config search path), e.g. "Could not override 'train.stepz'. Key
+    'stepz' not in 'TrainConfig'. To append to your config use +train.stepz=3."."""
+    parts: list[str] = []
+    for err in (e, e.__cause__):
+        if err is None:
+            continue
+        lines = [ln.strip() for ln in str(err).split("Config search path")[0].splitlines()]
+        lines = [ln for ln in lines if ln and not re.match(r"(full_key|reference_type|object_type)\b", ln)]
+        for n, line in enumerate(lines):
+            if line.endswith(":"):  # a heading over a list ("Available options in 'model':", one per line)
+                parts.append(f"{line} {', '.join(lines[n + 1:])}")
+                break
+            if line not in parts:
+                parts.append(line)
+    hint = [p for p in parts if p.startswith("To append")]  # Hydra's hint reads best last
+    return " ".join(p if p[-1] in ".!?" else f"{p}." for p in [p for p in parts if p not in hint] + hint) \
+        or type(e).__name__

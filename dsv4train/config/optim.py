@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4train.config.errors import ConfigError
+from dsv4train.config.errors import ConfigError, require_ranges
 
 OPTIMIZERS = ("muon", "adamw")  # adamw: every parameter AdamW (a baseline)
 NS_SCHEDULES = ("hybrid", "quintic")  # hybrid: 8 + 2 steps (V4); quintic: 5 steps (Keller Jordan, torch.optim.Muon)
 NS_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on CUDA, float32 on CPU
 SCHEDULES = ("wsd", "cosine")
 DECAY_SHAPES = ("cosine", "linear")
+# The allowed range of every numeric field (finite numbers only); tests/unit/test_bad_input.py checks none is missing.
+RANGES = {
+    "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "vector_weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, 1)", "muon_momentum": "[0, 1)",
+    "muon_rms": "(0, inf)", "warmup_steps": "[0, inf)", "decay_fraction": "[0, 1]",
+}
 
 
 @dataclass
@@ -55,13 +61,5 @@ class OptimConfig:
         one_of("muon_ns_dtype", NS_DTYPES)
         one_of("schedule", SCHEDULES)
         one_of("decay_shape", DECAY_SHAPES)
-        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        need(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        for key in ("weight_decay", "vector_weight_decay"):
-            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("adam_beta1", "adam_beta2", "muon_momentum"):
-            need(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
-        need(self.adam_eps > 0, "adam_eps", f"must be > 0, got {self.adam_eps}")
-        need(self.muon_rms > 0, "muon_rms", f"must be > 0, got {self.muon_rms}")
-        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        need(0 <= self.decay_fraction <= 1, "decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
+        require_ranges(self, "optim", RANGES)
+        need(self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")

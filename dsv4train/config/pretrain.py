@@ -9,9 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv4train.config.data import DataConfig
-from dsv4train.config.errors import require, require_positive
+from dsv4train.config.errors import require, require_positive, require_ranges
 from dsv4train.config.model import ModelConfig
 from dsv4train.config.optim import OptimConfig
+
+# The allowed range of every numeric TrainConfig field (finite numbers only); tests/unit/test_bad_input.py checks
+# that none is missing.
+TRAIN_RANGES = {
+    "steps": "(0, inf)", "micro_batch_size": "(0, inf)", "grad_accum": "(0, inf)", "seq_len": "(0, inf)",
+    "grad_clip": "(0, inf)", "mtp_weight": "[0, inf)", "mtp_weight_decay": "[0, inf)",
+    "balance_loss_weight": "[0, inf)", "indexer_loss_weight": "[0, inf)", "bias_update_speed": "[0, inf)",
+    "dense_indexer_steps": "[0, inf)", "eval_every": "(0, inf)", "eval_batches": "(0, inf)", "log_every": "(0, inf)",
+    "checkpoint_every": "[0, inf)", "keep_checkpoints": "(0, inf)", "max_nan_skips": "[0, inf)",
+}
 
 
 @dataclass
@@ -36,11 +46,12 @@ class TrainConfig:
     max_nan_skips: int = 5
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
+    # A resume from a checkpoint of another optimizer (optim.name, optim.muon_split_wo_a): false refuses it; true
+    # loads the weights, data position and RNG and starts the optimizer state fresh (with a warning in the log).
+    allow_optimizer_change: bool = False
 
     def __post_init__(self) -> None:
-        require_positive(self, "train", ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every",
-                                         "eval_batches", "log_every", "keep_checkpoints", "grad_clip"))
-        require_positive(self, "train", ("checkpoint_every", "dense_indexer_steps", "max_nan_skips"), allow_zero=True)
+        require_ranges(self, "train", TRAIN_RANGES)
         require(self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}")
         require(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
 

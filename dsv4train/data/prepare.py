@@ -165,6 +165,31 @@ def resolve_tokenizer(args: PrepareArgs, docs: list[str], manifest: dict | None)
     return _Tok(tok, f"trained byte-level BPE, vocab {args.vocab_size}", tok.token_to_id(BOS), tok.token_to_id(EOS))
 
 
+MANIFEST_KEYS = {"tokenizer": str, "vocab_size": int, "eos_id": int, "datasets": dict}  # bos_id may be null
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest.json of a prepared folder, checked enough to append to it; a damaged one is named (nothing in
+    the folder is touched)."""
+    fix = ("restore it from a copy, or prepare into a new --out (a folder's manifest is written by `dsv4 data "
+           "prepare` and lists its datasets)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} holds a JSON {type(manifest).__name__}, not an object; {fix}")
+    bad = [f"{key!r} (want {kind.__name__})" for key, kind in MANIFEST_KEYS.items()
+           if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool)]
+    if "bos_id" not in manifest or not isinstance(manifest["bos_id"], (int, type(None))):
+        bad.append("'bos_id' (want int or null)")
+    if bad:
+        raise ConfigError(f"{path} is missing or has a wrong type for {', '.join(bad)}; {fix}")
+    return manifest
+
+
 def _check(args: PrepareArgs) -> dict | None:
     """Refuse bad arguments and an output folder in the wrong state; returns the manifest when appending."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name) or args.name in ("manifest", "tokenizer"):
@@ -184,7 +209,7 @@ def _check(args: PrepareArgs) -> dict | None:
     if not path.is_file() or not (args.out / TOKENIZER).is_file():
         raise FileNotFoundError(f"--append needs a folder made by `dsv4 data prepare`; {path} or its "
                                 f"{TOKENIZER} is missing")
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(path)
     if args.name in manifest["datasets"]:
         raise FileExistsError(f"dataset {args.name!r} already exists in {args.out}; pick another --name")
     return manifest

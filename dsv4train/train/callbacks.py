@@ -5,6 +5,7 @@ checkpointer sees the stop the preemption callback asked for)."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,9 @@ class Loop:
     start_step: int = 0
     nan_skips: int = 0
     stop_reason: str | None = None  # set to end the run after this step (e.g. "SIGTERM")
-    val_first: float | None = None
+    val_first: float | None = None  # the validation loss at step 0 (kept in checkpoints, so a resume knows it)
     val_last: float | None = None
+    preemption: PreemptionFlag = field(default_factory=PreemptionFlag)  # set by a signal (utils/signals.py)
 
     @property
     def ckpt_root(self) -> Path:
@@ -48,9 +50,17 @@ class Loop:
         return self.step == self.cfg.train.steps
 
     def trainer_state(self) -> dict:
-        """What a checkpoint needs besides model and optimizer to continue bit for bit."""
+        """What a checkpoint needs besides model and optimizer to continue bit for bit (and to report the run)."""
         return {"step": self.step, "nan_skips": self.nan_skips, "loader": self.train_data.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "val_first": self.val_first, "val_last": self.val_last}
+
+    def check_preemption(self) -> None:
+        """Set `stop_reason` when a preemption signal reached any rank (collective: every rank calls it at the same
+        point, so all stop after the same step). A signal on another rank is named as such."""
+        if not self.rt.any_rank(self.preemption.signum is not None):
+            return
+        seen = [s for s in PreemptionFlag.SIGNALS if self.rt.any_rank(self.preemption.signum == s)]  # same calls
+        self.stop_reason = self.preemption.name or f"{signal.Signals(seen[0]).name} on another rank"
 
 
 class Callback:
@@ -77,7 +87,7 @@ class EvalCallback(Callback):
         return evaluate(loop.model, self.val_batches, loop.device, loop.dtype, loop.rt)
 
     def on_train_start(self, loop: Loop) -> None:
-        if loop.step == 0:
+        if loop.step == 0 and loop.stop_reason is None:
             loop.val_first = loop.val_last = self._evaluate(loop)
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
@@ -121,20 +131,12 @@ class ProgressCallback(Callback):
 
 
 class PreemptionCallback(Callback):
-    """SIGTERM / SIGUSR1 (Slurm's warning) end the run after the current step, with a checkpoint."""
-
-    def __init__(self):
-        self.flag = PreemptionFlag()
-
-    def on_train_start(self, loop: Loop) -> None:
-        self.flag.__enter__()
+    """SIGTERM / SIGUSR1 (Slurm's warning) end the run after the current step, with a checkpoint. The handlers are
+    installed before set-up (`Loop.preemption`, see trainer.py), and a signal that arrives before the first step
+    ends the run before it."""
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
-        if loop.rt.any_rank(self.flag.signum is not None):  # every rank stops after the same step
-            loop.stop_reason = self.flag.name or "signal on another rank"
-
-    def close(self) -> None:
-        self.flag.__exit__()
+        loop.check_preemption()
 
 
 class CheckpointCallback(Callback):
@@ -147,7 +149,7 @@ class CheckpointCallback(Callback):
         due = self.every and loop.step % self.every == 0
         if due or loop.is_last_step or loop.stop_reason:
             checkpoint.save(loop.ckpt_root, loop.step, loop.model, loop.optimizer, loop.trainer_state(), self.keep,
-                            loop.rt)
+                            loop.rt, optim=loop.cfg.optim)
 
 
 def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers | None) -> list[Callback]:

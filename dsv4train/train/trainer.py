@@ -1,5 +1,6 @@
 """The pre-training loop, on one process or under torchrun. `pretrain(cfg)` reads top to bottom:
 
+preemption handlers (first: a SIGTERM/SIGUSR1 during set-up ends the run before its first step, with a summary) ->
 set up (layout check, run dir, process group, data, model, parallelize, optimizer, trackers) ->
 resume from the newest checkpoint if any ->
 for each step: schedules -> forward/backward over micro-batches -> NaN policy -> optimizer step ->
@@ -9,12 +10,14 @@ router bias update -> metrics -> callbacks (eval, tracking, progress bar, preemp
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.data.loader import PackedLoader, RankSlice, check_vocab
@@ -34,9 +37,15 @@ from dsv4train.train.callbacks import Callback, Loop, default_callbacks
 from dsv4train.train.step import train_step
 from dsv4train.utils.device import pick_device, seed_everything, set_rng_state
 from dsv4train.utils.dist import env_world_size, init_distributed
+from dsv4train.utils.signals import PreemptionFlag, catch_preemption
 
 
 def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
+    with catch_preemption() as preemption:  # before anything else, so set-up is covered too
+        return _pretrain(cfg, resolved_yaml, preemption)
+
+
+def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: PreemptionFlag) -> dict:
     t = cfg.train
     dims = ParallelDims.from_config(cfg.parallel)
     dims.validate(env_world_size(), cfg.model, t.seq_len, t.micro_batch_size)  # before any process-group work
@@ -56,22 +65,16 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())  # the whole model, before pp keeps this rank's stages
     model = rt.parallelize(apply_precision(model, cfg.precision))
     optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
-    loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype, rt)
+    loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype, rt, preemption=preemption)
 
-    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []
+    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []  # .tmp_* of a killed write
     rt.barrier()
-    resume_from = checkpoint.latest(loop.ckpt_root)
-    if resume_from is not None:
-        checkpoint.check_same_model(resume_from, cfg.model)
-        state = checkpoint.load(resume_from, model, optimizer)
-        train_data.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        loop.step = loop.start_step = state["step"]
-        loop.nan_skips = state["nan_skips"]
+    resume_from = checkpoint.latest(loop.ckpt_root)  # complete step_<N> folders only
+    fresh_optimizer = resume_from is not None and _resume(loop, resume_from)
     config_dict = asdict(cfg)
     if rt.is_main:
         write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-        _print_start(cfg, n_params, loop, resume_from, removed)
+        _print_start(cfg, n_params, loop, resume_from, removed, fresh_optimizer)
 
     trackers = build_trackers(cfg.tracker, run_dir, config_dict) if rt.is_main else None
     callbacks = default_callbacks(cfg, val_data.val_batches(t.eval_batches), trackers)
@@ -84,6 +87,25 @@ def pretrain(cfg: PretrainConfig, resolved_yaml: str | None = None) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
     return summary
+
+
+def _resume(loop: Loop, step_dir: Path) -> bool:
+    """Load `step_dir` into the loop (weights, optimizer state, data position, RNG, counters) after checking it was
+    written for this model and optimizer. Returns True when the optimizer state starts fresh instead (another
+    optimizer and train.allow_optimizer_change=true)."""
+    cfg = loop.cfg
+    allow = cfg.train.allow_optimizer_change
+    checkpoint.check_same_model(step_dir, cfg.model)
+    fits = checkpoint.check_same_optimizer(step_dir, cfg.optim, allow)
+    loaded = checkpoint.load(step_dir, loop.model, loop.optimizer,
+                             optimizer_state=fits if fits is not None else (None if allow else True))
+    state = checkpoint.trainer_state(step_dir)
+    loop.train_data.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    loop.step = loop.start_step = state["step"]
+    loop.nan_skips = state["nan_skips"]
+    loop.val_first, loop.val_last = state.get("val_first"), state.get("val_last")  # absent before they were saved
+    return not loaded
 
 
 def _same_run_dir(cfg: PretrainConfig, rt: ParallelRuntime) -> str:
@@ -103,6 +125,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
     peak = measured_matmul_peak(loop.device, loop.dtype)
     flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * loop.rt.data_ranks
+    loop.check_preemption()  # a signal during set-up: no step, no evaluation, just the summary
     for cb in callbacks:
         cb.on_train_start(loop)
 
@@ -122,6 +145,10 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
                     f"non-finite loss or gradient at step {loop.step + 1} ({last.reason}); {loop.nan_skips} such "
                     f"step(s) in a row. Lower optim.lr, check the data, or resume from "
                     f"{checkpoint.latest(loop.ckpt_root)}")
+            if loop.rt.is_main:
+                tqdm.write(f"dsv4 pretrain: step {loop.step + 1}: non-finite loss or gradient ({last.reason}); "
+                           f"update skipped ({loop.nan_skips} in a row, at most train.max_nan_skips="
+                           f"{t.max_nan_skips})", file=sys.stderr)
         else:
             loop.nan_skips = 0
             update_router_bias(model, loop.rt.local_expert_counts(last.expert_counts, model), t.bias_update_speed)
@@ -158,7 +185,8 @@ def _router_bias_norm(model: DSV4Model, rt: ParallelRuntime) -> float:
     return float(rt.sum_over_stages(squares).sqrt())
 
 
-def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: list[str]) -> None:
+def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: list[str],
+                 fresh_optimizer: bool) -> None:
     t = cfg.train
     dims = loop.rt.dims
     where = f"{loop.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
@@ -169,6 +197,14 @@ def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: 
         print(f"  removed incomplete checkpoint writes: {', '.join(removed)}")
     if resume_from is not None:
         print(f"  resuming from {resume_from}")
+    if fresh_optimizer:
+        before = checkpoint.read_meta(resume_from).get("optim", {}).get("name", "an unrecorded optimizer")
+        print(f"WARNING: optimizer changed on resume ({before} in {resume_from.name}, optim.name={cfg.optim.name} "
+              "now) and train.allow_optimizer_change=true: the weights, data position and RNG come from the "
+              "checkpoint, the optimizer state (momentum, Adam moments, step counts) starts fresh", file=sys.stderr)
+    if resume_from is not None and loop.step >= t.steps:
+        print(f"  nothing to train: the run is already at step {loop.step} of train.steps={t.steps}; raise "
+              "train.steps to train longer")
 
 
 def _print_summary(s: dict) -> None:
