@@ -32,7 +32,8 @@ class Indexer(nn.Module):
         keys_BTK = self.compressor(x_BSD, freqs, seq)
         q_BSHK = self.wq_b(qlat_BSR).view(B, S, self.n_heads, self.head_dim)
         q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
-        logits_BSHT = torch.matmul(q_BSHK.float(), keys_BTK.float().transpose(-1, -2).unsqueeze(1))
+        # one [B, S·H, K] x [B, K, T] batched GEMM: matmul's broadcast of the keys over S would copy them per query
+        logits_BSHT = torch.einsum("bshk,btk->bsht", q_BSHK.float(), keys_BTK.float())
         w_BSH = self.weights_proj(x_BSD).float() * self.n_heads ** -0.5
         return torch.einsum("bsht,bsh->bst", F.relu(logits_BSHT) * self.head_dim ** -0.5, w_BSH)
 

@@ -48,8 +48,8 @@ Memory per rank (an ESTIMATE, in bytes; GB below means 1e9 bytes). Parameter cou
         de-rotated output and the grouped low-rank output; cos/sin per position.
       compressor (csa, hca): the gate softmax and kv over S·(2 or 1)·c per row (+ casts), the pooled norm.
       indexer (csa, while the KL loss is computed, dense and sparse alike): ReLU(q·K) and its scaled copy
-        2·I_h·T per token (T = S/4 entries), the keys broadcast over the queries by matmul (I_d·T per token
-        when rows > 1: matmul copies the broadcast), the KL's log-softmax and teacher over T (dense) or k.
+        2·I_h·T per token (T = S/4 entries), the keys (I_d·T per row), the KL's log-softmax and teacher over T
+        (dense) or k.
       MoE: router 2·E + k (+ balance loss), per routed row (N·k; under ep assumed balanced) 3·d + 6·I in the
         row dtype (fp32 even under bf16 autocast: the rows come from the fp32 norm output and the grouped GEMM
         has no autocast rule), shared expert 6·I_s·a.
@@ -324,8 +324,7 @@ def _indexer(cfg, c: ActivationCase, T: int, K: int, s_b: int) -> float:
                   + 2 * BOOL)                          # rows with any entry (where, masked_fill)
     if c.indexer == "sparse":
         per_token += a * T + I64 * K                   # gather of the picked scores: all scores, the index
-    keys = a * Id * T * (S if B > 1 else 1)            # the keys, broadcast over the queries by matmul: a copy
-                                                       # per query [S, I_d, T] unless one row makes it a view
+    keys = a * Id * T                                  # the keys [T, I_d] (one batched GEMM with the queries)
     return B * (per_token * S + keys) + I64 + _compressor(cfg, c, Id, cfg.csa_ratio, True, s_b)  # + KL's count
 
 
