@@ -37,15 +37,15 @@ def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value, ties to the even mantissa, saturating at ±6; NaN stays NaN. float32."""
+    """Round to the nearest E2M1 value, ties to the even mantissa, saturating at ±6; NaN stays NaN. float32.
+
+    The grid is evenly spaced per binade: step 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6], and a grid point's
+    mantissa bit is the parity of its multiple of the step, so round(a / step) · step (torch.round: half to even)
+    is the rounding. Only scalars and elementwise ops, so a TP-sharded weight rounds like a plain tensor."""
     x = x.float()
-    grid = torch.tensor(E2M1_GRID, device=x.device)
-    mids = (grid[1:] + grid[:-1]) / 2  # 7 midpoints
     a = x.abs().clamp(max=E2M1_MAX)
-    idx = torch.bucketize(a, mids)  # mids[idx-1] < a <= mids[idx]: a tie lands on the lower point idx
-    tie = (a == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
-    idx = torch.where(tie, idx + 1, idx)  # move an odd (mantissa 1) tie up to the even neighbour
-    q = grid[idx.clamp(max=len(grid) - 1)] * torch.sign(x)
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))  # powers of two: a / step is exact
+    q = torch.round(a / step) * step * torch.sign(x)
     return torch.where(torch.isnan(x), x, q)
 
 
@@ -61,7 +61,7 @@ def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     m, e = torch.frexp(torch.where(finite, a, torch.ones_like(a)))
     k = e.to(torch.int32) - e_q + (m > m_q).to(torch.int32)
     # 2^k for -126 <= k <= 127 (k <= 120 for finite float32 amax): the exponent bits, k + 127, times 2^23 (a
-    # multiply, not `<< 23`: torch 2.13's DTensor returns `t << 23` unshifted, which broke FP8 under TP).
+    # multiply, not `<< 23`: torch 2.13's distributed tensors return `t << 23` unshifted, which broke FP8 under TP).
     s = ((k + 127) * (1 << 23)).view(torch.float32)
     return torch.where(finite, s, torch.full_like(s, float("nan")))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dsv4train.config.model import ModelConfig
+from dsv4train.config.pretrain import PrecisionConfig
 
 TINY_BASE = dict(
     vocab_size=300, dim=64, n_heads=4, head_dim=32, rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16,
@@ -16,3 +17,11 @@ def tiny_config(layer_types=("swa", "csa", "hca", "csa"), **overrides) -> ModelC
     kw = {**TINY_BASE, **overrides}
     kw["n_hash_layers"] = min(kw["n_hash_layers"], len(layer_types))
     return ModelConfig(layer_types=list(layer_types), **kw)
+
+
+# The README's quantised precisions with blocks that tile `tiny_config` on every rank of the equivalence tests:
+# tp2 splits the shared expert's 48 channels into 24 and wo_b's 32 inputs into 16, and the FP8 weight-gradient tiles
+# run along tokens (rows of 16 or 24, cp2's 8-token halves), so FP8 tiles are 8; FP4 sub-blocks of 4 give two
+# per FP8 block (V4 has four 32s in 128).
+TINY_FP8 = PrecisionConfig(name="fp8", fp8=True, fp8_block=8, fp4_block=4)
+TINY_FP8_FP4 = PrecisionConfig(name="fp8_fp4", fp8=True, fp4_experts=True, fp8_block=8, fp4_block=4)

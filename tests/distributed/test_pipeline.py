@@ -1,23 +1,22 @@
 """Pipeline parallelism trains like one process: 1F1B, Interleaved 1F1B and DualPipeV on 2 pp ranks, and pp
-composed with dp, tp and dp×ep, against the one-process reference each rank also runs
-(tests/distributed/test_layouts.py's pattern). Each pp rank holds only its stages' parameters, so gradients are compared per rank for the parameters it
-holds, under their global names."""
+composed with dp, tp and dp×ep, against the one-process reference and its noise floor (tests/distributed/
+test_layouts.py's pattern; tolerances in dsv4train/testing/equivalence.py). Each pp rank holds only its stages'
+parameters, so gradients are compared per rank for the parameters it holds, under their global names."""
+
+from functools import partial
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from dsv4train.config.optim import OptimConfig
 from dsv4train.config.pretrain import TrainConfig
-from dsv4train.data.loader import rank_rows
-from dsv4train.models.model import DSV4Model
 from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.testing.distributed import run_distributed_test
-from dsv4train.testing.equivalence import assert_grads_match, assert_losses_close, fixed_batches, run_steps
-from dsv4train.testing.toy_configs import tiny_config
-from dsv4train.train.step import evaluate
+from dsv4train.testing.equivalence import (assert_matches_one_process, build_tiny, fixed_batches,
+                                           one_process_reference, run_steps)
+from dsv4train.testing.toy_configs import TINY_FP8, TINY_FP8_FP4, tiny_config
 
 pytestmark = pytest.mark.dist
 
@@ -25,39 +24,28 @@ ROWS, SEQ, STEPS = 4, 24, 3
 
 
 def _check_pipeline(rank, world_size, layout: dict, optim: str, grad_accum: int = 1, rows: int = ROWS,
-                    seq: int = SEQ):
+                    seq: int = SEQ, precisions: tuple = (None,), steps: int = STEPS):
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
-    optim_cfg = OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32")
-    batches = fixed_batches(cfg.vocab_size, rows, seq, STEPS)
-
-    ref = DSV4Model(cfg)
-    ref.init_weights(0)
-    ref_losses, ref_grads, ref_counts = run_steps(ref, build_optimizers(ref, optim_cfg), batches, ParallelRuntime(),
-                                             train_cfg, grad_accum)
-    ref_val = evaluate(ref, batches[:1], torch.device("cpu"), torch.float32)
-
+    make_optimizer = partial(build_optimizers, cfg=OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32"))
+    batches = fixed_batches(cfg.vocab_size, rows, seq, steps)
     dims = ParallelDims(**layout)
     dims.validate(world_size, cfg, seq, rows // dims.data_ranks // grad_accum)
-    rt = ParallelRuntime(dims)
-    model = DSV4Model(cfg)
-    model.init_weights(0)
-    model = rt.parallelize(model)
-    losses, grads, counts = run_steps(model, rt.distribute_optimizer(build_optimizers(model, optim_cfg)), batches, rt,
-                                 train_cfg, grad_accum)
-    val = evaluate(model, [rank_rows(batches[0], rt.data_rank, rt.data_ranks)], torch.device("cpu"),
-                   torch.float32, rt)
 
-    assert_losses_close(losses, ref_losses, 1e-5)
-    assert abs(val - ref_val) <= 1e-5 * abs(ref_val), f"val loss {val} vs one process {ref_val}"
-    for step, (a, b) in enumerate(zip(counts, ref_counts)):  # global counts on every rank, all MoE layers
-        assert torch.equal(a.cpu(), b.cpu()), f"step {step + 1}: expert counts differ"
-
-    # Every parameter is held by some pp rank, once; names are the global ones.
-    held = [None] * world_size
-    dist.all_gather_object(held, sorted(grads[0]))
-    assert set().union(*map(set, held)) == set(ref_grads[0]), "the stages together do not hold the whole model"
-    assert_grads_match(grads, ref_grads)  # tolerances explained in dsv4train/testing/equivalence.py
+    for precision in precisions:
+        build = partial(build_tiny, precision)
+        ref, floor = one_process_reference(build, make_optimizer, batches, train_cfg, grad_accum, validate=True,
+                                           unquantised=build_tiny if precision else None)
+        rt = ParallelRuntime(ParallelDims(**layout))
+        model = rt.parallelize(build())
+        got = run_steps(model, rt.distribute_optimizer(make_optimizer(model)), batches, rt, train_cfg, grad_accum,
+                        validate=True)
+        # Every parameter is held by some pp rank, once; names are the global ones.
+        held = [None] * world_size
+        dist.all_gather_object(held, sorted(got.grads[0]))
+        assert set().union(*map(set, held)) == set(ref.grads[0]), "the stages together do not hold the whole model"
+        # losses, validation loss, expert counts (global on every rank, all MoE layers) and gradients
+        assert_matches_one_process(got, ref, floor, precision.name if precision else "fp32")
 
 
 @pytest.mark.parametrize("layout,optim,grad_accum", [
@@ -99,3 +87,10 @@ def test_dualpipev_composes_with_fsdp():
     chunks per micro-batch, so 2 data ranks take 8 rows per step."""
     run_distributed_test(_check_pipeline, world_size=4,
                          args=({"pp": 2, "dp": 2, "pp_schedule": "dualpipev", "pp_microbatches": 4}, "muon", 1, 8))
+
+
+def test_fp8_and_fp8_fp4_pipeline_matches_one_process():
+    """pp2 (1F1B) with FP8 and FP8+FP4, both in one process group, 2 steps of 16-token rows (test_layouts.py's
+    precision x layout tests)."""
+    run_distributed_test(_check_pipeline, world_size=2,
+                         args=({"pp": 2}, "muon", 1, ROWS, 16, (TINY_FP8, TINY_FP8_FP4), 2))
