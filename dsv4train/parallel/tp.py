@@ -29,8 +29,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from dsv4train.config.errors import ConfigError
 from dsv4train.models.attention import Attention
 from dsv4train.models.moe import MoE
+
+# the linears tp splits, and which of their dims: "out" (ColwiseParallel, weight Shard(0)) or "in" (Rowwise, Shard(1))
+_SPLIT_DIMS = {"attn.wq_b": "out", "attn.wo_b": "in", "shared_experts.w1": "out", "shared_experts.w3": "out",
+               "shared_experts.w2": "in"}
 
 
 class _GradAllReduce(torch.autograd.Function):
@@ -84,8 +89,27 @@ def _attention(attn: Attention, mesh: DeviceMesh) -> None:
     attn.sum_over_head_shards = _SumOverGroup(group)
 
 
+def check_fp8_blocks_under_tp(model: nn.Module, tp: int) -> None:
+    """An FP8 linear (quant/modules.py; it has a `block`) that tp splits must keep whole FP8 blocks on every rank:
+    its weight's B×B blocks and its activations' 1×B tiles are cut along the split dim. A ConfigError names the
+    layer and a block that would fit, before anything is sharded."""
+    for name, module in model.named_modules():
+        block = getattr(module, "block", None)
+        split = next((d for suffix, d in _SPLIT_DIMS.items() if name == suffix or name.endswith("." + suffix)), None)
+        if block is None or split is None:
+            continue
+        size = module.out_features if split == "out" else module.in_features
+        local = size // tp
+        if local % block:
+            fit = 1 << min((local & -local).bit_length() - 1, block.bit_length() - 1)
+            raise ConfigError(f"{name}: parallel.tp={tp} leaves {local} of its {size} {split}put channels on each "
+                              f"rank, not a multiple of the FP8 block {block}; use precision.fp8_block={fit} or a "
+                              f"smaller parallel.tp")
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split `model` over `tp_mesh` in place, per the table above."""
+    check_fp8_blocks_under_tp(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, {
         "embed": RowwiseParallel(input_layouts=Replicate()),
         "head": ColwiseParallel(output_layouts=Replicate()),

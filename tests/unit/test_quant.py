@@ -517,6 +517,20 @@ def test_bad_block_names_the_layer():
         apply_precision(m2, PrecisionConfig(fp8=True, fp8_block=32))
 
 
+def test_a_block_that_tensor_parallelism_would_cut_names_the_layer():
+    """tp2 halves the shared expert's 48 channels to 24 per rank: FP8 block 16 no longer tiles a rank's shard, which
+    used to end in a raw DTensor error mid-forward; apply_tensor_parallel refuses it first (before it touches the
+    mesh: the stub below has nothing but a size), naming the layer and a block that fits."""
+    from types import SimpleNamespace
+
+    from dsv4train.parallel.tp import apply_tensor_parallel
+
+    m = apply_precision(_tiny_model(), PrecisionConfig(fp8=True, fp8_block=16, fp4_block=4))
+    with pytest.raises(ConfigError, match=r"layers\.0\.ffn\.shared_experts\.w1: parallel\.tp=2 leaves 24 of its 48 "
+                                          r"output channels .* precision\.fp8_block=8"):
+        apply_tensor_parallel(m, SimpleNamespace(size=lambda: 2))
+
+
 def test_te_backend_without_transformer_engine_says_what_to_do():
     try:
         import transformer_engine.pytorch  # noqa: F401
