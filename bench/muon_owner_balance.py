@@ -21,22 +21,15 @@ import torch
 from dsv4train.config.optim import OptimConfig
 from dsv4train.models.flavors import get_flavor
 from dsv4train.models.model import DSV4Model
-from dsv4train.optim.groups import build_optimizers, describe_groups
-from dsv4train.parallel.muon import DistributedMuon, assign_owners, ns_cost
+from dsv4train.optim.groups import build_optimizers
+from dsv4train.parallel.muon import DistributedMuon, assign_owners, model_ns_costs
 
 
 def muon_matrix_costs(flavor: str) -> list[float]:
-    """NS cost of every logically independent Muon matrix set (an expert stack or a row-block matrix is one job)."""
+    """NS cost of every logically independent Muon matrix set of a flavor (built on the meta device)."""
     with torch.device("meta"):
         model = DSV4Model(get_flavor(flavor))
-    labels = describe_groups(model, OptimConfig())
-    costs = []
-    for name, p in model.named_parameters():
-        if labels.get(name, "").startswith("muon"):
-            g = model.cfg.o_groups if labels[name] == "muon:row_blocks" else 1
-            costs.append(ns_cost(p.shape[0], p.shape[1], p.shape[2]) if p.ndim == 3
-                         else ns_cost(g, p.shape[0] // g, p.shape[1]))
-    return costs
+    return model_ns_costs(model, OptimConfig())
 
 
 def owner_balance(costs: list[float], world: int) -> tuple[float, float]:

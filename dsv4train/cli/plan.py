@@ -111,7 +111,7 @@ def render(plan, show_all: bool = False) -> str:
         add(f"  {span(r['ranks']):<20}{r['pp']:>3}{r['ep']:>4}{r['tp']:>4}  {span(r['layers']):<10}"
             f"{span(r['experts']):<12}{span(r['fsdp_group'])}")
 
-    add(f"\nmemory per rank, GB (1e9 B), an estimate (formulas: dsv4train/parallel/plan.py)")
+    add("\nmemory per rank, GB (1e9 B), an estimate (formulas: dsv4train/parallel/plan.py)")
     terms = list(plan.stages[0].terms)
     add(f"  {'term':<24}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in plan.stages))
     for term in terms:

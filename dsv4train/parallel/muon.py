@@ -35,7 +35,7 @@ from dsv4train.optim.combined import CombinedOptimizer
 from dsv4train.optim.muon import NS_COEFFICIENTS, Muon, apply_update, as_matrices, momentum_input, newton_schulz, \
     resolve_ns_dtype
 
-__all__ = ["DistributedMuon", "make_distributed", "assign_owners", "ns_cost"]
+__all__ = ["DistributedMuon", "make_distributed", "assign_owners", "ns_cost", "model_ns_costs"]
 
 # same-shape matrices are concatenated into one newton_schulz call up to this many elements (bounds the extra
 # memory of the concatenation and of NS's temporaries; one larger parameter still runs alone)
@@ -47,6 +47,22 @@ def ns_cost(n_mats: int, n: int, m: int) -> float:
     X X^T is a²b, (XX^T)² is a³, the product with X is a²b."""
     a, b = min(n, m), max(n, m)
     return float(n_mats) * (2 * a * a * b + a ** 3)
+
+
+def model_ns_costs(model: torch.nn.Module, optim_cfg=None) -> list[float]:
+    """NS cost of each Muon parameter of `model` as one owner job (an expert stack or a row-block matrix is one
+    job), as if none were whole on any rank: the worst case of the owner assignment (bench, tests)."""
+    from dsv4train.optim.groups import describe_groups
+
+    labels = describe_groups(model, optim_cfg)
+    o_groups = getattr(getattr(model, "cfg", None), "o_groups", 1)
+    costs = []
+    for name, p in model.named_parameters():
+        if labels.get(name, "").startswith("muon"):
+            g = o_groups if labels[name] == "muon:row_blocks" else 1
+            costs.append(ns_cost(p.shape[0], p.shape[1], p.shape[2]) if p.ndim == 3
+                         else ns_cost(g, p.shape[0] // g, p.shape[1]))
+    return costs
 
 
 def assign_owners(jobs: list[tuple[object, float, tuple[int, ...]]], loads: list[float]) -> dict:

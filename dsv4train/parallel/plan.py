@@ -202,7 +202,7 @@ class StageMemory:
 
 def _layer_params(cfg, layer_type: str, hashed: bool) -> dict[str, float]:
     p = _block(cfg, layer_type, hashed)
-    n, d = cfg.hc_mult, cfg.dim
+    n = cfg.hc_mult
     mhc_static = 2 * ((2 + n) * n + 3)  # hc_*_base / hc_*_scale: AdamW vectors
     attn_tp = _attention_tp_split(cfg)
     return {"dense_tp": sum(p[k] for k in TP_SPLIT) + attn_tp,
@@ -563,7 +563,7 @@ def rank_activations(cfg: PretrainConfig, dims: ParallelDims, pp_rank: int = 0) 
 
 def stage_memory(cfg: PretrainConfig, dims: ParallelDims) -> list[StageMemory]:
     """Memory per rank of each pp stage (every rank of a stage needs the same, up to uneven FSDP shards)."""
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     fsdp, efsdp = dims.fsdp_shards, dims.expert_fsdp_shards  # dp·cp·ep and dp·cp, divided by dp_replicate
     counts = param_counts(m)
     n, d, V = m.hc_mult, m.dim, m.vocab_size

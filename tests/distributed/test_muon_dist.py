@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.debug import CommDebugMode
 
 from dsv4train.optim.muon import Muon
-from dsv4train.parallel.muon import DistributedMuon, assign_owners, make_distributed, ns_cost
+from dsv4train.parallel.muon import DistributedMuon, assign_owners, make_distributed
 from dsv4train.testing.distributed import run_distributed_test
 
 pytestmark = pytest.mark.dist
@@ -301,17 +301,11 @@ def test_owner_assignment_balances_ns_work():
     from dsv4train.config.optim import OptimConfig
     from dsv4train.models.flavors import get_flavor
     from dsv4train.models.model import DSV4Model
-    from dsv4train.optim.groups import describe_groups
+    from dsv4train.parallel.muon import model_ns_costs
 
     with torch.device("meta"):
         model = DSV4Model(get_flavor("toy"))
-    labels = describe_groups(model, OptimConfig())
-    costs = []
-    for name, p in model.named_parameters():
-        if labels.get(name, "").startswith("muon"):
-            g = model.cfg.o_groups if labels[name] == "muon:row_blocks" else 1
-            costs.append(ns_cost(p.shape[0], p.shape[1], p.shape[2]) if p.ndim == 3
-                         else ns_cost(g, p.shape[0] // g, p.shape[1]))
+    costs = model_ns_costs(model, OptimConfig())
     for world in (2, 4, 8):
         loads = [0.0] * world
         owners = assign_owners([(i, c, tuple(range(world))) for i, c in enumerate(costs)], loads)

@@ -6,7 +6,6 @@ inside a step, a SIGKILL right after DCP wrote the shards), so they land at the 
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
