@@ -27,6 +27,7 @@ from dsv4train.config.errors import ConfigError
 from dsv4train.data.corpus import stdlib_documents
 from dsv4train.data.indexed import write_documents
 from dsv4train.data.tokenizer import BOS, EOS, train_tokenizer
+from dsv4train.utils.json_files import read_json_object
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 TABLE_SUFFIXES = (".jsonl", ".parquet")
@@ -174,13 +175,9 @@ def read_manifest(path: Path) -> dict:
     fix = ("restore it from a copy, or prepare into a new --out (a folder's manifest is written by `dsv4 data "
            "prepare` and lists its datasets)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
+        manifest = read_json_object(path, fix)
+    except OSError as e:
         raise ConfigError(f"{path} cannot be read ({e}); {fix}") from None
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"{path} holds a JSON {type(manifest).__name__}, not an object; {fix}")
     bad = [f"{key!r} (want {kind.__name__})" for key, kind in MANIFEST_KEYS.items()
            if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool)]
     if "bos_id" not in manifest or not isinstance(manifest["bos_id"], (int, type(None))):

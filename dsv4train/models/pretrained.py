@@ -28,6 +28,7 @@ from dsv4train.config.model import ModelConfig
 from dsv4train.models.hf import (config_from_hf, from_hf_state_dict, hf_config_kwargs, hf_fp8_block,
                                  official_name, to_hf_state_dict)
 from dsv4train.models.model import DSV4Model
+from dsv4train.utils.json_files import read_json_object
 
 DSV4_META = "dsv4_model.json"
 WEIGHTS = "model.safetensors"
@@ -82,15 +83,7 @@ def save_hf(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a file that is not valid JSON (or not an object) raises a ConfigError naming it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ConfigError(f"{path} is not valid JSON{where}; repair the file or write it again") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; repair the file or write it "
-                          "again")
-    return data
+    return read_json_object(path, "repair the file or write it again")
 
 
 def _weight_files(path: Path) -> list[Path]:
