@@ -55,15 +55,18 @@ def _quiet_dcp():
         yield
 
 
+def _step_of(step_dir: Path) -> int:
+    """N of a folder named `step_<N>`, else -1."""
+    name = step_dir.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
+
+
 def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ckpt_root, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    found = []
-    for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and (p / META).exists():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
+    return sorted((_step_of(p), p) for p in ckpt_root.iterdir()
+                  if p.is_dir() and _step_of(p) >= 0 and (p / META).exists())
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -184,11 +187,6 @@ def _damaged(step_dir: Path, file: str, what: str) -> str:
             else f"start again from step 0 (there is no earlier checkpoint in {root})")
     return (f"checkpoint {step_dir} is damaged: {file} {what}. Nothing was changed. Move the folder aside "
             f"(`mv {step_dir} {aside}`) and re-run to {then}; or restore the folder from a copy.")
-
-
-def _step_of(step_dir: Path) -> int:
-    name = step_dir.name
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
 
 def verify(step_dir: Path) -> None:
