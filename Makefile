@@ -1,10 +1,11 @@
 # Two set-up commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# `make lint`: ruff (configured in pyproject.toml) checks the code and its formatting; it changes nothing.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --timeout 900 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not dist and not e2e" tests

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-DATA_DIR = "data/prepared/stdlib"  # the default of conf/data/stdlib.yaml, so `dsv4 pretrain` finds it too
+DATA_DIR = "data/prepared/stdlib"  # the default of dsv4train/conf/data/stdlib.yaml, so `dsv4 pretrain` finds it too
 
 
 def _count(text: str) -> int:

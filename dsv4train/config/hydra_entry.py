@@ -1,4 +1,4 @@
-"""Hydra glue: the conf/ folder, the schema registration, and composing a typed PretrainConfig.
+"""Hydra glue: the dsv4train/conf/ folder, the schema registration, and composing a typed PretrainConfig.
 Below this module only dataclasses are used (OmegaConf.to_object runs every __post_init__ check)."""
 
 from __future__ import annotations
@@ -11,11 +11,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsv4train.config.pretrain import PretrainConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The YAML groups ship inside the package (pyproject's package-data), so an installed wheel finds them from any
+# working directory; a wheel is unpacked on disk, so a plain path is what Hydra's config_dir needs.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    ConfigStore.instance().store(name="pretrain_schema", node=writable_schema(PretrainConfig))
+
+
+def writable_schema(config_class: type) -> DictConfig:
+    """The structured DictConfig of a frozen config dataclass with OmegaConf's read-only flag cleared on every
+    node. OmegaConf marks the node of a frozen dataclass read-only, which would refuse Hydra's merge of the YAML
+    groups and the command-line overrides; composing writes the DictConfig, and the dataclasses that
+    OmegaConf.to_object builds from it stay frozen."""
+    schema = OmegaConf.structured(config_class)
+    _clear_readonly(schema)
+    return schema
+
+
+def _clear_readonly(node: DictConfig) -> None:
+    OmegaConf.set_readonly(node, None)  # None: inherit (from the root: writable)
+    for _, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig):
+            _clear_readonly(child)
 
 
 def to_config(cfg: DictConfig, run_dir: str | None = None) -> PretrainConfig:
@@ -26,8 +45,8 @@ def to_config(cfg: DictConfig, run_dir: str | None = None) -> PretrainConfig:
 
 
 def compose_pretrain(overrides: list[str] | None = None) -> tuple[PretrainConfig, str]:
-    """Compose conf/pretrain.yaml with overrides outside a Hydra app (tests, `dsv4 demo`); returns the typed
-    config and its resolved YAML."""
+    """Compose dsv4train/conf/pretrain.yaml with overrides outside a Hydra app (tests, `dsv4 demo`); returns the
+    typed config and its resolved YAML."""
     from hydra import compose, initialize_config_dir
 
     register_schemas()

@@ -67,15 +67,15 @@ def get_flavor(name: str, **overrides) -> ModelConfig:
 
 
 def flavor_yaml(name: str) -> str:
-    """The flavor as a Hydra `conf/model/<name>.yaml` (every field, lists inline)."""
+    """The flavor as a Hydra `dsv4train/conf/model/<name>.yaml` (every field, lists inline)."""
     import yaml
 
     header = f"# model={name}: generated from dsv4train/models/flavors.py; regenerate with\n" \
-             "#   python -m dsv4train.models.flavors conf/model\n"
+             "#   python -m dsv4train.models.flavors dsv4train/conf/model\n"
     return header + yaml.safe_dump(asdict(get_flavor(name)), default_flow_style=None, sort_keys=False, width=120)
 
 
-if __name__ == "__main__":  # python -m dsv4train.models.flavors conf/model
+if __name__ == "__main__":  # python -m dsv4train.models.flavors dsv4train/conf/model
     import sys
     from pathlib import Path
 

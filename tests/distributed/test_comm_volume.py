@@ -22,16 +22,12 @@ so it is held to 15%.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections import Counter
 
 import pytest
 
+from bench import comm_volume as cv
 from dsv4train.testing.toy_configs import tiny_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-import comm_volume as cv  # noqa: E402
 
 pytestmark = pytest.mark.dist
 

@@ -68,7 +68,8 @@ def test_model_yamls_match_the_flavor_registry():
 
     for name in flavor_names():
         on_disk = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text())
-        assert on_disk == asdict(get_flavor(name)), "regenerate: python -m dsv4train.models.flavors conf/model"
+        assert on_disk == asdict(get_flavor(name)), \
+            "regenerate: python -m dsv4train.models.flavors dsv4train/conf/model"
 
 
 def test_bad_overrides_name_the_key(tmp_path):
