@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 def convert_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from dsv4train.config.errors import ConfigError
-    from dsv4train.models.pretrained import detect_format, load_pretrained, save_dsv4, save_hf
+    from dsv4train.models.pretrained import detect_format, save_dsv4, save_hf
+    from dsv4train.train.pretrained import load_pretrained
 
     if args.dst.exists() and (not args.dst.is_dir() or any(args.dst.iterdir())):
         print(f"dsv4 convert: {args.dst} already exists and is not empty; choose a new destination", file=sys.stderr)

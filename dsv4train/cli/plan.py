@@ -26,15 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-ranks", default=None, metavar="R,R,...",
                    help="ranks to build the device mesh as (default: the first and the last)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
-                   help="a recipe folder whose config (--config-name) extends conf/pretrain.yaml, as for "
+                   help="a recipe folder whose config (--config-name) extends dsv4train/conf/pretrain.yaml, as for "
                         "`dsv4 pretrain --config-dir DIR --config-name NAME`")
     p.add_argument("--config-name", default="config", metavar="NAME", help="config in --config-dir (config)")
     return p
 
 
 def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
-    """The typed PretrainConfig `dsv4 pretrain` would run: conf/pretrain.yaml, or a recipe's `config_name`.yaml in
-    `config_dir` that extends it (its defaults list names `pretrain`; conf/ is on the search path)."""
+    """The typed PretrainConfig `dsv4 pretrain` would run: dsv4train/conf/pretrain.yaml, or a recipe's
+    `config_name`.yaml in `config_dir` that extends it (its defaults list names `pretrain`; the package's conf/ is
+    on the search path, as `dsv4 pretrain --config-dir` puts it there)."""
     from dsv4train.config.hydra_entry import CONF_DIR, compose_pretrain, register_schemas, to_config
 
     if config_dir is None:

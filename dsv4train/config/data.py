@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from dsv4train.config.errors import require
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/prepared/stdlib"  # made by `dsv4 data prepare`: tokenizer.json, <name>.bin/.idx, manifest.json
     sources: list[str] = field(default_factory=list)  # dataset names in dir to blend; empty = all of them
@@ -17,7 +17,9 @@ class DataConfig:
     seed: int = 1234  # document order (independent of the model seed and of the validation pick)
 
     def __post_init__(self) -> None:
-        self.sources, self.weights = list(self.sources), [float(w) for w in self.weights]
+        # tuples and ints from Python callers, normalised once while constructing (the dataclass is frozen)
+        object.__setattr__(self, "sources", list(self.sources))
+        object.__setattr__(self, "weights", [float(w) for w in self.weights])
         require(bool(self.dir), "data.dir", "must name a folder made by `dsv4 data prepare`")
         require(len(set(self.sources)) == len(self.sources), "data.sources",
                 f"names must be unique, got {self.sources}")

@@ -32,7 +32,7 @@ RANGES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """One DeepSeek-V4-style model. `layer_types[i]` picks the attention of layer i:
     `swa` (sliding window only), `csa` (window + overlapping compression at `csa_ratio` with the lightning
@@ -89,7 +89,7 @@ class ModelConfig:
         def need(ok: bool, key: str, msg: str) -> None:
             require(ok, f"model.{key}", msg)
 
-        self.layer_types = list(self.layer_types)
+        object.__setattr__(self, "layer_types", list(self.layer_types))  # a tuple from Python callers; frozen: set once
         require_ranges(self, "model", RANGES)
         need(len(self.layer_types) > 0, "layer_types", "needs at least one layer")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]

@@ -24,7 +24,7 @@ RANGES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: str = "muon"
     lr: float = 2.7e-4

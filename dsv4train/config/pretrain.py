@@ -24,7 +24,7 @@ TRAIN_RANGES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     micro_batch_size: int = 8
@@ -52,11 +52,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require_ranges(self, "train", TRAIN_RANGES)
-        require(self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}")
-        require(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        require(self.nan_policy in ("skip", "stop"), "train.nan_policy",
+                f"must be skip or stop, got {self.nan_policy!r}")
+        require(self.device in ("auto", "cpu", "cuda"), "train.device",
+                f"must be auto, cpu or cuda, got {self.device!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecisionConfig:
     """Numerics of the step (docs/precision.md). `fp8`: FP8 (E4M3) GEMMs with block scales for the linears the
     reference quantises; `fp4_experts`: FP4 (E2M1) QAT of the routed expert weights, dequantised to FP8.
@@ -90,10 +92,17 @@ class PrecisionConfig:
               "precision.backend=emulated")
 
 
-@dataclass
+# parallel.pp_schedule -> pipeline stages each pp rank holds; the one list of schedule names (parallel/pp.py maps
+# each name to its schedule class, parallel/dims.py counts stages with it)
+PP_SCHEDULES = {"1f1b": 1, "interleaved_1f1b": 2, "dualpipev": 2}
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """world = pp·dp·cp·ep·tp processes (torchrun). dp·ep ranks read different batches; dense weights are
-    FSDP-sharded over dp·cp·ep, experts split over ep and sharded over dp·cp. See docs/parallelism.md."""
+    FSDP-sharded over dp·cp·ep, experts split over ep and sharded over dp·cp. See docs/parallelism.md.
+    The one declaration of the layout's fields: `dsv4train.parallel.dims.ParallelDims` extends this class with the
+    layout arithmetic and the checks against the world size and the model."""
 
     dp: int = 1
     tp: int = 1
@@ -101,18 +110,18 @@ class ParallelConfig:
     ep: int = 1
     cp: int = 1
     dp_replicate: int = 1  # HSDP: the dp ranks form this many full replicas, each FSDP-sharded over dp/dp_replicate
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | dualpipev (2 stages per pp rank for the last two)
+    pp_schedule: str = "1f1b"  # a key of PP_SCHEDULES (2 stages per pp rank for interleaved_1f1b and dualpipev)
     pp_microbatches: int = 0  # chunks each micro-batch is split into for the pipeline; 0: pp · stages per rank
     timeout_s: int = 600  # a collective that does not finish in this time fails the run instead of hanging
 
     def __post_init__(self) -> None:
         require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp", "dp_replicate", "timeout_s"))
         require_positive(self, "parallel", ("pp_microbatches",), allow_zero=True)
-        require(self.pp_schedule in ("1f1b", "interleaved_1f1b", "dualpipev"), "parallel.pp_schedule",
-                f"must be 1f1b, interleaved_1f1b or dualpipev, got {self.pp_schedule!r}")
+        require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+                f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackerConfig:
     name: str = "jsonl"  # jsonl | wandb | tensorboard (jsonl is always written as well)
     project: str = "dsv4train"
@@ -125,12 +134,12 @@ class TrackerConfig:
               f"must be offline, online or disabled, got {self.mode!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"  # re-running with the same dir resumes from its newest complete checkpoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

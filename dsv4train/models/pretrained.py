@@ -8,8 +8,9 @@
   FP8 block scales and FP4-packed experts (dequantised to float32 on load). `mtp.*` tensors (hub only) are kept.
 - A training run directory or one of its `checkpoints/step_<N>/` folders is read by `train/checkpoint.py`.
 
-`load_pretrained` picks the format from the files present. Writers refuse a folder that already has files, so
-nothing already written is overwritten.
+`detect_format` tells the three apart from the files present; `dsv4train.load_pretrained` (train/pretrained.py,
+a layer above: models/ imports nothing from train/) reads each with its reader. Writers refuse a folder that
+already has files, so nothing already written is overwritten.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def build_empty(cfg: ModelConfig, device="cpu") -> DSV4Model:
     return model.to_empty(device=device)
 
 
-def _check_vocab(cfg: ModelConfig, vocab_size: int | None, path) -> None:
+def check_vocab_size(cfg: ModelConfig, vocab_size: int | None, path) -> None:
+    """A ConfigError unless the weights at `path` (config `cfg`) have `vocab_size` tokens (None: any)."""
     if vocab_size is not None and vocab_size != cfg.vocab_size:
         raise ConfigError(f"model.vocab_size: the checkpoint at {path} has {cfg.vocab_size} tokens but "
                           f"{vocab_size} were expected (is the tokenizer the one this model was trained with?)")
@@ -185,7 +187,7 @@ def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
     path = Path(path)
     fmt = detect_format(path)
     cfg = read_config(path)
-    _check_vocab(cfg, vocab_size, path)
+    check_vocab_size(cfg, vocab_size, path)
     model = build_empty(cfg, device)
     sd = _read_safetensors(path)
     if fmt == "hf":
@@ -198,17 +200,3 @@ def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
     if dtype is not None:
         model.to(dtype)
     return model.eval()
-
-
-def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, vocab_size: int | None = None):
-    """Model from a dsv4 folder, a transformers `save_pretrained` folder (any layout transformers writes), an
-    official hub folder (bf16, or FP8 blocks + FP4 experts, dequantised; MTP kept), single-file or sharded, a
-    training run directory (newest complete checkpoint) or one `checkpoints/step_<N>/` folder. Weights load in
-    float32, then are cast to `dtype` if given. `vocab_size`, if given, must match."""
-    if detect_format(path) == "checkpoint":
-        from dsv4train.train.checkpoint import load_model_from_checkpoint
-
-        model = load_model_from_checkpoint(path, device=device)
-        _check_vocab(model.cfg, vocab_size, path)
-        return (model.to(dtype) if dtype is not None else model).eval()
-    return load_weights(path, device=device, dtype=dtype, vocab_size=vocab_size)

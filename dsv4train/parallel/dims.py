@@ -1,5 +1,6 @@
 """The parallel layout: `parallel.{pp,dp,ep,cp,tp}`, checked against the world size and the model before any
-process-group work, and the DeviceMesh built from it.
+process-group work. A pure value: the DeviceMesh for it is built once by `mesh.build_mesh` (ParallelRuntime holds
+it).
 
 world = pp × dp × cp × ep × tp. Every rank outside `pp` and `tp` holds different data except across `cp`
 (which splits one sequence), so:
@@ -17,37 +18,29 @@ flattened views, so neighbouring ranks share the fastest links in the order tp, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, fields
 
 from dsv4train.config.errors import require
 from dsv4train.config.model import ModelConfig
+from dsv4train.config.pretrain import PP_SCHEDULES, ParallelConfig
 
 AXES = ("pp", "dp", "cp", "ep", "tp")
-# parallel.pp_schedule -> virtual stages per pp rank (dsv4train/parallel/pp.py)
-PP_SCHEDULES = {"1f1b": 1, "interleaved_1f1b": 2, "dualpipev": 2}
 
 
 @dataclass(frozen=True)
-class ParallelDims:
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    tp: int = 1
-    dp_replicate: int = 1  # HSDP: replicas among the dp ranks (divides dp); 1 = plain FSDP over all of them
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | dualpipev (pp.py)
-    pp_microbatches: int = 0  # pipeline chunks per micro-batch; 0: one per stage (pp · virtual stages)
+class ParallelDims(ParallelConfig):
+    """`ParallelConfig`'s fields (declared there, once, and checked one by one when built: `ParallelDims(pp=2,
+    dp=2)` refuses a bad value as the config does) with what the layout implies: stage and chunk counts, shard
+    counts, and `validate` against the world size and the model."""
 
     @classmethod
-    def from_config(cls, cfg) -> "ParallelDims":
-        return cls(**{a: getattr(cfg, a) for a in AXES}, dp_replicate=cfg.dp_replicate,
-                   pp_schedule=cfg.pp_schedule, pp_microbatches=cfg.pp_microbatches)
+    def from_config(cls, cfg: ParallelConfig) -> ParallelDims:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(ParallelConfig)})
 
     @property
     def virtual_stages(self) -> int:
         """Pipeline stages per pp rank: 2 for the interleaved and V schedules."""
-        return PP_SCHEDULES.get(self.pp_schedule, 1)
+        return PP_SCHEDULES[self.pp_schedule]
 
     @property
     def n_stages(self) -> int:
@@ -94,8 +87,6 @@ class ParallelDims:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
         `check_chunks=False` (`dsv4 plan`) skips the split of micro-batches into pipeline chunks (plan assumes its
         own in-flight micro-batches)."""
-        for a in (*AXES, "dp_replicate"):
-            require(getattr(self, a) >= 1, f"parallel.{a}", f"must be >= 1, got {getattr(self, a)}")
         require(self.dp % self.dp_replicate == 0, "parallel.dp_replicate",
                 f"= {self.dp_replicate} does not divide parallel.dp ({self.dp}); HSDP splits the dp ranks into "
                 "that many replicas of equal size")
@@ -132,12 +123,8 @@ class ParallelDims:
                     f"the {kind} compression ratio ({ratio}); each rank pools whole blocks")
 
     def _validate_pipeline(self, model: ModelConfig, micro_batch_size: int, check_chunks: bool) -> None:
-        """Schedule name, stages per layer, and (for training; `dsv4 plan` makes its own micro-batch assumptions)
-        how each micro-batch is split into pipeline chunks."""
-        require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-                f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
-        require(self.pp_microbatches >= 0, "parallel.pp_microbatches",
-                f"must be >= 0 (0: one per stage), got {self.pp_microbatches}")
+        """Stages per layer and (for training; `dsv4 plan` makes its own micro-batch assumptions) how each
+        micro-batch is split into pipeline chunks. The schedule name and the counts' signs were checked when built."""
         if self.pp == 1:
             return
         v, m = self.virtual_stages, self.microbatches
@@ -156,10 +143,3 @@ class ParallelDims:
         rounds = max(1, m // self.pp)
         require(self.pp_schedule != "interleaved_1f1b" or m % rounds == 0, "parallel.pp_microbatches",
                 f"= {m}: interleaved_1f1b needs a multiple of its {rounds} rounds (pp_microbatches // pp)")
-
-    @cached_property
-    def mesh(self):
-        """The world DeviceMesh with named dims and the flattened "fsdp" and "efsdp" views."""
-        from dsv4train.parallel.mesh import build_mesh
-
-        return build_mesh(self)

@@ -1,4 +1,5 @@
-"""Building the DeviceMesh for a ParallelDims (see dims.py for the axes and what each one splits)."""
+"""Building the DeviceMesh for a ParallelDims (see dims.py for the axes and what each one splits). The mesh is
+built once per process, by `ParallelRuntime` (runtime.py), which holds it; `ParallelDims` stays a plain value."""
 
 from __future__ import annotations
 

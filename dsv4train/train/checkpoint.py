@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
 from dsv4train.config.optim import OptimConfig
+from dsv4train.models.pretrained import build_empty
 from dsv4train.parallel.runtime import ParallelRuntime
 
 META = "meta.json"
@@ -298,8 +299,6 @@ def resolve_step_dir(path) -> Path:
 
 def load_model_from_checkpoint(path, device="cpu"):
     """The model weights of a training checkpoint (no optimizer), for `dsv4train.load_pretrained`."""
-    from dsv4train.models.pretrained import build_empty
-
     step_dir = resolve_step_dir(path)
     model = build_empty(ModelConfig(**read_meta(step_dir)["model"]), device)
     state = {"model": model.state_dict()}

@@ -65,7 +65,9 @@ def test_pipeline_counts():
 def test_pipeline_config_keys_are_checked():
     from dsv4train.config.pretrain import ParallelConfig
 
-    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule: must be 1f1b, interleaved_1f1b or dualpipev"):
+    # the names come from config.pretrain.PP_SCHEDULES, the one list (ParallelDims is checked by the same code)
+    with pytest.raises(ConfigError,
+                       match=r"parallel\.pp_schedule: must be one of 1f1b, interleaved_1f1b, dualpipev, got 'zbv'"):
         ParallelConfig(pp_schedule="zbv")
     with pytest.raises(ConfigError, match=r"parallel\.pp_microbatches: must be >= 0"):
         ParallelConfig(pp_microbatches=-2)
