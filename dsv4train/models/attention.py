@@ -20,7 +20,8 @@ from dsv4train.models.sequence import WHOLE_SEQUENCE
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A parameter as this process holds it. Under tensor parallelism (dsv4train/parallel/tp.py) `attn_sink` and
-    `wo_a.weight` are distributed shards, and `to_local()` gives the local heads / output groups."""
+    `wo_a.weight` are distributed shards, and `to_local()` gives the local heads / output groups; `Attention`
+    reads how many heads and output groups it runs from their shapes, so tensor parallelism writes no counts."""
     to_local = getattr(t, "to_local", None)
     return t if to_local is None else to_local()
 
@@ -34,14 +35,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str):
         super().__init__()
         self.layer_type = layer_type
-        self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.window_size
-        self.o_groups, self.o_lora_rank = cfg.o_groups, cfg.o_lora_rank
+        self.head_dim, self.window, self.o_lora_rank = cfg.head_dim, cfg.window_size, cfg.o_lora_rank
         self.eps = cfg.norm_eps
         self.freqs = inv_freq(cfg, layer_type)
         self.ratio = cfg.compress_ratio(layer_type)
         self.indexer_mode = cfg.indexer_mode
         self.indexer_kl = True  # compute the indexer KL loss when training (the trainer may turn it off)
-        self.sum_over_head_shards = None  # tensor parallelism sets it: sums a head-reduced tensor over TP ranks
+        self.sum_over_head_shards = None  # tensor parallelism's seam: sums a head-reduced tensor over TP ranks
         self.seq = WHOLE_SEQUENCE  # context parallelism replaces it with this rank's shard (models/sequence.py)
         H, c = cfg.n_heads, cfg.head_dim
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -57,9 +57,20 @@ class Attention(nn.Module):
         if layer_type == "csa":
             self.indexer = Indexer(cfg)
 
+    @property
+    def local_heads(self) -> int:
+        """Query heads this process runs: all of them, or under tensor parallelism its shard (one sink per head).
+        Read in forward, where FSDP (if any) has gathered its shard of the parameters back."""
+        return local_shard(self.attn_sink).shape[0]
+
+    @property
+    def local_o_groups(self) -> int:
+        """Output groups this process projects: wo_a holds o_lora_rank rows per group (all, or its TP shard)."""
+        return local_shard(self.wo_a.weight).shape[0] // self.o_lora_rank
+
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, AttentionAux]:
         B, S, _ = x_BSD.shape
-        H, c = self.n_heads, self.head_dim
+        H, c = self.local_heads, self.head_dim
         start = self.seq.offset(S)
         positions = torch.arange(start, start + S, device=x_BSD.device)
         cos, sin = rope_cos_sin(self.freqs, positions)
@@ -95,7 +106,7 @@ class Attention(nn.Module):
     def _project_out(self, o_BSHC: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output: each of g head groups gets its own d_g map, then one map to d."""
         B, S = o_BSHC.shape[:2]
-        g = self.o_groups
+        g = self.local_o_groups
         grouped_BSGI = o_BSHC.reshape(B, S, g, -1)
         wa_GOI = local_shard(self.wo_a.weight).view(g, self.o_lora_rank, -1)
         mid_BSGO = torch.einsum("bsgi,goi->bsgo", grouped_BSGI, wa_GOI)

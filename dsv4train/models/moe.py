@@ -75,8 +75,49 @@ class Gate(nn.Module):
         return w, idx, scores
 
 
+def sort_rows_by_expert(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The M = N·K (token, expert) rows of a batch in expert order (stable: ties keep token order).
+
+    Returns `order_M` (each sorted row's position in `idx_NK.reshape(-1)`) and `token_M` (its token)."""
+    order_M = torch.argsort(idx_NK.reshape(-1), stable=True)
+    return order_M, torch.div(order_M, idx_NK.shape[1], rounding_mode="floor")
+
+
+def combine_rows(ys_MD: torch.Tensor, order_M: torch.Tensor, token_M: torch.Tensor, w_NK: torch.Tensor,
+                 x_ND: torch.Tensor) -> torch.Tensor:
+    """Expert outputs of rows in `sort_rows_by_expert` order, weighted by their routing weight and summed per
+    token: y [N, D] in `x_ND`'s dtype."""
+    ys_MD = ys_MD * w_NK.reshape(-1)[order_M].unsqueeze(-1).to(ys_MD.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD.to(x_ND.dtype))
+
+
+class LocalDispatch:
+    """Routed rows to the experts and back on one process: sort by expert, run every expert, unsort.
+
+    The dispatch seam of `Experts` (as `seq` is the context-parallel seam): a callable
+    `dispatch(x_ND, idx_NK, w_NK, experts) -> y_ND` that moves each token's K rows to the experts it was routed
+    to, runs `experts.mlp(xs, counts_E, w1, w2, w3)` on the rows sorted by expert with the weights it holds, and
+    returns the routing-weighted sum per token. Expert parallelism (dsv4train/parallel/ep.py) replaces it with
+    an all-to-all dispatch over the ranks that hold the experts; FP8/FP4 training replaces `experts.mlp`, so
+    both compose."""
+
+    def __call__(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                 experts: Experts) -> torch.Tensor:
+        order_M, token_M = sort_rows_by_expert(idx_NK)
+        counts_E = torch.bincount(idx_NK.reshape(-1), minlength=experts.w1.shape[0])
+        xs_MD = x_ND.index_select(0, token_M)  # backward is index_add (parallel), not index_put (serial on CPU)
+        ys_MD = experts.mlp(xs_MD, counts_E, experts.w1, experts.w2, experts.w3)
+        return combine_rows(ys_MD, order_M, token_M, w_NK, x_ND)
+
+
+LOCAL_DISPATCH = LocalDispatch()
+
+
 class Experts(nn.Module):
-    """Routed experts stored stacked: w1 (gate) and w3 (up) [E, I, d], w2 (down) [E, d, I]."""
+    """Routed experts stored stacked: w1 (gate) and w3 (up) [E, I, d], w2 (down) [E, d, I].
+
+    Two seams: `dispatch` moves rows to the experts and back (`LocalDispatch`; expert parallelism sets its
+    all-to-all one), `mlp` runs the experts on rows sorted by expert (FP8/FP4 training overrides it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,22 +126,16 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, I, d))
         self.w2 = nn.Parameter(torch.empty(E, d, I))
         self.w3 = nn.Parameter(torch.empty(E, I, d))
+        self.dispatch = LOCAL_DISPATCH  # expert parallelism replaces it (dsv4train/parallel/ep.py)
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        K = idx_NK.shape[1]
-        flat = idx_NK.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token_of = torch.div(order, K, rounding_mode="floor")
-        counts_E = torch.bincount(flat, minlength=self.w1.shape[0])
-        xs = x_ND.index_select(0, token_of)  # backward is index_add (parallel), not index_put (serial on CPU)
-        ys = self.mlp(xs, counts_E, self.w1, self.w2, self.w3)
-        ys = ys * w_NK.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
+        """y [N, D]: each token's routed experts, weighted by `w_NK` [N, K], for expert ids `idx_NK` [N, K]."""
+        return self.dispatch(x_ND, idx_NK, w_NK, self)
 
     def mlp(self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             w3: torch.Tensor) -> torch.Tensor:
-        """The experts on rows sorted by expert. Routing (above, or expert-parallel dispatch) calls this with the
-        weights it holds; FP8/FP4 training overrides it (dsv4train/quant)."""
+        """The experts on rows sorted by expert. `dispatch` calls this with the weights this process holds (all of
+        them, or under expert parallelism the local experts); FP8/FP4 training overrides it (dsv4train/quant)."""
         return expert_mlp(xs, counts_E, w1, w2, w3, self.limit)
 
 

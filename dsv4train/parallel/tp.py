@@ -15,6 +15,12 @@
 | head | ColwiseParallel, output gathered | vocabulary split; logits all-gathered for the loss |
 | norms, mHC | replicated | O(dim) work |
 
+The model sees TP only through its parameters and one seam: `Attention` reads how many heads and output groups it
+runs from the local shapes of `attn_sink` and `wo_a.weight` (`attention.local_shard`), and calls
+`sum_over_head_shards` (set here) to sum the indexer's KL target over the heads of all ranks. Besides the parameters
+it shards, that seam and the gradient all-reduce forward hooks on `kv_norm` and the compressor, nothing of a module
+is written.
+
 Per layer per micro-batch this costs one all-reduce of [B, S, dim] after wo_b and after the shared expert in the
 forward, and in the backward one each for the inputs of wq_b and the shared expert and the K=V and compressed
 entries (see docs/parallelism.md for the volume).
@@ -77,12 +83,12 @@ def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
 
 
 def _attention(attn: Attention, mesh: DeviceMesh) -> None:
-    tp, group = mesh.size(), mesh.get_group()
+    """Shard the heads' parameters (Attention reads its local head and group counts from their shapes), hook the
+    shared K=V and compressed paths, and set the `sum_over_head_shards` seam."""
+    group = mesh.get_group()
     parallelize_module(attn, mesh, {"wq_b": ColwiseParallel(), "wo_b": RowwiseParallel()})
     _shard_param(attn, "attn_sink", mesh)
     _shard_param(attn.wo_a, "weight", mesh)
-    attn.n_heads //= tp
-    attn.o_groups //= tp
     attn.kv_norm.register_forward_hook(_grad_all_reduce_hook(group))
     if hasattr(attn, "compressor"):
         attn.compressor.register_forward_hook(_grad_all_reduce_hook(group))

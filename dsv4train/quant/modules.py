@@ -35,13 +35,14 @@ class FP8Experts(Experts):
     """Routed experts with FP8 grouped GEMMs (one `fp8_linear` per expert's rows) and, with `fp4_block`, FP4 QAT
     of w1/w2/w3 (E2M1 with 1×fp4_block scales -> E4M3, straight-through to the fp32 master).
 
-    Only `mlp` is replaced: routing stays `Experts.forward` (or the expert-parallel dispatch of
-    dsv4train/parallel/ep.py), so FP8 experts compose with EP."""
+    Only `mlp` is replaced: the `dispatch` seam (local, or the all-to-all of dsv4train/parallel/ep.py) is taken
+    over from the module replaced and calls this `mlp`, so FP8 experts compose with EP."""
 
     def __init__(self, experts: Experts, block: int, fp4_block: int | None):
         nn.Module.__init__(self)
         self.limit, self.block, self.fp4_block = experts.limit, block, fp4_block
         self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
+        self.dispatch = experts.dispatch
 
     def _weight(self, w_ENK: torch.Tensor) -> torch.Tensor:
         return w_ENK if self.fp4_block is None else fp4_fake_quant(w_ENK, self.fp4_block, self.block)
@@ -59,7 +60,7 @@ class FP8Experts(Experts):
 
     def mlp(self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             w3: torch.Tensor) -> torch.Tensor:
-        """`Experts.mlp` with quantised GEMMs; routing (one process or expert-parallel) is inherited."""
+        """`Experts.mlp` with quantised GEMMs; `dispatch` (one process or expert-parallel) calls it."""
         counts = counts_E.tolist()
         w1, w2, w3 = self._weight(w1), self._weight(w2), self._weight(w3)
         h = clamped_swiglu(self._grouped(xs, w1, counts), self._grouped(xs, w3, counts), self.limit)
