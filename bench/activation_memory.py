@@ -1,14 +1,14 @@
 """Activation memory of one training step, measured against `dsv4 plan`'s formula (dsv4train/parallel/plan.py,
 `activation_bytes`), per point: flavor, sequence length, rows, precision, CSA indexer mode, layout.
 
-    PYTHONPATH=. .venv/bin/python bench/activation_memory.py                 # the table in docs/benchmarks.md
-    PYTHONPATH=. .venv/bin/python bench/activation_memory.py --points small:2048:1:fp32:sparse
-    PYTHONPATH=. .venv/bin/python bench/activation_memory.py --points toy:256:2:bf16:dense:tp2 --json out.json
+    .venv/bin/python -m bench.activation_memory  # the table in docs/benchmarks.md
+    .venv/bin/python -m bench.activation_memory --points small:2048:1:fp32:sparse
+    .venv/bin/python -m bench.activation_memory --points toy:256:2:bf16:dense:tp2 --json out.json
 
 A point is flavor:seq:rows:precision:indexer[:layout], precision fp32 | bf16 (autocast) | fp8 (emulated FP8
 GEMMs, block 32, with bf16 autocast), layout one | tp2 | cp2 | ep2 (gloo, 2 CPU processes; rank 0 reported; cp
 ranks split the seq). Measured: every distinct storage saved for backward, plus the logits the step holds, at
-the start of the backward of one real `train_step` (dsv4train/testing/activation_memory.py says what counts).
+the start of the backward of one real Learner step (dsv4train/testing/activation_memory.py says what counts).
 "Weight copies" (bf16/FP8 copies of weights that the forward saves) are apart from the activations; the ratio
 is of the sum. MB = 1e6 B.
 """

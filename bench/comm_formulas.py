@@ -1,5 +1,5 @@
 """The formulas of bench/comm_volume.py: wire bytes per rank per training step for each term of a layout, derived
-from the code (dsv4train/parallel/*, dsv4train/train/step.py), and the text that explains them in
+from the code (dsv4train/parallel/*, dsv4train/train/learner.py), and the text that explains them in
 docs/benchmarks.md. bench/comm_volume.py measures the same terms and tests/distributed/test_comm_volume.py holds every
 exact one to its measurement.
 
@@ -101,8 +101,13 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     B = 4
     L = len(cfg.layer_types) + cfg.n_mtp_layers  # MoE layers: every block is MoE, MTP too
     E, K, D, N = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, rows * seq // d.cp
-    numel = lambda shapes: sum(math.prod(s) for s in shapes)
-    padded = lambda unit_list, n: sum(_padded(s, n) for u in unit_list for s in u)
+
+    def numel(shapes):
+        return sum(math.prod(s) for s in shapes)
+
+    def padded(unit_list, n):
+        return sum(_padded(s, n) for u in unit_list for s in u)
+
     dense_units = [units["root"]] + units["blocks"]
     P_dense, P_root = sum(numel(u) for u in dense_units), numel(units["root"])
     P_dense_pad, P_root_pad = padded(dense_units, ns), padded([units["root"]], ns)
@@ -180,10 +185,11 @@ _TP_SPLIT = {"attn.wq_b.weight": 0, "attn.wo_a.weight": 0, "attn.wo_b.weight": 1
 
 
 def _metric_term(term, cfg: ModelConfig, data_ranks: int) -> None:
-    """The trainer's all-reduces of the loss parts (5 float64) and the [L, E] int64 expert counts over the data
-    ranks (`mean_over_data`, `sum_over_data`), in every layout."""
-    metric = 2 * (1 - 1 / data_ranks) * (5 * 8 + (len(cfg.layer_types) + cfg.n_mtp_layers) * cfg.n_routed_experts * 8)
-    term("loss/metric all-reduce", "metrics", 2, "2·(1-1/n_f)·(5·8 + L·E·8)", metric, metric)
+    """The Learner's all-reduces over the data ranks (`sum_over_data`), in every layout: the step's target count N
+    before the forward (1 float64), then the sums [loss, lm_loss, mtp_loss, balance, indexer] (5 float64) and the
+    [L, E] int64 expert counts."""
+    metric = 2 * (1 - 1 / data_ranks) * (6 * 8 + (len(cfg.layer_types) + cfg.n_mtp_layers) * cfg.n_routed_experts * 8)
+    term("loss/metric all-reduce", "metrics", 3, "2·(1-1/n_f)·(6·8 + L·E·8)", metric, metric)
 
 
 def _muon_rms_term(term, world: int) -> None:
@@ -274,10 +280,10 @@ def pp_terms(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int) -> tuple[li
     calls = max(sum(2 * m * tensors for s in cross if r in (owner[s], owner[s + 1])) for r in range(d.pp))
     p2p = 2 * len(cross) * rows * seq * width * 4 / d.pp
     L, E = len(cfg.layer_types) + cfg.n_mtp_layers, cfg.n_routed_experts
-    sums = 2 * (1 - 1 / d.pp) * (4 * 8 + L * E * 8)
+    sums = 2 * (1 - 1 / d.pp) * (5 * 8 + L * E * 8)
     mtp = " + D" if cfg.n_mtp_layers else ""
     terms = [("PP point-to-point", "pipeline", calls, f"2·X·R·S·(N_hc·D{mtp})·4/pp (mean)", p2p, p2p),
-             ("PP stage-sum all-reduce", "metrics", 2, "2·(1-1/pp)·(4·8 + L·E·8)", sums, sums)]
+             ("PP stage-sum all-reduce", "metrics", 2, "2·(1-1/pp)·(5·8 + L·E·8)", sums, sums)]
     symbols = {"pp": d.pp, "schedule": d.pp_schedule, "stages": d.n_stages, "X": len(cross), "M": m, "R": rows,
                "S": seq, "N_hc": cfg.hc_mult, "D": cfg.dim, "L": L, "E": E}
     return terms, symbols
@@ -317,7 +323,9 @@ def cp_terms(cfg: ModelConfig, cp: int, seq: int, rows: int) -> tuple[list[tuple
     n_csa, n_hca = kinds.count("csa"), kinds.count("hca")
     p2p, gather = (sum(x) * rows * 4 for x in zip(*(cp_layer_elements(cfg, k, seq, cp) for k in kinds)))
     n_bal = len(cfg.layer_types) - cfg.n_hash_layers + cfg.n_mtp_layers  # MoE layers with a balance loss
-    counts = (1 + cfg.n_mtp_layers + n_csa) * 8 + n_bal * rows * cfg.n_routed_experts * 4
+    # the indexer KL's query count per CSA layer (int64) and the balance loss's [R, E] fp32 counts; the CE and MTP
+    # counts are no longer summed over cp: the Learner's one target count covers them (token-weighted convention)
+    counts = n_csa * 8 + n_bal * rows * cfg.n_routed_experts * 4
     # one shift per layer (window keys) and two more per CSA layer (compressor and indexer-compressor block);
     # the first and last rank take part in a shift once, a middle rank twice (it sends and receives)
     p2p_calls = (len(kinds) + 2 * n_csa) * min(2, cp - 1)
@@ -326,8 +334,8 @@ def cp_terms(cfg: ModelConfig, cp: int, seq: int, rows: int) -> tuple[list[tuple
               "(1-1/cp)·R·(L_att·w·c + L_csa·m·2·(c+c_I))·4 (mean)", mean * p2p, mean * p2p),
              ("CP all-gather, compressed entries (forward)", "forward", 2 * n_csa + n_hca,
               "(cp-1)·R·S/cp·(L_csa·(c+c_I)/m + L_hca·c/m')·4", gather, gather),
-             ("CP count all-reduce (forward)", "forward", 1 + cfg.n_mtp_layers + n_csa + n_bal,
-              "2·(1-1/cp)·((1 + L_mtp + L_csa)·8 + L_bal·R·E·4)", 2 * mean * counts, 2 * mean * counts),
+             ("CP count all-reduce (forward)", "forward", n_csa + n_bal,
+              "2·(1-1/cp)·(L_csa·8 + L_bal·R·E·4)", 2 * mean * counts, 2 * mean * counts),
              ("CP point-to-point (backward)", "backward", p2p_calls, "same as forward", mean * p2p, mean * p2p),
              ("CP reduce-scatter, compressed entries (backward)", "backward", 2 * n_csa + n_hca,
               "same as the all-gather", gather, gather)]
@@ -405,7 +413,7 @@ Where the formulas come from, and why measured differs where it does:
 - **Experts under EP** are their own FSDP units on efsdp; with dp = cp = 1 (ep2) that mesh has one rank and
   FSDP2 issues no collective for them at all (0 calls, 0 bytes), but `clip_grad_norm_` still all-reduces their
   squared norm over the 1-rank efsdp group (1 call, 0 bytes) and over ep.
-- **EP all-to-all.** Per MoE layer (hash layers and the MTP block included) `_ep_forward` makes one
+- **EP all-to-all.** Per MoE layer (hash layers and the MTP block included) `AllToAllDispatch` (parallel/ep.py) makes one
   `dist.all_to_all_single` of the [ep, E/ep] int64 counts (forward only, no autograd) and two functional
   all-to-alls of rows (dispatch, combine), each of which runs again reversed in backward. A rank sends the rows
   routed to other ranks' experts (dispatch) and returns the rows it received (combine); under uniform routing
@@ -418,14 +426,15 @@ Where the formulas come from, and why measured differs where it does:
   |W| − |owner's block| rather than (1-1/n)|W|, which is where the mean departs from the formula. Expert stacks
   (3-D, sharded on the expert dim) and `wo_a` when each FSDP block holds whole output groups are local. The
   first step adds the plan's `all_gather_object` (two `allgather_` calls: sizes, pickled plan).
-- **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (loss parts: 5 float64;
-  expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
+- **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (the step's target count, 1
+  float64, before the forward: the token-weighted loss divides by it; the sums of loss, lm_loss, mtp_loss, balance
+  and indexer: 5 float64; expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
 - **HSDP** (dp4 as r = 2 replicas; mesh.py `fsdp_meshes` unflattens "fsdp" into ("fsdp_replicate",
   "fsdp_shard"), new process groups that the bench names from the parameters' DTensor meshes). FSDP2 all-gathers
   and reduce-scatters inside a replica, so every FSDP term above has n_s = n_f/r for n_f (and pads dim 0 to a
   multiple of n_s); after each unit's reduce-scatter it issues one `dist.all_reduce` of that unit's sharded,
   padded gradient (P_padded/n_s elements) over the replicate group, 2·(1-1/r)·P_dense·4/n_s per step (one call
-  per unit, root included). The loss/metric all-reduce still spans all n_f data ranks (`mean_over_data` uses the
+  per unit, root included). The loss/metric all-reduce still spans all n_f data ranks (`sum_over_data` uses the
   flattened "fsdp" group); the grad norm reduces over the gradients' sharded mesh dim only (the shard group:
   `grad.py` skips the Replicate dim); DistributedMuon's owner-compute gathers each matrix within its shard group
   (the DTensor's sharded mesh dims), so each replica runs its own plan: P_own is counted for n_s ranks and the
@@ -453,9 +462,10 @@ Where the formulas come from, and why measured differs where it does:
     CSA layer of the backward send) get a gradient only because the step trains the indexer through its KL loss
     (`Attention.indexer_kl`, on by default in training; the indexer's inputs are detached, so without the KL
     nothing flows back to it): with it off those backward terms go. Dense or sparse indexer: same volume.
-  - count all-reduces in forward (`SequenceShard.total`, no gradient): the labelled tokens of CE and of MTP
-    (int64 each), the KL's queries with an entry per CSA layer (int64), and the [R, E] fp32 expert counts per
-    MoE layer with a balance loss.
+  - count all-reduces in forward (`SequenceShard.total`, no gradient): the KL's queries with an entry per CSA
+    layer (int64) and the [R, E] fp32 expert counts per MoE layer with a balance loss. (The labelled tokens of CE
+    and MTP are no longer summed here: the Learner's one target count over the data ranks, which include cp,
+    replaces them.)
   - under cp2 alone the cp, fsdp and efsdp meshes are one process group; CP's collectives are told apart by
     coming from cp.py (the module docstring).
 - **Tensor parallelism** (dsv4train/parallel/tp.py; tp ranks see the same N = R·S tokens; symbols in each tp
@@ -480,7 +490,7 @@ Where the formulas come from, and why measured differs where it does:
   apart). X counts those boundaries: pp-1 for 1F1B, pp·v-1 for interleaved 1F1B (v = 2 stages per rank, which
   alternate ranks), and 2·(pp-1) for DualPipeV, whose turn of the V (stages pp-1 and pp on the last rank) is a
   local hand-over. So the bytes do not depend on M, and interleaving multiplies them by (pp·v-1)/(pp-1): the
-  price of its smaller bubble. The loss parts (4 float64) and the [L, E] expert counts are summed over the
+  price of its smaller bubble. The sums (loss, lm_loss, mtp_loss, balance, indexer: 5 float64) and the [L, E] expert counts are summed over the
   stages (`sum_over_stages`), and the grad norm adds the stages' squared norms. The first step also opens each
   link with a 4-byte message per neighbour and direction (pipelining's handshake).
 """

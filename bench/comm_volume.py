@@ -1,13 +1,13 @@
 """Communication volume of one training step, per layout: every collective counted at the dispatcher, next to the
-formula for it (bench/comm_formulas.py, derived from dsv4train/parallel/* and dsv4train/train/step.py).
+formula for it (bench/comm_formulas.py, derived from dsv4train/parallel/* and dsv4train/train/learner.py).
 
-    PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy --seq 128 --rows 2 [--write-docs]
-    PYTHONPATH=. .venv/bin/python bench/comm_volume.py --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
+    .venv/bin/python -m bench.comm_volume --flavor toy --seq 128 --rows 2 [--write-docs]
+    .venv/bin/python -m bench.comm_volume --flavor toy,tiny --seq 128,256 --rows 2,2 --write-docs
 
 Layouts dp2, ep2, dp2×ep2, cp2, tp2, dp4, dp4 as HSDP with 2 replicas (`parallel.dp_replicate` = 2: FSDP over
 2-rank shard groups, gradients all-reduced across replicas), and pp2 with each schedule (1F1B, interleaved 1F1B,
 DualPipeV) on gloo CPU processes. Each
-runs two optimizer steps of `train_step` on one micro-batch of `--rows` rows × `--seq` tokens per data rank (the
+runs two optimizer steps of the Learner on one micro-batch of `--rows` rows × `--seq` tokens per data rank (the
 cp ranks of a data rank split its rows' sequence); the second (steady-state) step is reported, and what the first
 step adds (DistributedMuon's plan) is listed below it.
 
@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.comm_formulas import EXPLANATIONS, cp_vs_ring, fmt_bytes, formulas
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
 from dsv4train.config.optim import OptimConfig
@@ -59,8 +60,6 @@ from dsv4train.models.model import DSV4Model
 from dsv4train.parallel import cp as cp_module
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
-
-from comm_formulas import EXPLANATIONS, cp_vs_ring, fmt_bytes, formulas  # noqa: E402 (bench/ is on sys.path)
 
 LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2}, {"dp": 4}, {"dp": 4, "dp_replicate": 2},
            {"pp": 2, "pp_microbatches": 2}, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
@@ -226,7 +225,8 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
             steps: int = 2):
     from dsv4train.data.loader import rank_rows
     from dsv4train.optim.groups import build_optimizers
-    from dsv4train.train.step import train_step
+    from dsv4train.train.learner import Learner
+    from dsv4train.train.losses import NextTokenLoss, lm_batch
 
     cfg = flavor if isinstance(flavor, ModelConfig) else model_config(flavor, seq)
     rt = _TaggedRuntime(ParallelDims(**layout))
@@ -234,7 +234,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
     model.init_weights(0)
     rt.parallelize(model)
     opt = rt.distribute_optimizer(build_optimizers(model, OptimConfig(name=optim, muon_ns_dtype="float32")))
-    mesh = rt.dims.mesh
+    mesh = rt.mesh
     groups = {mesh[d].get_group().group_name: d for d in ("tp", "ep", "efsdp", "fsdp")}  # later wins on equal
     # HSDP: FSDP2's 2-D (replicate, shard) meshes are new process groups that `fsdp_meshes` made with `_unflatten`
     # ("fsdp_replicate", "fsdp_shard", and "efsdp_*" for the experts); the sharded parameters' meshes hold them
@@ -270,6 +270,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
             return originals[fname](*a, **k)
         return call
 
+    learner = Learner(model, opt, TrainConfig(), rt)
     result = []
     for batch in batches:
         shim.clear()
@@ -280,8 +281,8 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         try:
             with CommVolumeMode() as mode:
                 rt.mode = mode
-                train_step(model, opt, [rank_rows(batch, rt.data_rank, rt.data_ranks)], 0.3, TrainConfig(),
-                           torch.device("cpu"), torch.float32, rt)
+                learner.step([lm_batch(rank_rows(batch, rt.data_rank, rt.data_ranks)["tokens"])],
+                             NextTokenLoss(mtp_weight=0.3))
         finally:
             rt.mode = None
             for f, fn in originals.items():
@@ -324,7 +325,8 @@ def measure(layout: dict, flavor, seq: int, rows: int, optim: str = "muon", step
 
 
 def check_layout(layout: dict, cfg: ModelConfig, seq: int, rows: int) -> str | None:
-    """None when the layout can run, else why not (the ParallelDims check that refuses it, e.g. tp not dividing the heads)."""
+    """None when the layout can run, else why not (the ParallelDims check that refuses it, e.g. tp not dividing
+    the heads)."""
     dims = ParallelDims(**layout)
     try:
         dims.validate(dims.world_size, cfg, seq, rows)
@@ -537,7 +539,7 @@ def _rows_for(d: ParallelDims, rows: int) -> int:
 def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) -> str:
     out = [SECTION, "",
            "Command (" + machine() + "):", "",
-           "    PYTHONPATH=. .venv/bin/python " + " ".join(shlex.quote(a) for a in argv), "",
+           "    .venv/bin/python " + " ".join(shlex.quote(a) for a in argv), "",
            "Wire bytes sent per rank in one steady-state training step (the second), from every collective seen "
            "at the dispatcher by a `CommDebugMode` subclass (bench/comm_volume.py docstring: why the module "
            "tracker is off, how each op's bytes are derived); the dispatcher count equals CommDebugMode's "
@@ -605,7 +607,7 @@ def main() -> int:
     seqs, rows = (x * len(flavors) if len(x) == 1 else x for x in (seqs, rows))
     if not len(flavors) == len(seqs) == len(rows):
         ap.error("--seq and --rows take one value or one per flavor")
-    section = render(list(zip(flavors, seqs, rows)), args.optim, ["bench/comm_volume.py"] + sys.argv[1:])
+    section = render(list(zip(flavors, seqs, rows)), args.optim, ["-m", "bench.comm_volume", *sys.argv[1:]])
     print(section)
     if args.write_docs:
         write_docs(section)

@@ -1,7 +1,7 @@
 """One long sequence through the model on the CPU: fwd+bwd time and peak RSS, dense vs sparse indexer
 (docs/architecture.md, docs/benchmarks.md). Each mode runs in a fresh subprocess, so its peak RSS is its own.
 
-    python bench/long_sequence.py --flavor toy --seq 16384 --threads 2
+    python -m bench.long_sequence --flavor toy --seq 16384 --threads 2
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"flavor {args.flavor}, seq {args.seq}, batch 1, fp32, fwd+bwd, {args.threads} threads\n")
     print("| indexer | fwd+bwd s | peak RSS GiB |\n|---|---|---|")
     for mode in ("sparse", "dense"):
-        r = subprocess.run([sys.executable, __file__, "--flavor", args.flavor, "--seq", str(args.seq), "--threads",
-                            str(args.threads), "--one", mode], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "bench.long_sequence", "--flavor", args.flavor, "--seq", str(args.seq),
+               "--threads", str(args.threads), "--one", mode]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"| {mode} | {m['seconds']:.1f} | {m['peak_rss_gib']:.1f} |", flush=True)
 

@@ -1,7 +1,7 @@
 """fwd+bwd tokens/s and peak activation memory: dsv4train vs transformers' DeepseekV4ForCausalLM, same config
 and weights, each measurement in a fresh subprocess. Prints ratios (ours / HF).
 
-    python bench/model_vs_hf.py --flavor tiny --seqs 512,2048 [--threads 2]
+    python -m bench.model_vs_hf --flavor tiny --seqs 512,2048 [--threads 2]
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def main() -> int:
     for seq in (int(s) for s in args.seqs.split(",")):
         r = {}
         for impl in ("ours", "hf"):
-            cmd = [sys.executable, __file__, "--flavor", args.flavor, "--threads", str(args.threads),
+            cmd = [sys.executable, "-m", "bench.model_vs_hf", "--flavor", args.flavor, "--threads", str(args.threads),
                    "--repeats", str(args.repeats), "--one", impl, str(seq)]
-            r[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            r[impl] = json.loads(out.splitlines()[-1])
         o, h = r["ours"], r["hf"]
         print(f"| {seq} | {o['tokens_per_sec']:.0f} | {h['tokens_per_sec']:.0f} | "
               f"{o['tokens_per_sec'] / h['tokens_per_sec']:.2f}x | {o['peak_mib']} | {h['peak_mib']} | "

@@ -6,7 +6,7 @@ matrix is whole on any rank). The FSDP row runs the real `DistributedMuon` on th
 step. Also prints the largest single matrix's cost over the mean load per rank, which bounds how well any
 assignment can balance.
 
-    python bench/muon_owner_balance.py --flavors toy,small,1b --worlds 2,4,8,16 --fsdp-worlds 2,4,8
+    python -m bench.muon_owner_balance --flavors toy,small,1b --worlds 2,4,8,16 --fsdp-worlds 2,4,8
 """
 
 from __future__ import annotations

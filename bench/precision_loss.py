@@ -1,12 +1,12 @@
 """How far FP8 / FP8+FP4 training moves the loss, against bf16 and fp32, over several seeds (docs/precision.md).
 
 For each seed the toy flavor is initialised with that seed and trained for `--steps` steps of the real
-`train_step` (Muon + AdamW, lr 3e-3) on two random batches drawn with that seed, once per precision:
+Learner step (Muon + AdamW, lr 3e-3) on two random batches drawn with that seed, once per precision:
 fp32, bf16 autocast, and fp8 / fp8_fp4 under bf16 autocast (as `precision=fp8|fp8_fp4` run). Per seed it records
 max over the steps of |loss - reference loss| and the same at the last step; it prints each seed and the
 spread (mean, min, max) as a markdown table.
 
-    python bench/precision_loss.py --seeds 0,1,2,3,4 --steps 20
+    python -m bench.precision_loss --seeds 0,1,2,3,4 --steps 20
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from dsv4train.models.flavors import get_flavor
 from dsv4train.models.model import DSV4Model
 from dsv4train.optim.groups import build_optimizers
 from dsv4train.quant import apply_precision
-from dsv4train.train.step import train_step
+from dsv4train.train.learner import Learner
+from dsv4train.train.losses import NextTokenLoss, lm_batch
 
 PRECISIONS = {
     "fp32": (None, torch.float32),
@@ -45,8 +46,8 @@ def train_losses(precision: str, seed: int, steps: int, seq: int = 32, batch: in
     gen = torch.Generator().manual_seed(1000 + seed)
     data = [torch.randint(0, 512, (batch, seq + 1), generator=gen) for _ in range(2)]
     train_cfg = TrainConfig(seq_len=seq, micro_batch_size=batch)
-    return [train_step(model, opt, [{"tokens": data[i % 2]}], 0.3, train_cfg, torch.device("cpu"), dtype).loss
-            for i in range(steps)]
+    learner = Learner(model, opt, train_cfg, dtype=dtype)
+    return [learner.step([lm_batch(data[i % 2])], NextTokenLoss(mtp_weight=0.3)).loss for i in range(steps)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,16 @@ class ModelOutput:
     expert_counts: torch.Tensor  # [n_moe_layers, E]: main layers in order, then MTP
 
 
+@dataclass(frozen=True)
+class LayerSlice:
+    """A contiguous run of the layers, to run the model one part at a time (pipeline stages, parallel/pp.py):
+    `first` also embeds the tokens, `last` also applies the head and the MTP block."""
+
+    layers: range
+    first: bool
+    last: bool
+
+
 def aux_losses(auxes: list[BlockAux], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(balance, indexer KL) summed over the blocks that have them (fp32 zeros when none does)."""
     zero = like.new_zeros((), dtype=torch.float32)
@@ -58,7 +68,11 @@ class DSV4Model(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None,
-                with_aux: bool = False):
+                with_aux: bool = False, part: LayerSlice | None = None, acts: tuple = ()):
+        """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
+        the modules of its slices (the others set to None), as a pipeline stage does."""
+        if part is not None:
+            return self.forward_part(part, acts, input_ids)
         x_BSND = self.embed_streams(input_ids)
         x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers)
         logits = self.final(x_BSND)
@@ -78,7 +92,28 @@ class DSV4Model(nn.Module):
         counts = torch.stack([a.moe.counts_E for a in auxes])
         return ModelOutput(logits, mtp_logits, balance, indexer, counts)
 
-    # The pieces of `forward`, also run one by one by pipeline stages (dsv4train/parallel/pp.py).
+    def forward_part(self, part: LayerSlice, acts: tuple, input_ids: torch.Tensor) -> tuple[tuple, list[BlockAux]]:
+        """One slice of the forward. acts: (next token ids,) for the first slice (with MTP; else ()), otherwise
+        what the previous slice returned: (streams[, next-token embedding]). Returns what the next slice takes
+        (streams [B, S, N, d] in fp32[, the next-token embedding]) or, for the last slice, (logits[, MTP logits])
+        in fp32, and the auxiliary outputs of its blocks (the MTP block's last)."""
+        with_mtp = self.cfg.n_mtp_layers > 0
+        if part.first:
+            x_BSND = self.embed_streams(input_ids)
+            next_BSD = self.embed(acts[0]) if with_mtp else None
+        else:
+            x_BSND, next_BSD = acts[0], (acts[1] if with_mtp else None)
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, [self.layers[i] for i in part.layers])
+        if not part.last:
+            return (x_BSND.float(), *([next_BSD.float()] if with_mtp else [])), auxes
+        outs = [self.final(x_BSND).float()]
+        if with_mtp:
+            mtp_logits, aux = self.mtp_logits(x_BSND, next_BSD)
+            outs.append(mtp_logits.float())
+            auxes.append(aux)
+        return tuple(outs), auxes
+
+    # The pieces of `forward`, also run one by one by `forward_part`.
     def embed_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] -> the hc_mult residual streams [B, S, N, d], each a copy of the embedding."""
         cfg = self.cfg
@@ -111,7 +146,6 @@ class DSV4Model(nn.Module):
         """'dense' (attend to every visible compressed entry) or 'sparse' (indexer top-k) in every CSA layer."""
         if mode not in ("dense", "sparse"):
             raise ValueError(f"indexer mode must be 'dense' or 'sparse', got {mode!r}")
-        self.cfg.indexer_mode = mode
         for m in self.modules():
             if isinstance(m, Attention):
                 m.indexer_mode = mode

@@ -31,7 +31,7 @@ Memory per rank (an ESTIMATE, in bytes; GB below means 1e9 bytes). Parameter cou
   DualPipeV keeps every unit of the rank gathered, with its whole gradient, for the whole step (pp.py):
   4 B × 2 × (root unit + all blocks).
 - activations (`activation_bytes`): what one forward saves for its backward on the rank, each distinct storage
-  once, plus the logits the step holds; MEASURED by dsv4train/testing/activation_memory.py on a real train_step
+  once, plus the logits the step holds; MEASURED by dsv4train/testing/activation_memory.py on a real Learner step
   and matched to the byte up to a few 8-byte scalars (tests/unit/test_plan.py, tests/distributed/
   test_activation_memory.py, docs/benchmarks.md). Per block, with N = rows·S tokens (S = seq_len / cp), a = the
   compute dtype's bytes (4 fp32, 2 bf16), f = 4, H and I_s the tp-local heads and shared-expert width:

@@ -1,7 +1,7 @@
 """What the trainer needs to know about the layout it runs in, with the same interface on one process and many:
 which slice of each batch this rank reads, how to average a metric over the data ranks, how to clip gradients
 and how to shard the model. On one process every method is the identity. With pp > 1, `parallelize` returns this
-rank's pipeline stages and keeps their schedule in `pipeline` (pp.py), which `train_step` and `evaluate` use."""
+rank's pipeline stages and keeps their schedule in `pipeline` (pp.py), which the Learner (train/learner.py) uses."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.grad import clip_grad_norm_
+from dsv4train.parallel.mesh import build_mesh, data_rank
 
 
 @dataclass
@@ -22,6 +24,13 @@ class ParallelRuntime:
     dims: ParallelDims = field(default_factory=ParallelDims)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
     pipeline: object | None = field(default=None, repr=False)  # pp.Pipeline once parallelize() split the model
+    # The world DeviceMesh for `dims` (None on one process), built once here: building it creates process groups,
+    # which every rank must do together and in the same order, so it happens at construction and nowhere else.
+    mesh: DeviceMesh | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.distributed:
+            self.mesh = build_mesh(self.dims)
 
     @property
     def distributed(self) -> bool:
@@ -35,9 +44,7 @@ class ParallelRuntime:
     def data_rank(self) -> int:
         if not self.distributed:
             return 0
-        from dsv4train.parallel.mesh import data_rank
-
-        return data_rank(self.dims, self.dims.mesh)
+        return data_rank(self.dims, self.mesh)
 
     @cached_property
     def seq(self) -> WholeSequence:
@@ -46,7 +53,7 @@ class ParallelRuntime:
             return WHOLE_SEQUENCE
         from dsv4train.parallel.cp import SequenceShard
 
-        return SequenceShard(self.dims.mesh["cp"].get_group())
+        return SequenceShard(self.mesh["cp"].get_group())
 
     @property
     def is_main(self) -> bool:
@@ -57,11 +64,12 @@ class ParallelRuntime:
             return model
         from dsv4train.parallel.parallelize import parallelize
 
-        model = parallelize(model, self.dims, seq=self.seq)
+        model = parallelize(model, self.dims, self.mesh, seq=self.seq)
         if self.dims.pp > 1:
-            from dsv4train.parallel.pp import Pipeline
+            from dsv4train.parallel.pp import Pipeline, stage_specs
 
-            self.pipeline = Pipeline(model, self.dims, self._pp_group(), self.device)
+            specs = stage_specs(self.dims, model.cfg.n_layers, self.mesh["pp"].get_local_rank())
+            self.pipeline = Pipeline(model, specs, self.dims, self._pp_group(), self.device)
         return model
 
     def distribute_optimizer(self, optimizer):
@@ -75,7 +83,7 @@ class ParallelRuntime:
         return make_distributed(optimizer, plain_copies=self.dims.world_size // self.dims.pp)
 
     def _pp_group(self):
-        return self.dims.mesh["pp"].get_group()
+        return self.mesh["pp"].get_group()
 
     def sum_over_stages(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a per-stage value (loss parts, expert counts of the stage's layers) over the pp ranks."""
@@ -83,14 +91,8 @@ class ParallelRuntime:
             return t
         return self._all_reduce(t, group=self._pp_group())
 
-    def local_expert_counts(self, counts: torch.Tensor, model: nn.Module) -> torch.Tensor:
-        """The rows of the global expert counts [n_moe_layers, E] that belong to `model`'s MoE layers (all of them
-        unless the model is a pipeline stage), for `update_router_bias`."""
-        rows = getattr(model, "moe_rows", None)
-        return counts if rows is None else counts[rows]
-
     def _data_group(self):
-        return self.dims.mesh["fsdp"].get_group()  # dp·cp·ep: cp ranks hold equal shares of one batch
+        return self.mesh["fsdp"].get_group()  # dp·cp·ep: cp ranks hold equal shares of one batch
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
         """All-reduce a copy of t on the collective device; returned on t's device."""

@@ -4,7 +4,7 @@ bench/activation_memory.py.
 
     meter = ActivationMeter(model)
     with meter:
-        train_step(model, optimizer, batches, ...)   # the real step: forward, loss, backward, optimizer
+        learner.step(batches, loss_fn)   # the real step: forward, loss, backward, optimizer
     meter.peak.total_bytes                            # bytes alive when a backward started, at its largest
 
 What counts, and how:
@@ -271,7 +271,7 @@ class ActivationMeter:
 
 def measure_step(model_cfg, seq: int, rows: int, precision: str = "fp32", indexer: str = "sparse",
                  dims=None, fp8_block: int = 32, seed: int = 0) -> Snapshot:
-    """Build `model_cfg`, run one real `train_step` on `rows` random rows of `seq` tokens with the CSA layers in
+    """Build `model_cfg`, run one real Learner step on `rows` random rows of `seq` tokens with the CSA layers in
     `indexer` mode (fp32, bf16 autocast or emulated fp8 with bf16 autocast) under an ActivationMeter and return
     its peak. `dims` (tp/cp/ep, with a process group already up): the model is split as parallelize() does, but
     without FSDP, whose gathered parameters live in storages it frees and refills in place (no storage count
@@ -280,7 +280,8 @@ def measure_step(model_cfg, seq: int, rows: int, precision: str = "fp32", indexe
     from dsv4train.models.model import DSV4Model
     from dsv4train.parallel.runtime import ParallelRuntime
     from dsv4train.quant import apply_precision
-    from dsv4train.train.step import train_step
+    from dsv4train.train.learner import Learner
+    from dsv4train.train.losses import NextTokenLoss, lm_batch
 
     torch.manual_seed(seed)
     model = DSV4Model(model_cfg)
@@ -295,16 +296,16 @@ def measure_step(model_cfg, seq: int, rows: int, precision: str = "fp32", indexe
         from dsv4train.parallel.tp import apply_tensor_parallel
 
         if dims.tp > 1:
-            apply_tensor_parallel(model, dims.mesh["tp"])
+            apply_tensor_parallel(model, rt.mesh["tp"])
         if dims.ep > 1:
-            apply_expert_parallel(model, dims.mesh["ep"])
+            apply_expert_parallel(model, rt.mesh["ep"])
         if dims.cp > 1:
             apply_context_parallel(model, rt.seq)
-    batch = [{"tokens": torch.randint(0, model_cfg.vocab_size, (rows, seq + 1),
-                                      generator=torch.Generator().manual_seed(seed))}]
+    batch = [lm_batch(torch.randint(0, model_cfg.vocab_size, (rows, seq + 1),
+                                    generator=torch.Generator().manual_seed(seed)))]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     with ActivationMeter(model) as meter:
-        train_step(model, optimizer, batch, 0.3, TrainConfig(seq_len=seq, micro_batch_size=rows),
-                   torch.device("cpu"), dtype, rt)
+        learner = Learner(model, optimizer, TrainConfig(seq_len=seq, micro_batch_size=rows), rt, dtype=dtype)
+        learner.step(batch, NextTokenLoss(mtp_weight=0.3))
     return meter.peak

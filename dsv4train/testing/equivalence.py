@@ -53,11 +53,11 @@ import torch.distributed as dist
 from dsv4train.config.pretrain import PrecisionConfig
 from dsv4train.data.loader import rank_rows
 from dsv4train.models.model import DSV4Model
-from dsv4train.models.moe import update_router_bias
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.quant import apply_precision
 from dsv4train.testing.toy_configs import tiny_config
-from dsv4train.train.step import evaluate, train_step
+from dsv4train.train.learner import Learner
+from dsv4train.train.losses import NextTokenLoss, lm_batch
 
 # A layout's rounding is one more draw of the noise the reruns sample. Over the layouts, optimizers and
 # precisions measured (tiny config: dp2, ep2, tp2, pp2, cp2, dp2×tp2, cp2×tp2, tp2×ep2; fp32, FP8, FP8+FP4; Muon
@@ -143,20 +143,20 @@ def run_steps(model, optimizer, batches: list[dict], rt, train_cfg, grad_accum: 
     `grad_accum` micro-batches, with the router-bias update; with `validate`, then the validation loss of the
     first batch."""
     losses, grads, counts = [], [], []
+    learner = Learner(model, optimizer, train_cfg, rt)
     for i, batch in enumerate(batches):
         model.set_indexer_mode("dense" if i == 0 else "sparse")
         rows = rank_rows(batch, rt.data_rank, rt.data_ranks)
-        micro = [{"tokens": t} for t in rows["tokens"].chunk(grad_accum)]
-        res = train_step(model, optimizer, micro, 0.3, train_cfg, torch.device("cpu"), torch.float32, rt)
-        update_router_bias(model, rt.local_expert_counts(res.expert_counts, model), train_cfg.bias_update_speed)
-        losses.append({k: getattr(res, k) for k in LOSS_PARTS})
+        micro = [lm_batch(t) for t in rows["tokens"].chunk(grad_accum)]
+        res = learner.step(micro, NextTokenLoss(mtp_weight=0.3))
+        losses.append({"loss": res.loss, **{k: res.metrics[k] for k in LOSS_PARTS[1:]}})
         counts.append(res.expert_counts.cpu())
         if i in (0, len(batches) - 1):
             grads.append(full_grads(model))
     val = None
     if validate:
-        val = evaluate(model, [rank_rows(batches[0], rt.data_rank, rt.data_ranks)], torch.device("cpu"),
-                       torch.float32, rt)
+        val = learner.evaluate([lm_batch(rank_rows(batches[0], rt.data_rank, rt.data_ranks)["tokens"])],
+                               NextTokenLoss())["lm_loss"]
     return Trained(losses, grads, counts, val)
 
 

@@ -16,7 +16,8 @@ from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.observability.trackers import Trackers
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train import checkpoint
-from dsv4train.train.step import evaluate
+from dsv4train.train.learner import Learner
+from dsv4train.train.losses import NextTokenLoss, lm_batch
 from dsv4train.utils.device import rng_state
 from dsv4train.utils.signals import PreemptionFlag
 
@@ -26,20 +27,27 @@ class Loop:
     """The state of a run that callbacks read (and, for `stop_reason` and the val losses, write)."""
 
     cfg: PretrainConfig
-    run_dir: Path
-    model: torch.nn.Module
-    optimizer: object
+    run_dir: Path  # the resolved run dir (the same on every rank)
+    learner: Learner  # model, optimizer, runtime, precision, the step
     train_data: object  # PackedLoader: its state goes into checkpoints
-    device: torch.device
-    dtype: torch.dtype
-    rt: ParallelRuntime = field(default_factory=ParallelRuntime)
     step: int = 0
     start_step: int = 0
-    nan_skips: int = 0
     stop_reason: str | None = None  # set to end the run after this step (e.g. "SIGTERM")
     val_first: float | None = None  # the validation loss at step 0 (kept in checkpoints, so a resume knows it)
     val_last: float | None = None
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)  # set by a signal (utils/signals.py)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.learner.model
+
+    @property
+    def optimizer(self):
+        return self.learner.optimizer
+
+    @property
+    def rt(self) -> ParallelRuntime:
+        return self.learner.rt
 
     @property
     def ckpt_root(self) -> Path:
@@ -51,7 +59,7 @@ class Loop:
 
     def trainer_state(self) -> dict:
         """What a checkpoint needs besides model and optimizer to continue bit for bit (and to report the run)."""
-        return {"step": self.step, "nan_skips": self.nan_skips, "loader": self.train_data.state_dict(),
+        return {"step": self.step, "nan_skips": self.learner.nan_skips, "loader": self.train_data.state_dict(),
                 "rng": rng_state(), "val_first": self.val_first, "val_last": self.val_last}
 
     def check_preemption(self) -> None:
@@ -81,10 +89,10 @@ class EvalCallback(Callback):
     """Validation loss at the start of a fresh run, every `every` steps and at the last step."""
 
     def __init__(self, val_batches: list[dict], every: int):
-        self.val_batches, self.every = val_batches, every
+        self.val_batches, self.every = [lm_batch(b["tokens"]) for b in val_batches], every
 
     def _evaluate(self, loop: Loop) -> float:
-        return evaluate(loop.model, self.val_batches, loop.device, loop.dtype, loop.rt)
+        return loop.learner.evaluate(self.val_batches, NextTokenLoss())["lm_loss"]
 
     def on_train_start(self, loop: Loop) -> None:
         if loop.step == 0 and loop.stop_reason is None:

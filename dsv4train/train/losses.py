@@ -1,24 +1,76 @@
-"""Training losses: next-token CE and the MTP targets (position t predicts token t+2). The trainer weights and sums them."""
+"""Losses for the Learner (train/learner.py), in its token-weighted convention: a loss function returns SUMS over
+the target tokens of one micro-batch and their count, and the Learner divides by the number of target tokens of the
+whole global batch (every micro-batch, every data and context rank).
+
+A micro-batch is a dict of [B, S] tensors of whole rows (the Learner cuts them into context-parallel shards, so any
+shift across positions is done here, on whole rows, before the cut):
+- `input_ids`: the tokens the model reads;
+- `labels`: the target of each position (the next token), IGNORE where there is none (prompt, padding, a masked
+  turn); every non-IGNORE label is one target token of the convention;
+- `next_ids`: the token after each position, the MTP block's input (arch ref §6: Embed(token_{t+1})), never masked;
+- `mtp_labels`: the MTP target of each position (token t+2, IGNORE where the label after it is IGNORE or absent).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
+from dsv4train.models.model import ModelOutput
 
 IGNORE = -100
 
 
-def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
-    """Mean cross-entropy over the labelled positions (of the whole sequence under context parallelism)."""
-    if seq.shards == 1:
-        return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE)
-    total = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE,
-                            reduction="sum")
-    return seq.share(total) / seq.total((labels_BS != IGNORE).sum()).clamp_min(1)
+@dataclass(frozen=True)
+class LossOutput:
+    """One micro-batch's loss as the Learner takes it. `loss_sum` (differentiated) and every `metrics` value are sums
+    over the micro-batch's target tokens; `n_targets` is their count (the non-IGNORE labels). `metrics` has exactly
+    the keys of the loss function's `metric_names`, so every rank reduces the same vector (a pipeline rank without
+    the last stage never calls the loss)."""
+
+    loss_sum: torch.Tensor
+    n_targets: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy over the labelled positions (fp32)."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens of a micro-batch: its non-IGNORE labels."""
+    return (batch["labels"] != IGNORE).sum()
 
 
 def mtp_targets(labels_BS: torch.Tensor) -> torch.Tensor:
     """labels[:, t] is token t+1; MTP at t predicts token t+2 = labels[:, t+1]. The last position has none."""
     return torch.cat((labels_BS[:, 1:], torch.full_like(labels_BS[:, :1], IGNORE)), dim=1)
+
+
+def lm_batch(rows_BS1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A pre-training micro-batch from packed rows of seq+1 tokens: every position has a target."""
+    labels = rows_BS1[:, 1:]
+    return {"input_ids": rows_BS1[:, :-1], "labels": labels, "next_ids": labels, "mtp_labels": mtp_targets(labels)}
+
+
+@dataclass(frozen=True)
+class NextTokenLoss:
+    """CE of the next token plus `mtp_weight` · CE of the MTP target (token t+2), both summed over the positions that
+    have one and divided by the number of next-token targets: DeepSeek-V3's L_MTP = -1/T Σ_{i=2+k}^{T+1} log P_i
+    (the MTP sum has one term fewer per row, its normaliser is the same T). Logged: `lm_loss`, `mtp_loss` (0 without
+    an MTP block)."""
+
+    mtp_weight: float = 0.0
+    metric_names: tuple[str, ...] = ("lm_loss", "mtp_loss")
+
+    def __call__(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> LossOutput:
+        ce = token_ce_sum(out.logits, batch["labels"])
+        loss, mtp = ce, ce.new_zeros(())
+        if out.mtp_logits is not None:
+            mtp = token_ce_sum(out.mtp_logits, batch["mtp_labels"])
+            loss = loss + self.mtp_weight * mtp
+        return LossOutput(loss, count_targets(batch), {"lm_loss": ce.detach(), "mtp_loss": mtp.detach()})

@@ -3,8 +3,9 @@
 preemption handlers (first: a SIGTERM/SIGUSR1 during set-up ends the run before its first step, with a summary) ->
 set up (layout check, run dir, process group, data, model, parallelize, optimizer, trackers) ->
 resume from the newest checkpoint if any ->
-for each step: schedules -> forward/backward over micro-batches -> NaN policy -> optimizer step ->
-router bias update -> metrics -> callbacks (eval, tracking, progress bar, preemption, checkpoint) -> summary.
+for each step: schedules (lr, MTP weight, indexer mode) -> the Learner's step (forward/backward over the
+micro-batches with the next-token loss, NaN policy, clipping, optimizer step, router bias update) -> metrics ->
+callbacks (eval, tracking, progress bar, preemption, checkpoint) -> summary.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.data.loader import PackedLoader, RankSlice, check_vocab
 from dsv4train.models.flops import train_flops_per_token
 from dsv4train.models.model import DSV4Model
-from dsv4train.models.moe import update_router_bias
 from dsv4train.observability.run_dir import open_run_dir, write_snapshot
 from dsv4train.observability.throughput import measured_matmul_peak, mfu
 from dsv4train.observability.trackers import build_trackers
@@ -34,7 +33,8 @@ from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.quant import apply_precision
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, Loop, default_callbacks
-from dsv4train.train.step import train_step
+from dsv4train.train.learner import Learner
+from dsv4train.train.losses import NextTokenLoss, lm_batch
 from dsv4train.utils.device import pick_device, seed_everything, set_rng_state
 from dsv4train.utils.dist import env_world_size, init_distributed
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
@@ -51,7 +51,7 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
     dims.validate(env_world_size(), cfg.model, t.seq_len, t.micro_batch_size)  # before any process-group work
     device = init_distributed(pick_device(t.device), cfg.parallel.timeout_s)
     rt = ParallelRuntime(dims, device)
-    run_dir = open_run_dir(_same_run_dir(cfg, rt))
+    run_dir = open_run_dir(_same_run_dir(cfg, rt))  # the resolved run dir lives here, the config keeps the asked one
     dtype = torch.bfloat16 if cfg.precision.compute_dtype == "bfloat16" else torch.float32
     seed_everything(cfg.seed)
 
@@ -65,7 +65,8 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
     n_params = sum(p.numel() for p in model.parameters())  # the whole model, before pp keeps this rank's stages
     model = rt.parallelize(apply_precision(model, cfg.precision))
     optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
-    loop = Loop(cfg, run_dir, model, optimizer, train_data, device, dtype, rt, preemption=preemption)
+    learner = Learner(model, optimizer, t, rt, device, dtype, checkpoint_root=run_dir / "checkpoints")
+    loop = Loop(cfg, run_dir, learner, train_data, preemption=preemption)
 
     removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []  # .tmp_* of a killed write
     rt.barrier()
@@ -103,7 +104,7 @@ def _resume(loop: Loop, step_dir: Path) -> bool:
     loop.train_data.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     loop.step = loop.start_step = state["step"]
-    loop.nan_skips = state["nan_skips"]
+    loop.learner.nan_skips = state["nan_skips"]
     loop.val_first, loop.val_last = state.get("val_first"), state.get("val_last")  # absent before they were saved
     return not loaded
 
@@ -115,14 +116,13 @@ def _same_run_dir(cfg: PretrainConfig, rt: ParallelRuntime) -> str:
     own = Path(cfg.run.dir)
     if chosen != cfg.run.dir and own.is_dir() and not any(own.iterdir()):
         own.rmdir()
-    cfg.run.dir = chosen
     return chosen
 
 
 def _train(loop: Loop, callbacks: list[Callback]) -> dict:
     cfg, model, optimizer = loop.cfg, loop.model, loop.optimizer
     t = cfg.train
-    peak = measured_matmul_peak(loop.device, loop.dtype)
+    peak = measured_matmul_peak(loop.learner.device, loop.learner.dtype)
     flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * loop.rt.data_ranks
     loop.check_preemption()  # a signal during set-up: no step, no evaluation, just the summary
@@ -134,28 +134,14 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
         model.set_indexer_mode("dense" if loop.step < t.dense_indexer_steps else "sparse")
         lr = lr_at(loop.step, cfg.optim, t.steps)
         optimizer.set_lr(lr)
-        batches = [loop.train_data.next_batch() for _ in range(t.grad_accum)]
+        batches = [lm_batch(loop.train_data.next_batch()["tokens"]) for _ in range(t.grad_accum)]
         t0 = time.perf_counter()
-        mtp_weight = mtp_weight_at(loop.step, cfg.optim, t.steps, t.mtp_weight, t.mtp_weight_decay)
-        last = train_step(model, optimizer, batches, mtp_weight, t, loop.device, loop.dtype, loop.rt)
-        if last.skipped:
-            loop.nan_skips += 1
-            if t.nan_policy == "stop" or loop.nan_skips > t.max_nan_skips:
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {loop.step + 1} ({last.reason}); {loop.nan_skips} such "
-                    f"step(s) in a row. Lower optim.lr, check the data, or resume from "
-                    f"{checkpoint.latest(loop.ckpt_root)}")
-            if loop.rt.is_main:
-                tqdm.write(f"dsv4 pretrain: step {loop.step + 1}: non-finite loss or gradient ({last.reason}); "
-                           f"update skipped ({loop.nan_skips} in a row, at most train.max_nan_skips="
-                           f"{t.max_nan_skips})", file=sys.stderr)
-        else:
-            loop.nan_skips = 0
-            update_router_bias(model, loop.rt.local_expert_counts(last.expert_counts, model), t.bias_update_speed)
+        loss_fn = NextTokenLoss(mtp_weight_at(loop.step, cfg.optim, t.steps, t.mtp_weight, t.mtp_weight_decay))
+        last = loop.learner.step(batches, loss_fn, number=loop.step + 1)
         loop.step += 1
         tps = tokens_per_step / (time.perf_counter() - t0)
         mfu_now = mfu(flops_per_token, tps / loop.rt.dims.world_size, peak)  # per device
-        metrics = {**last.metrics(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu_now,
+        metrics = {**last.log(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu_now,
                    "router_bias_norm": _router_bias_norm(model, loop.rt),
                    "muon_update_rms": optimizer.muon_update_rms()}
         for cb in callbacks:
@@ -166,7 +152,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
     summary = {"run_dir": str(loop.run_dir), "steps_done": loop.step, "steps_total": t.steps,
                "resumed_from": loop.start_step, "seconds": round(elapsed, 1), "tokens": done * tokens_per_step,
                "tokens_per_sec": round(done * tokens_per_step / max(elapsed, 1e-9)),
-               "final_train_lm_loss": None if last is None else round(last.lm_loss, 4),
+               "final_train_lm_loss": None if last is None else round(last.metrics["lm_loss"], 4),
                "val_loss_at_start": _round(loop.val_first), "val_loss_last": _round(loop.val_last),
                "preempted_by": loop.stop_reason, "checkpoint": str(checkpoint.latest(loop.ckpt_root))}
     for cb in callbacks:
@@ -189,7 +175,7 @@ def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: 
                  fresh_optimizer: bool) -> None:
     t = cfg.train
     dims = loop.rt.dims
-    where = f"{loop.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
+    where = f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
     print(f"dsv4 pretrain: model '{cfg.model.name}' ({n / 1e6:.2f}M params, {cfg.model.n_layers} layers) on "
           f"{where}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} tokens, "
           f"optim {cfg.optim.name}, run dir {loop.run_dir}")

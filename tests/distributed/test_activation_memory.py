@@ -1,5 +1,5 @@
 """`dsv4 plan`'s activation formula against the measurement under tensor and context parallelism: 2 gloo processes
-run a real train_step of the toy model split over tp2 (heads, shared expert) and then cp2 (each rank half of
+run a real Learner step of the toy model split over tp2 (heads, shared expert) and then cp2 (each rank half of
 every row's sequence, the compressed entries of both), and each rank's saved tensors match the formula for its
 share. Expected values are MEASURED (dsv4train/testing/activation_memory.py), never taken from the formula."""
 

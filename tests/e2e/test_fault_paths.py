@@ -38,15 +38,15 @@ def init_weights(self, *args, **kwargs):  # set-up: the model is built, the data
 m.DSV4Model.init_weights = init_weights
 """
 SIGUSR1_IN_STEP_2 = """
-import dsv4train.train.trainer as t
-_step, calls = t.train_step, []
-def train_step(*args, **kwargs):
+from dsv4train.train.learner import Learner
+_step, calls = Learner.step, []
+def step(*args, **kwargs):
     out = _step(*args, **kwargs)
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGUSR1)
     return out
-t.train_step = train_step
+Learner.step = step
 """
 SIGKILL_IN_WRITE_OF_STEP_2 = """
 import torch.distributed.checkpoint as dcp
@@ -129,18 +129,18 @@ def test_sigusr1_mid_run_checkpoints_that_step_exits_0_and_resumes(tmp_path, dat
 
 def _one_rank_signalled(rank: int, world_size: int, run_dir: str, data_dir: str) -> None:
     """Rank 1 alone gets SIGUSR1 during step 2; both ranks must stop after step 2 with one complete checkpoint."""
-    import dsv4train.train.trainer as trainer
+    from dsv4train.train.learner import Learner
 
-    real_step, calls = trainer.train_step, []
+    real_step, calls = Learner.step, []
 
-    def train_step(*args, **kwargs):
+    def step(*args, **kwargs):
         out = real_step(*args, **kwargs)
         calls.append(1)
         if rank == 1 and len(calls) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
         return out
 
-    trainer.train_step = train_step
+    Learner.step = step
     summary = _in_process(run_dir, data_dir, "parallel.dp=2", "train.micro_batch_size=1", "train.steps=5",
                           "train.checkpoint_every=0", "parallel.timeout_s=60")
     assert len(calls) == 2, f"rank {rank} took {len(calls)} steps"
@@ -229,19 +229,19 @@ def _state(step_dir: Path, tmp_path: Path) -> dict:
 
 
 def test_nan_policy_skip_drops_the_step_and_training_goes_on(tmp_path, data_dir, monkeypatch, capsys):
-    """A NaN in step 3's loss (a patched lm_loss, training calls only): the update is skipped (weights, buffers and
-    optimizer state as after step 2), the step is logged as skipped, and steps 4 and 5 train normally."""
-    import dsv4train.train.step as step_module
-    import dsv4train.train.trainer as trainer_module
+    """A NaN in step 3's loss (a patched token_ce_sum, training calls only): the update is skipped (weights, buffers
+    and optimizer state as after step 2), the step is logged as skipped, and steps 4 and 5 train normally."""
+    import dsv4train.train.losses as losses_module
+    from dsv4train.train.learner import Learner
 
     poisoned, calls = [False], []
-    real_loss, real_step = step_module.lm_loss, trainer_module.train_step
+    real_loss, real_step = losses_module.token_ce_sum, Learner.step
 
-    def lm_loss(*args, **kwargs):
+    def token_ce_sum(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if poisoned[0] and torch.is_grad_enabled() else loss
 
-    def train_step(*args, **kwargs):
+    def step(*args, **kwargs):
         calls.append(1)
         poisoned[0] = len(calls) == 3
         try:
@@ -249,8 +249,8 @@ def test_nan_policy_skip_drops_the_step_and_training_goes_on(tmp_path, data_dir,
         finally:
             poisoned[0] = False
 
-    monkeypatch.setattr(step_module, "lm_loss", lm_loss)
-    monkeypatch.setattr(trainer_module, "train_step", train_step)
+    monkeypatch.setattr(losses_module, "token_ce_sum", token_ce_sum)
+    monkeypatch.setattr(Learner, "step", step)
     run = tmp_path / "run"
     summary = _in_process(run, data_dir, "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=10")
     assert summary["steps_done"] == 5 and summary["preempted_by"] is None

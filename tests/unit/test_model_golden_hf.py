@@ -22,7 +22,8 @@ from dsv4train.models.mhc import hc_collapse, hc_head, hc_weights  # noqa: E402
 from dsv4train.models.moe import MoE, build_hash_table  # noqa: E402
 from dsv4train.models.rope import inv_freq  # noqa: E402
 from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
-from dsv4train.train.step import train_step  # noqa: E402
+from dsv4train.train.learner import Learner  # noqa: E402
+from dsv4train.train.losses import NextTokenLoss, lm_batch  # noqa: E402
 
 def hf_config(c):
     return DeepseekV4Config(**hf_config_kwargs(c))
@@ -457,9 +458,10 @@ def test_mtp_and_indexer_loss_grads_match_float64_reference(mode):
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_trainer_losses_match_float64_reference(mode):
-    """`train_step`'s logged lm_loss, mtp_loss and indexer_loss for one micro-batch of rows [B, S+1] against the
+    """The Learner's logged lm_loss, mtp_loss and indexer_loss for one micro-batch of rows [B, S+1] against the
     float64 references: CE of token t+1 at t; MTP fed token t+1 (label t) at t, CE against token t+2 where it exists
-    (the last position is unlabelled); the indexer KL. Relative error < 1e-5, measured <= 1.3e-7 for the CEs and
+    (the last position is unlabelled), summed and divided by the B·S next-token targets as DeepSeek-V3's
+    L_MTP = -1/T Σ_{i=2+k}^{T+1} log P_i does; the indexer KL. Relative error < 1e-5, measured <= 1.3e-7 for the CEs and
     1e-6 for the KL."""
     overrides = {"index_topk": DENSE_TOPK} if mode == "dense" else {}
     model, ref64 = golden_pair(GOLDEN[0][0], overrides, mode, dtype=torch.float64)
@@ -469,10 +471,10 @@ def test_trainer_losses_match_float64_reference(mode):
     with torch.no_grad():
         mtp_logits, logits, _, _ = mtp_reference64(model, ref64, inputs, labels)
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        mtp = F.cross_entropy(mtp_logits[:, :-1].flatten(0, 1), rows[:, 2:].flatten())
+        mtp = F.cross_entropy(mtp_logits[:, :-1].flatten(0, 1), rows[:, 2:].flatten(), reduction="sum") / labels.numel()
         kl = indexer_kl64(ref64, inputs, model.cfg, mode)
-    res = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [{"tokens": rows}], 0.3,
-                     TrainConfig(seq_len=S, micro_batch_size=2), torch.device("cpu"), torch.float32)
-    assert res.lm_loss == pytest.approx(float(ce), rel=1e-5)
-    assert res.mtp_loss == pytest.approx(float(mtp), rel=1e-5)
-    assert res.indexer_loss == pytest.approx(float(kl), rel=1e-5)
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0), TrainConfig(seq_len=S, micro_batch_size=2))
+    res = learner.step([lm_batch(rows)], NextTokenLoss(mtp_weight=0.3))
+    assert res.metrics["lm_loss"] == pytest.approx(float(ce), rel=1e-5)
+    assert res.metrics["mtp_loss"] == pytest.approx(float(mtp), rel=1e-5)
+    assert res.metrics["indexer_loss"] == pytest.approx(float(kl), rel=1e-5)

@@ -168,7 +168,7 @@ def test_meter_counts_storages_once_and_skips_parameters():
 
 
 # Points that run in about a second each on the 2-core CPU box. Expected values are MEASURED on a real
-# train_step by the meter above, never taken from the formula. Every group of the formula must match to the byte,
+# Learner step by the meter above, never taken from the formula. Every group of the formula must match to the byte,
 # up to the Python numbers autograd saves as 8-byte 0-dim tensors (loss weights, scales) and a few int64 counts,
 # which the formula does not model: 64 B per group is above what they add at these sizes (16 B measured) and
 # below every modelled term (the smallest, a bool mask per row, is >= 128 B here).

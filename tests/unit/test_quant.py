@@ -591,13 +591,14 @@ def test_precision_yamls_compose():
 # ----------------------------------------------------------------------------- training
 def train_losses(precision: PrecisionConfig | None, dtype: torch.dtype = torch.bfloat16, steps: int = 20, seq: int = 32,
                  batch: int = 2) -> list[float]:
-    """The toy flavor trained with the real train_step (Muon + AdamW, lr 3e-3) on 2 fixed random batches, under
+    """The toy flavor trained with the real Learner step (Muon + AdamW, lr 3e-3) on 2 fixed random batches, under
     autocast to `dtype` (bf16, as precision=bf16/fp8/fp8_fp4 run) or in fp32."""
     from dsv4train.config.optim import OptimConfig
     from dsv4train.config.pretrain import TrainConfig
     from dsv4train.models.flavors import get_flavor
     from dsv4train.optim.groups import build_optimizers
-    from dsv4train.train.step import train_step
+    from dsv4train.train.learner import Learner
+    from dsv4train.train.losses import NextTokenLoss, lm_batch
 
     torch.manual_seed(0)
     m = DSV4Model(get_flavor("toy", max_seq_len=seq + 1))
@@ -608,8 +609,8 @@ def train_losses(precision: PrecisionConfig | None, dtype: torch.dtype = torch.b
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 512, (batch, seq + 1), generator=gen) for _ in range(2)]
     t = TrainConfig(seq_len=seq, micro_batch_size=batch)
-    return [train_step(m, opt, [{"tokens": data[i % 2]}], 0.3, t, torch.device("cpu"), dtype).loss
-            for i in range(steps)]
+    learner = Learner(m, opt, t, dtype=dtype)
+    return [learner.step([lm_batch(data[i % 2])], NextTokenLoss(mtp_weight=0.3)).loss for i in range(steps)]
 
 
 @pytest.mark.slow
