@@ -123,29 +123,76 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         return _tp_formulas(cfg, d, seq, rows, optim, units, term, out)
     if d.pp > 1:  # pipeline parallelism alone: the stages' point-to-point and the sums over the stages
         return _pp_formulas(cfg, d, seq, rows, optim, term, out)
-    term("FSDP all-gather, dense (forward)", "forward", len(dense_units), f"(1-1/{sn})·P_dense·4", fs * P_dense * B,
-         (ns - 1) * P_dense_pad // ns * B)
-    term("FSDP all-gather, dense (backward)", "backward", len(units["blocks"]), f"(1-1/{sn})·(P_dense-P_root)·4",
-         fs * (P_dense - P_root) * B, (ns - 1) * (P_dense_pad - P_root_pad) // ns * B)
-    term("FSDP reduce-scatter, dense", "backward", len(dense_units), f"(1-1/{sn})·P_dense·4", fs * P_dense * B,
-         (ns - 1) * P_dense_pad // ns * B)
+    term(
+        "FSDP all-gather, dense (forward)",
+        "forward",
+        len(dense_units),
+        f"(1-1/{sn})·P_dense·4",
+        fs * P_dense * B,
+        (ns - 1) * P_dense_pad // ns * B,
+    )
+    term(
+        "FSDP all-gather, dense (backward)",
+        "backward",
+        len(units["blocks"]),
+        f"(1-1/{sn})·(P_dense-P_root)·4",
+        fs * (P_dense - P_root) * B,
+        (ns - 1) * (P_dense_pad - P_root_pad) // ns * B,
+    )
+    term(
+        "FSDP reduce-scatter, dense",
+        "backward",
+        len(dense_units),
+        f"(1-1/{sn})·P_dense·4",
+        fs * P_dense * B,
+        (ns - 1) * P_dense_pad // ns * B,
+    )
     if r > 1:  # each unit's sharded gradient (padded, P_padded/n_s elements) all-reduced over the replicate group
-        term("FSDP all-reduce across replicas, dense", "backward", len(dense_units), "2·(1-1/r)·P_dense·4/n_s",
-             2 * (1 - 1 / r) * P_dense * B / ns, 2 * (r - 1) * (P_dense_pad // ns * B) / r)
+        term(
+            "FSDP all-reduce across replicas, dense",
+            "backward",
+            len(dense_units),
+            "2·(1-1/r)·P_dense·4/n_s",
+            2 * (1 - 1 / r) * P_dense * B / ns,
+            2 * (r - 1) * (P_dense_pad // ns * B) / r,
+        )
     if ep > 1:
         fe = 1 - 1 / nes
         ce = len(units["experts"]) if nes > 1 else 0  # FSDP2 issues nothing on a 1-rank mesh
         for phase in ("forward", "backward"):
-            term(f"FSDP all-gather, experts ({phase})", phase, ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
-                 (nes - 1) * P_exp_pad // nes * B)
-        term("FSDP reduce-scatter, experts", "backward", ce, f"(1-1/{se})·(P_exp/ep)·4", fe * P_exp_local * B,
-             (nes - 1) * P_exp_pad // nes * B)
+            term(
+                f"FSDP all-gather, experts ({phase})",
+                phase,
+                ce,
+                f"(1-1/{se})·(P_exp/ep)·4",
+                fe * P_exp_local * B,
+                (nes - 1) * P_exp_pad // nes * B,
+            )
+        term(
+            "FSDP reduce-scatter, experts",
+            "backward",
+            ce,
+            f"(1-1/{se})·(P_exp/ep)·4",
+            fe * P_exp_local * B,
+            (nes - 1) * P_exp_pad // nes * B,
+        )
         if r > 1:  # measured by tests/distributed/test_comm_volume.py (dp2×ep2 as 2 replicas), not among LAYOUTS
-            term("FSDP all-reduce across replicas, experts", "backward", len(units["experts"]),
-                 "2·(1-1/r)·(P_exp/ep)·4/n_es", 2 * (1 - 1 / r) * P_exp_local * B / nes,
-                 2 * (r - 1) * (P_exp_pad // nes * B) / r)
-        term("EP counts all-to-all", "forward", L, "L·(ep-1)·(E/ep)·8", L * (ep - 1) * (E // ep) * 8,
-             L * (ep - 1) * (E // ep) * 8)
+            term(
+                "FSDP all-reduce across replicas, experts",
+                "backward",
+                len(units["experts"]),
+                "2·(1-1/r)·(P_exp/ep)·4/n_es",
+                2 * (1 - 1 / r) * P_exp_local * B / nes,
+                2 * (r - 1) * (P_exp_pad // nes * B) / r,
+            )
+        term(
+            "EP counts all-to-all",
+            "forward",
+            L,
+            "L·(ep-1)·(E/ep)·8",
+            L * (ep - 1) * (E // ep) * 8,
+            L * (ep - 1) * (E // ep) * 8,
+        )
         a2a = L * 2 * N * K * (1 - 1 / ep) * D * B
         term("EP dispatch+combine (forward)", "forward", 2 * L, "L·2·N·K·(1-1/ep)·D·4 (uniform routing)", a2a)
         term("EP dispatch+combine (backward)", "backward", 2 * L, "same as forward", a2a)
@@ -155,12 +202,23 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
     _metric_term(term, cfg, nf)
     # squared norms are summed over the gradients' sharded mesh dims only: the shard group under HSDP
     gn = 2 * fs * 4 + ((2 * (1 - 1 / nes) * 4 + 2 * (1 - 1 / ep) * 4) if ep > 1 else 0)
-    term("grad-norm all-reduce", "grad_norm", 1 + (2 if ep > 1 else 0),
-         f"2·(1-1/{sn})·4" + (f" + 2·(1-1/{se})·4 + 2·(1-1/ep)·4" if ep > 1 else ""), gn, gn)
+    term(
+        "grad-norm all-reduce",
+        "grad_norm",
+        1 + (2 if ep > 1 else 0),
+        f"2·(1-1/{sn})·4" + (f" + 2·(1-1/{se})·4 + 2·(1-1/ep)·4" if ep > 1 else ""),
+        gn,
+        gn,
+    )
     if optim == "muon":  # owner-compute within each parameter's shard group (its sharded mesh dims)
         P_own, mats = muon_owner_elements(units["model"], cfg, OptimConfig(name=optim), ns, ep)
-        term("Muon owner-compute all-to-all", "optimizer", 2 if P_own else 0, f"2·(1-1/{sn})·P_own·4/{sn}",
-             2 * fs * P_own * B / ns)
+        term(
+            "Muon owner-compute all-to-all",
+            "optimizer",
+            2 if P_own else 0,
+            f"2·(1-1/{sn})·P_own·4/{sn}",
+            2 * fs * P_own * B / ns,
+        )
         _muon_rms_term(term, W)
     else:
         P_own, mats = 0, 0
@@ -169,19 +227,45 @@ def formulas(cfg: ModelConfig, layout: dict, seq: int, rows: int, optim: str = "
         extra = _padded(shape, nes if where == "experts" else ns) - math.prod(shape)
         if extra:
             pads[re.sub(r"^(layers|mtp)\.\d+\.", r"\1.*.", name)] += extra
-    out["_vars"] = dict(padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])), n_f=nf, n_e=ne, ep=ep, W=W,
-                        r=r, n_s=ns, n_es=nes,
-                        P_dense=P_dense, P_dense_padded=P_dense_pad, P_root=P_root, P_root_padded=P_root_pad,
-                        P_exp=P_exp_local * ep, P_exp_local_padded=P_exp_pad, L=L, E=E, K=K, D=D, N=N,
-                        P_own=P_own, muon_owner_matrices=mats, units=len(dense_units), cp=cp_vars)
+    out["_vars"] = dict(
+        padding=dict(sorted(pads.items(), key=lambda kv: -kv[1])),
+        n_f=nf,
+        n_e=ne,
+        ep=ep,
+        W=W,
+        r=r,
+        n_s=ns,
+        n_es=nes,
+        P_dense=P_dense,
+        P_dense_padded=P_dense_pad,
+        P_root=P_root,
+        P_root_padded=P_root_pad,
+        P_exp=P_exp_local * ep,
+        P_exp_local_padded=P_exp_pad,
+        L=L,
+        E=E,
+        K=K,
+        D=D,
+        N=N,
+        P_own=P_own,
+        muon_owner_matrices=mats,
+        units=len(dense_units),
+        cp=cp_vars,
+    )
     return out
 
 
 # The Muon matrices that tensor parallelism splits (parallel/tp.py), by the dim their DTensor is sharded on: a
 # dim-1 split never holds whole rows; a dim-0 split is local only when each rank's rows are whole output groups
 # (`wo_a`, "muon:row_blocks"), like an FSDP block.
-_TP_SPLIT = {"attn.wq_b.weight": 0, "attn.wo_a.weight": 0, "attn.wo_b.weight": 1,
-             "ffn.shared_experts.w1.weight": 0, "ffn.shared_experts.w3.weight": 0, "ffn.shared_experts.w2.weight": 1}
+_TP_SPLIT = {
+    "attn.wq_b.weight": 0,
+    "attn.wo_a.weight": 0,
+    "attn.wo_b.weight": 1,
+    "ffn.shared_experts.w1.weight": 0,
+    "ffn.shared_experts.w3.weight": 0,
+    "ffn.shared_experts.w2.weight": 1,
+}
 
 
 def _metric_term(term, cfg: ModelConfig, data_ranks: int) -> None:
@@ -232,23 +316,55 @@ def tp_terms(cfg: ModelConfig, tp: int, seq: int, rows: int) -> tuple[list[tuple
     k_i = min(cfg.index_topk, entries) if cfg.indexer_mode == "sparse" else entries  # KL teacher entries
     ar = 2 * (1 - 1 / tp) * 4  # all-reduce wire bytes per element
     fwd = (n_att + n_sh + heads) * N * D + n_csa * N * k_i
-    bwd = (n_att * N * (cfg.q_lora_rank + cfg.head_dim) + rows * cfg.head_dim
-           * (n_csa * (seq // cfg.csa_ratio) + n_hca * (seq // cfg.hca_ratio)) + (2 * n_sh + heads) * N * D)
+    bwd = (
+        n_att * N * (cfg.q_lora_rank + cfg.head_dim)
+        + rows * cfg.head_dim * (n_csa * (seq // cfg.csa_ratio) + n_hca * (seq // cfg.hca_ratio))
+        + (2 * n_sh + heads) * N * D
+    )
     gather = heads * (tp - 1) * N * V // tp * 4
-    terms = [("TP all-reduce (forward)", "forward", n_att + n_sh + heads + n_csa,
-              "2·(1-1/tp)·((L_att + L_sh + H_out)·N·D + L_csa·N·k_I)·4", ar * fwd, ar * fwd),
-             ("TP all-gather (forward)", "forward", heads, "H_out·(1-1/tp)·N·V·4", gather, gather),
-             ("TP all-reduce (backward)", "backward", 2 * n_att + n_csa + n_hca + 2 * n_sh + heads,
-              "2·(1-1/tp)·(L_att·N·(r_q+c) + R·c·(L_csa·S/m + L_hca·S/m') + (2·L_sh + H_out)·N·D)·4",
-              ar * bwd, ar * bwd)]
-    symbols = {"tp": tp, "R": rows, "S": seq, "N": N, "D": D, "V": V, "r_q": cfg.q_lora_rank, "c": cfg.head_dim,
-               "k_I": k_i, "m": cfg.csa_ratio, "m'": cfg.hca_ratio, "L_att": n_att, "L_csa": n_csa,
-               "L_hca": n_hca, "L_sh": n_sh, "H_out": heads}
+    terms = [
+        (
+            "TP all-reduce (forward)",
+            "forward",
+            n_att + n_sh + heads + n_csa,
+            "2·(1-1/tp)·((L_att + L_sh + H_out)·N·D + L_csa·N·k_I)·4",
+            ar * fwd,
+            ar * fwd,
+        ),
+        ("TP all-gather (forward)", "forward", heads, "H_out·(1-1/tp)·N·V·4", gather, gather),
+        (
+            "TP all-reduce (backward)",
+            "backward",
+            2 * n_att + n_csa + n_hca + 2 * n_sh + heads,
+            "2·(1-1/tp)·(L_att·N·(r_q+c) + R·c·(L_csa·S/m + L_hca·S/m') + (2·L_sh + H_out)·N·D)·4",
+            ar * bwd,
+            ar * bwd,
+        ),
+    ]
+    symbols = {
+        "tp": tp,
+        "R": rows,
+        "S": seq,
+        "N": N,
+        "D": D,
+        "V": V,
+        "r_q": cfg.q_lora_rank,
+        "c": cfg.head_dim,
+        "k_I": k_i,
+        "m": cfg.csa_ratio,
+        "m'": cfg.hca_ratio,
+        "L_att": n_att,
+        "L_csa": n_csa,
+        "L_hca": n_hca,
+        "L_sh": n_sh,
+        "H_out": heads,
+    }
     return terms, symbols
 
 
-def _tp_formulas(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: str, units: dict, term,
-                 out: dict) -> dict:
+def _tp_formulas(
+    cfg: ModelConfig, d: ParallelDims, seq: int, rows: int, optim: str, units: dict, term, out: dict
+) -> dict:
     """`formulas()` for tensor parallelism alone (every other dim 1)."""
     tp = d.tp
     tp_list, tp_vars = tp_terms(cfg, tp, seq, rows)
@@ -282,10 +398,23 @@ def pp_terms(cfg: ModelConfig, d: ParallelDims, seq: int, rows: int) -> tuple[li
     L, E = len(cfg.layer_types) + cfg.n_mtp_layers, cfg.n_routed_experts
     sums = 2 * (1 - 1 / d.pp) * (5 * 8 + L * E * 8)
     mtp = " + D" if cfg.n_mtp_layers else ""
-    terms = [("PP point-to-point", "pipeline", calls, f"2·X·R·S·(N_hc·D{mtp})·4/pp (mean)", p2p, p2p),
-             ("PP stage-sum all-reduce", "metrics", 2, "2·(1-1/pp)·(5·8 + L·E·8)", sums, sums)]
-    symbols = {"pp": d.pp, "schedule": d.pp_schedule, "stages": d.n_stages, "X": len(cross), "M": m, "R": rows,
-               "S": seq, "N_hc": cfg.hc_mult, "D": cfg.dim, "L": L, "E": E}
+    terms = [
+        ("PP point-to-point", "pipeline", calls, f"2·X·R·S·(N_hc·D{mtp})·4/pp (mean)", p2p, p2p),
+        ("PP stage-sum all-reduce", "metrics", 2, "2·(1-1/pp)·(5·8 + L·E·8)", sums, sums),
+    ]
+    symbols = {
+        "pp": d.pp,
+        "schedule": d.pp_schedule,
+        "stages": d.n_stages,
+        "X": len(cross),
+        "M": m,
+        "R": rows,
+        "S": seq,
+        "N_hc": cfg.hc_mult,
+        "D": cfg.dim,
+        "L": L,
+        "E": E,
+    }
     return terms, symbols
 
 
@@ -330,18 +459,56 @@ def cp_terms(cfg: ModelConfig, cp: int, seq: int, rows: int) -> tuple[list[tuple
     # the first and last rank take part in a shift once, a middle rank twice (it sends and receives)
     p2p_calls = (len(kinds) + 2 * n_csa) * min(2, cp - 1)
     mean = (cp - 1) / cp
-    terms = [("CP point-to-point (forward)", "forward", p2p_calls,
-              "(1-1/cp)·R·(L_att·w·c + L_csa·m·2·(c+c_I))·4 (mean)", mean * p2p, mean * p2p),
-             ("CP all-gather, compressed entries (forward)", "forward", 2 * n_csa + n_hca,
-              "(cp-1)·R·S/cp·(L_csa·(c+c_I)/m + L_hca·c/m')·4", gather, gather),
-             ("CP count all-reduce (forward)", "forward", n_csa + n_bal,
-              "2·(1-1/cp)·(L_csa·8 + L_bal·R·E·4)", 2 * mean * counts, 2 * mean * counts),
-             ("CP point-to-point (backward)", "backward", p2p_calls, "same as forward", mean * p2p, mean * p2p),
-             ("CP reduce-scatter, compressed entries (backward)", "backward", 2 * n_csa + n_hca,
-              "same as the all-gather", gather, gather)]
-    symbols = {"cp": cp, "R": rows, "S": seq, "w": cfg.window_size, "c": cfg.head_dim, "c_I": cfg.index_head_dim,
-               "m": cfg.csa_ratio, "m'": cfg.hca_ratio, "L_att": len(kinds), "L_csa": n_csa, "L_hca": n_hca,
-               "L_mtp": cfg.n_mtp_layers, "L_bal": n_bal}
+    terms = [
+        (
+            "CP point-to-point (forward)",
+            "forward",
+            p2p_calls,
+            "(1-1/cp)·R·(L_att·w·c + L_csa·m·2·(c+c_I))·4 (mean)",
+            mean * p2p,
+            mean * p2p,
+        ),
+        (
+            "CP all-gather, compressed entries (forward)",
+            "forward",
+            2 * n_csa + n_hca,
+            "(cp-1)·R·S/cp·(L_csa·(c+c_I)/m + L_hca·c/m')·4",
+            gather,
+            gather,
+        ),
+        (
+            "CP count all-reduce (forward)",
+            "forward",
+            n_csa + n_bal,
+            "2·(1-1/cp)·(L_csa·8 + L_bal·R·E·4)",
+            2 * mean * counts,
+            2 * mean * counts,
+        ),
+        ("CP point-to-point (backward)", "backward", p2p_calls, "same as forward", mean * p2p, mean * p2p),
+        (
+            "CP reduce-scatter, compressed entries (backward)",
+            "backward",
+            2 * n_csa + n_hca,
+            "same as the all-gather",
+            gather,
+            gather,
+        ),
+    ]
+    symbols = {
+        "cp": cp,
+        "R": rows,
+        "S": seq,
+        "w": cfg.window_size,
+        "c": cfg.head_dim,
+        "c_I": cfg.index_head_dim,
+        "m": cfg.csa_ratio,
+        "m'": cfg.hca_ratio,
+        "L_att": len(kinds),
+        "L_csa": n_csa,
+        "L_hca": n_hca,
+        "L_mtp": cfg.n_mtp_layers,
+        "L_bal": n_bal,
+    }
     return terms, symbols
 
 
@@ -350,23 +517,28 @@ def cp_vs_ring(flavor: str, seq: int, cps: tuple[int, ...], elem_bytes: int = 2)
     for one layer of each kind and for all layers, next to ring attention passing V4's single K=V head."""
     cfg = get_flavor(flavor)
     kinds = list(cfg.layer_types) + ["swa"] * cfg.n_mtp_layers
-    lines = [f"CP next to ring attention, computed from the formulas above (not measured): flavor `{flavor}` (c = "
-             f"{cfg.head_dim}, w = {cfg.window_size}, m = {cfg.csa_ratio} with c_I = {cfg.index_head_dim}, m' = "
-             f"{cfg.hca_ratio}), one row of seq {seq}, bf16 ({elem_bytes} bytes; the ratios do not depend on it): "
-             "bytes one rank sends in forward. CP point-to-point is a sending rank's (every rank but the last); "
-             "the backward sends the same back, and its reduce-scatter equals the all-gather. Ring attention "
-             "passes every other rank's keys and values around the ring, (cp-1)/cp·S·(K+V width) per layer; V4 has "
-             "one shared K=V head of width c, so the ring is taken to pass that one tensor, (cp-1)/cp·S·c (passing K "
-             "and V separately doubles it; the compressed entries that CSA/HCA layers also need are left out of "
-             "it). A ring's backward usually passes the keys again with their gradients, about twice its forward.", "",
-             "| layers | cp | CP point-to-point (sender) | CP all-gather | CP total | ring (K=V) | CP / ring |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"CP next to ring attention, computed from the formulas above (not measured): flavor `{flavor}` (c = "
+        f"{cfg.head_dim}, w = {cfg.window_size}, m = {cfg.csa_ratio} with c_I = {cfg.index_head_dim}, m' = "
+        f"{cfg.hca_ratio}), one row of seq {seq}, bf16 ({elem_bytes} bytes; the ratios do not depend on it): "
+        "bytes one rank sends in forward. CP point-to-point is a sending rank's (every rank but the last); "
+        "the backward sends the same back, and its reduce-scatter equals the all-gather. Ring attention "
+        "passes every other rank's keys and values around the ring, (cp-1)/cp·S·(K+V width) per layer; V4 has "
+        "one shared K=V head of width c, so the ring is taken to pass that one tensor, (cp-1)/cp·S·c (passing K "
+        "and V separately doubles it; the compressed entries that CSA/HCA layers also need are left out of "
+        "it). A ring's backward usually passes the keys again with their gradients, about twice its forward.",
+        "",
+        "| layers | cp | CP point-to-point (sender) | CP all-gather | CP total | ring (K=V) | CP / ring |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, layers in [(k, [k]) for k in ("swa", "csa", "hca")] + [(f"all {len(kinds)} (incl. MTP)", kinds)]:
         for cp in cps:
             p2p, gather = (sum(x) * elem_bytes for x in zip(*(cp_layer_elements(cfg, k, seq, cp) for k in layers)))
             ring = len(layers) * (cp - 1) * seq // cp * cfg.head_dim * elem_bytes
-            lines.append(f"| {label} | {cp} | {fmt_bytes(p2p)} | {fmt_bytes(gather)} | {fmt_bytes(p2p + gather)} "
-                         f"| {fmt_bytes(ring)} | {(p2p + gather) / ring:.3f} |")
+            lines.append(
+                f"| {label} | {cp} | {fmt_bytes(p2p)} | {fmt_bytes(gather)} | {fmt_bytes(p2p + gather)} "
+                f"| {fmt_bytes(ring)} | {(p2p + gather) / ring:.3f} |"
+            )
     return lines
 
 
@@ -413,7 +585,8 @@ Where the formulas come from, and why measured differs where it does:
 - **Experts under EP** are their own FSDP units on efsdp; with dp = cp = 1 (ep2) that mesh has one rank and
   FSDP2 issues no collective for them at all (0 calls, 0 bytes), but `clip_grad_norm_` still all-reduces their
   squared norm over the 1-rank efsdp group (1 call, 0 bytes) and over ep.
-- **EP all-to-all.** Per MoE layer (hash layers and the MTP block included) `AllToAllDispatch` (parallel/ep.py) makes one
+- **EP all-to-all.** Per MoE layer (hash layers and the MTP block included) `AllToAllDispatch` (parallel/ep.py)
+  makes one
   `dist.all_to_all_single` of the [ep, E/ep] int64 counts (forward only, no autograd) and two functional
   all-to-alls of rows (dispatch, combine), each of which runs again reversed in backward. A rank sends the rows
   routed to other ranks' experts (dispatch) and returns the rows it received (combine); under uniform routing
@@ -428,7 +601,8 @@ Where the formulas come from, and why measured differs where it does:
   first step adds the plan's `all_gather_object` (two `allgather_` calls: sizes, pickled plan).
 - **Metrics and grad norm** are all-reduces of a few scalars over the data ranks (the step's target count, 1
   float64, before the forward: the token-weighted loss divides by it; the sums of loss, lm_loss, mtp_loss, balance
-  and indexer: 5 float64; expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group per sharded mesh dim.
+  and indexer: 5 float64; expert counts: [L, E] int64) and one fp32 squared norm per (mesh, placements) group
+  per sharded mesh dim.
 - **HSDP** (dp4 as r = 2 replicas; mesh.py `fsdp_meshes` unflattens "fsdp" into ("fsdp_replicate",
   "fsdp_shard"), new process groups that the bench names from the parameters' DTensor meshes). FSDP2 all-gathers
   and reduce-scatters inside a replica, so every FSDP term above has n_s = n_f/r for n_f (and pads dim 0 to a
@@ -490,7 +664,8 @@ Where the formulas come from, and why measured differs where it does:
   apart). X counts those boundaries: pp-1 for 1F1B, pp·v-1 for interleaved 1F1B (v = 2 stages per rank, which
   alternate ranks), and 2·(pp-1) for DualPipeV, whose turn of the V (stages pp-1 and pp on the last rank) is a
   local hand-over. So the bytes do not depend on M, and interleaving multiplies them by (pp·v-1)/(pp-1): the
-  price of its smaller bubble. The sums (loss, lm_loss, mtp_loss, balance, indexer: 5 float64) and the [L, E] expert counts are summed over the
+  price of its smaller bubble. The sums (loss, lm_loss, mtp_loss, balance, indexer: 5 float64) and the [L, E]
+  expert counts are summed over the
   stages (`sum_over_stages`), and the grad norm adds the stages' squared norms. The first step also opens each
   link with a 4-byte message per neighbour and direction (pipelining's handshake).
 """

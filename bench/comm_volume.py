@@ -61,9 +61,18 @@ from dsv4train.parallel import cp as cp_module
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 
-LAYOUTS = ({"dp": 2}, {"ep": 2}, {"dp": 2, "ep": 2}, {"cp": 2}, {"tp": 2}, {"dp": 4}, {"dp": 4, "dp_replicate": 2},
-           {"pp": 2, "pp_microbatches": 2}, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
-           {"pp": 2, "pp_schedule": "dualpipev"})  # DualPipeV: at least one chunk per stage (4 rows, see render)
+LAYOUTS = (
+    {"dp": 2},
+    {"ep": 2},
+    {"dp": 2, "ep": 2},
+    {"cp": 2},
+    {"tp": 2},
+    {"dp": 4},
+    {"dp": 4, "dp_replicate": 2},
+    {"pp": 2, "pp_microbatches": 2},
+    {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2},
+    {"pp": 2, "pp_schedule": "dualpipev"},
+)  # DualPipeV: at least one chunk per stage (4 rows, see render)
 P2P_OPS = ("c10d.send", "c10d.recv_")  # not in CommDebugMode's comm_counts
 SECTION = "## Communication volume per step"
 
@@ -125,9 +134,15 @@ def _from_cp() -> bool:
 
 def _kind(name: str) -> str | None:
     op = name.split(".", 1)[1]
-    for pattern, kind in (("reduce_scatter", "reduce_scatter"), ("allgather|all_gather", "all_gather"),
-                          ("allreduce|all_reduce", "all_reduce"), ("alltoall|all_to_all", "all_to_all"),
-                          ("broadcast", "broadcast"), ("send", "send"), ("recv", "recv")):
+    for pattern, kind in (
+        ("reduce_scatter", "reduce_scatter"),
+        ("allgather|all_gather", "all_gather"),
+        ("allreduce|all_reduce", "all_reduce"),
+        ("alltoall|all_to_all", "all_to_all"),
+        ("broadcast", "broadcast"),
+        ("send", "send"),
+        ("recv", "recv"),
+    ):
         if re.match(f"_?({pattern})", op):
             return kind
     return None
@@ -183,8 +198,13 @@ def _describe(name: str, args, kwargs, phase: str) -> dict:
         out_splits = out_splits or in_splits
         row_bytes = x.numel() * x.element_size() // max(rows, 1)
         rec["wire"] = sum(s for j, s in enumerate(in_splits) if j != me) * row_bytes
-        rec.update(rank=me, ranks=dist.get_process_group_ranks(pg), row_bytes=row_bytes,
-                   send_rows=[int(s) for s in in_splits], recv_rows=[int(s) for s in out_splits])
+        rec.update(
+            rank=me,
+            ranks=dist.get_process_group_ranks(pg),
+            row_bytes=row_bytes,
+            send_rows=[int(s) for s in in_splits],
+            recv_rows=[int(s) for s in out_splits],
+        )
         if not functional and x.dtype == torch.int64 and x.dim() == 2 and x.shape[0] == n:
             rec["histogram"] = x.sum(1).tolist()  # EP's per-destination row counts (this rank's routing)
     return rec
@@ -221,8 +241,9 @@ def model_config(flavor: str, seq: int) -> ModelConfig:
     return get_flavor(flavor, max_seq_len=max(base.max_seq_len, seq))
 
 
-def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, optim: str, out_path: str,
-            steps: int = 2):
+def _worker(
+    rank: int, world: int, layout: dict, flavor, seq: int, rows: int, optim: str, out_path: str, steps: int = 2
+):
     from dsv4train.data.loader import rank_rows
     from dsv4train.optim.groups import build_optimizers
     from dsv4train.train.learner import Learner
@@ -247,8 +268,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
 
     g = torch.Generator().manual_seed(1)
     global_rows = rows * rt.data_ranks
-    batches = [{"tokens": torch.randint(0, cfg.vocab_size, (global_rows, seq + 1), generator=g)}
-               for _ in range(steps)]
+    batches = [{"tokens": torch.randint(0, cfg.vocab_size, (global_rows, seq + 1), generator=g)} for _ in range(steps)]
     step_fn = opt.step
 
     def tagged_step(*a, **k):
@@ -268,6 +288,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         def call(*a, **k):
             shim["p2p" if fname in p2p else fname] += 1
             return originals[fname](*a, **k)
+
         return call
 
     learner = Learner(model, opt, TrainConfig(), rt)
@@ -281,8 +302,9 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         try:
             with CommVolumeMode() as mode:
                 rt.mode = mode
-                learner.step([lm_batch(rank_rows(batch, rt.data_rank, rt.data_ranks)["tokens"])],
-                             NextTokenLoss(mtp_weight=0.3))
+                learner.step(
+                    [lm_batch(rank_rows(batch, rt.data_rank, rt.data_ranks)["tokens"])], NextTokenLoss(mtp_weight=0.3)
+                )
         finally:
             rt.mode = None
             for f, fn in originals.items():
@@ -292,8 +314,7 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         counted = defaultdict(int)
         for r in mode.records:
             counted[r["op"]] += 1
-        debug_counts = {str(k).replace("c10d_functional.", "_c10d_functional."): v
-                        for k, v in mode.comm_counts.items()}
+        debug_counts = {str(k).replace("c10d_functional.", "_c10d_functional."): v for k, v in mode.comm_counts.items()}
         collectives = {k: v for k, v in counted.items() if k not in P2P_OPS}
         assert debug_counts == collectives, f"CommDebugMode counts {debug_counts} != records {collectives}"
         assert shim["all_reduce"] == counted["c10d.allreduce_"], (dict(shim), dict(counted))
@@ -302,8 +323,13 @@ def _worker(rank: int, world: int, layout: dict, flavor, seq: int, rows: int, op
         for r in mode.records:
             r["group"] = groups.get(r["group"], f"size {r['n']}")
         muon = getattr(opt, "optimizers", {}).get("muon") if hasattr(opt, "optimizers") else None
-        result.append({"records": mode.records, "debug_counts": debug_counts,
-                       "muon_last_comm": dict(getattr(muon, "last_comm", {}) or {})})
+        result.append(
+            {
+                "records": mode.records,
+                "debug_counts": debug_counts,
+                "muon_last_comm": dict(getattr(muon, "last_comm", {}) or {}),
+            }
+        )
     everyone = [None] * world
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -318,8 +344,12 @@ def measure(layout: dict, flavor, seq: int, rows: int, optim: str = "muon", step
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.json")
-        run_distributed_test(_worker, world_size=ParallelDims(**layout).world_size,
-                             args=(layout, flavor, seq, rows, optim, path, steps), timeout_s=300.0)
+        run_distributed_test(
+            _worker,
+            world_size=ParallelDims(**layout).world_size,
+            args=(layout, flavor, seq, rows, optim, path, steps),
+            timeout_s=300.0,
+        )
         with open(path) as f:
             return json.load(f)
 
@@ -342,16 +372,20 @@ def term_of(rec: dict, ep: int) -> str:
     if rec.get("term"):
         return rec["term"]
     if rec["cp"]:
-        what = {"send": "point-to-point", "recv": "point-to-point", "all_reduce": "count all-reduce",
-                "all_gather": "all-gather, compressed entries", "reduce_scatter": "reduce-scatter, compressed entries"}
+        what = {
+            "send": "point-to-point",
+            "recv": "point-to-point",
+            "all_reduce": "count all-reduce",
+            "all_gather": "all-gather, compressed entries",
+            "reduce_scatter": "reduce-scatter, compressed entries",
+        }
         return f"CP {what[kind]} ({phase})" if kind in what else f"other: {rec['op']} ({phase}, cp.py)"
     if group == "tp" and phase in ("forward", "backward"):
         return f"TP {kind.replace('_', '-')} ({phase})"
     if phase in ("forward", "backward"):
         unit = "experts" if group in ("efsdp", "efsdp_shard", "efsdp_replicate") and ep > 1 else "dense"
         if kind in ("all_gather", "reduce_scatter"):
-            return (f"FSDP all-gather, {unit} ({phase})" if kind == "all_gather"
-                    else f"FSDP reduce-scatter, {unit}")
+            return f"FSDP all-gather, {unit} ({phase})" if kind == "all_gather" else f"FSDP reduce-scatter, {unit}"
         if kind == "all_reduce" and phase == "backward" and group.endswith("_replicate"):
             return f"FSDP all-reduce across replicas, {unit}"  # HSDP
         if kind == "all_to_all":
@@ -389,8 +423,14 @@ def summarize(per_rank_steps: list[list[dict]], ep: int, step: int = -1) -> dict
         vals = [acc[name]["bytes"] if name in acc else 0.0 for acc in per_rank]
         calls = {acc[name]["calls"] if name in acc else 0 for acc in per_rank}
         phase = next(acc[name]["phase"] for acc in per_rank if name in acc)
-        terms[name] = {"calls": max(calls), "calls_differ": len(calls) > 1, "mean": sum(vals) / len(vals),
-                       "max": max(vals), "min": min(vals), "phase": phase}
+        terms[name] = {
+            "calls": max(calls),
+            "calls_differ": len(calls) > 1,
+            "mean": sum(vals) / len(vals),
+            "max": max(vals),
+            "min": min(vals),
+            "phase": phase,
+        }
     return terms
 
 
@@ -399,8 +439,9 @@ def ep_routing_exact(per_rank_steps: list[list[dict]], step: int = -1) -> list[t
     routing histogram (the input of the counts all-to-all, hist[r][j] = rows rank r routes to EP rank j's
     experts): forward dispatch sends Σ_{j≠r} hist[r][j] rows, combine returns the Σ_{j≠r} hist[j][r] rows rank r
     received, and backward runs both again reversed (same rows), so 2·(sent + received) rows of D elements."""
-    counts = [[r for r in steps[step]["records"] if "histogram" in r and r["phase"] == "forward"]
-              for steps in per_rank_steps]
+    counts = [
+        [r for r in steps[step]["records"] if "histogram" in r and r["phase"] == "forward"] for steps in per_rank_steps
+    ]
     out = []
     for g, steps in enumerate(per_rank_steps):
         recs = [r for r in steps[step]["records"] if r["op"] == "_c10d_functional.all_to_all_single"]
@@ -434,8 +475,10 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
     v = form.pop("_vars")
     meas = summarize(data, d.ep)
     first = summarize(data, d.ep, step=0)
-    lines = ["| term | phase | calls | formula (per rank) | formula | measured (mean [max]) | measured/formula |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| term | phase | calls | formula (per rank) | formula | measured (mean [max]) | measured/formula |",
+        "|---|---|---|---|---|---|---|",
+    ]
     notes = []
     names = list(form) + [k for k in meas if k not in form]
     totals = defaultdict(lambda: [0.0, 0.0])
@@ -452,58 +495,94 @@ def layout_table(layout: dict, cfg: ModelConfig, seq: int, rows: int, optim: str
         phase = f["phase"] if f else m["phase"]
         totals[phase][0] += fb or 0.0
         totals[phase][1] += mb
-        lines.append(f"| {name} | {phase} | {calls} | {f['formula'] if f else '—'} | "
-                     f"{fmt_bytes(fb) if f else '—'} | {mtxt} | {ratio} |")
+        lines.append(
+            f"| {name} | {phase} | {calls} | {f['formula'] if f else '—'} | "
+            f"{fmt_bytes(fb) if f else '—'} | {mtxt} | {ratio} |"
+        )
         if f and f["exact"] is not None and m and abs(m["mean"] - f["exact"]) > 0.5:
             notes.append(f"{name}: measured {m['mean']:.0f} B ≠ exact formula {f['exact']:.0f} B")
     for phase in PHASES:
         if phase in totals:
             fb, mb = totals[phase]
-            lines.append(f"| **{phase} total** | | | | {fmt_bytes(fb)} | {fmt_bytes(mb)} | "
-                         f"{mb / fb:.4f} |" if fb else f"| **{phase} total** | | | | — | {fmt_bytes(mb)} | — |")
+            lines.append(
+                f"| **{phase} total** | | | | {fmt_bytes(fb)} | {fmt_bytes(mb)} | {mb / fb:.4f} |"
+                if fb
+                else f"| **{phase} total** | | | | — | {fmt_bytes(mb)} | — |"
+            )
     fb, mb = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
-    lines.append(f"| **step total** | | | | {fmt_bytes(fb) if form else '—'} | {fmt_bytes(mb)} | "
-                 + (f"{mb / fb:.4f} |" if fb else "— |"))
-    extra = [f"{k}: {x['calls']} calls, {fmt_bytes(x['mean'])}"
-             + (f" [{fmt_bytes(x['max'])}]" if x["max"] != x["min"] else "")
-             for k, x in first.items() if k not in meas]
-    changed = [f"{k}: {x['calls']} calls, {fmt_bytes(x['mean'])} vs {meas[k]['calls']} calls, "
-               f"{fmt_bytes(meas[k]['mean'])}" for k, x in first.items()
-               if k in meas and (abs(x["mean"] - meas[k]["mean"]) > 0.5 or x["calls"] != meas[k]["calls"])]
-    notes.append("first step adds: " + ("; ".join(extra) or "nothing")
-                 + ("; differs from the steady step: " + "; ".join(changed) if changed else ""))
+    lines.append(
+        f"| **step total** | | | | {fmt_bytes(fb) if form else '—'} | {fmt_bytes(mb)} | "
+        + (f"{mb / fb:.4f} |" if fb else "— |")
+    )
+    extra = [
+        f"{k}: {x['calls']} calls, {fmt_bytes(x['mean'])}"
+        + (f" [{fmt_bytes(x['max'])}]" if x["max"] != x["min"] else "")
+        for k, x in first.items()
+        if k not in meas
+    ]
+    changed = [
+        f"{k}: {x['calls']} calls, {fmt_bytes(x['mean'])} vs {meas[k]['calls']} calls, {fmt_bytes(meas[k]['mean'])}"
+        for k, x in first.items()
+        if k in meas and (abs(x["mean"] - meas[k]["mean"]) > 0.5 or x["calls"] != meas[k]["calls"])
+    ]
+    notes.append(
+        "first step adds: "
+        + ("; ".join(extra) or "nothing")
+        + ("; differs from the steady step: " + "; ".join(changed) if changed else "")
+    )
     if v and "tp" in v:
-        notes.append("TP: " + ", ".join(f"{k}={x}" for k, x in v["tp"].items()) + "; P_own={P_own:,} in "
-                     "{muon_owner_matrices} matrices (H_out: the embedding / output head calls, one more per MTP "
-                     "block; L_sh: MoE layers with a shared expert, MTP included)".format(**v))
+        notes.append(
+            "TP: "
+            + ", ".join(f"{k}={x}" for k, x in v["tp"].items())
+            + "; P_own={P_own:,} in "
+            "{muon_owner_matrices} matrices (H_out: the embedding / output head calls, one more per MTP "
+            "block; L_sh: MoE layers with a shared expert, MTP included)".format(**v)
+        )
         _muon_note(data, meas, notes)
     elif v and "pp" in v:
-        notes.append("PP: " + ", ".join(f"{k}={x}" for k, x in v["pp"].items()) + " (X: stage boundaries between "
-                     "ranks, M: chunks per micro-batch; the MTP block's next-token embedding travels with the streams)")
+        notes.append(
+            "PP: " + ", ".join(f"{k}={x}" for k, x in v["pp"].items()) + " (X: stage boundaries between "
+            "ranks, M: chunks per micro-batch; the MTP block's next-token embedding travels with the streams)"
+        )
     elif v:
-        notes.append("n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
-                     "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
-                     "D={D}, N={N}, P_root={P_root:,}".format(**v)
-                     + ("; HSDP: r={r} replicas, FSDP shard group n_s={n_s}, n_es={n_es} (P_dense_padded and "
-                        "P_own are for n_s)".format(**v) if v["r"] > 1 else ""))
+        notes.append(
+            "n_f={n_f}, n_e={n_e}, ep={ep}, W={W}; P_dense={P_dense:,} (FSDP2-padded {P_dense_padded:,}), "
+            "P_exp={P_exp:,}, P_own={P_own:,} in {muon_owner_matrices} matrices, L={L}, E={E}, K={K}, "
+            "D={D}, N={N}, P_root={P_root:,}".format(**v)
+            + (
+                "; HSDP: r={r} replicas, FSDP shard group n_s={n_s}, n_es={n_es} (P_dense_padded and "
+                "P_own are for n_s)".format(**v)
+                if v["r"] > 1
+                else ""
+            )
+        )
         if v["cp"]:
-            notes.append("CP: " + ", ".join(f"{k}={x}" for k, x in v["cp"].items()) + " (L_att counts the MTP "
-                         "block, a sliding-window layer; L_bal: the MoE layers with a balance loss)")
+            notes.append(
+                "CP: " + ", ".join(f"{k}={x}" for k, x in v["cp"].items()) + " (L_att counts the MTP "
+                "block, a sliding-window layer; L_bal: the MoE layers with a balance loss)"
+            )
         if v["padding"]:
-            notes.append("FSDP2 padding (elements, all units): " + ", ".join(
-                f"`{k}` +{x}" for k, x in v["padding"].items())
+            notes.append(
+                "FSDP2 padding (elements, all units): "
+                + ", ".join(f"`{k}` +{x}" for k, x in v["padding"].items())
                 + "; measured FSDP bytes equal the padded formula exactly"
-                + ("" if not any(n.endswith("exact formula") or "≠ exact" in n for n in notes) else " EXCEPT above"))
+                + ("" if not any(n.endswith("exact formula") or "≠ exact" in n for n in notes) else " EXCEPT above")
+            )
         if d.ep > 1:
             pairs = ep_routing_exact(data)
             same = all(abs(m - p) < 0.5 for m, p in pairs)
-            notes.append("EP row all-to-all per rank, measured vs routing-exact prediction from the counts "
-                         "exchange: " + ", ".join(f"{m:.0f} / {p:.0f} B" for m, p in pairs)
-                         + (" — equal on every rank" if same else " — DIFFER"))
+            notes.append(
+                "EP row all-to-all per rank, measured vs routing-exact prediction from the counts "
+                "exchange: "
+                + ", ".join(f"{m:.0f} / {p:.0f} B" for m, p in pairs)
+                + (" — equal on every rank" if same else " — DIFFER")
+            )
         if d.cp > 1:
             sent, received = p2p_totals(data)
-            notes.append(f"CP point-to-point over all ranks: {sent} B sent, {received} B received"
-                         + (" — every send matched" if sent == received else " — DIFFER"))
+            notes.append(
+                f"CP point-to-point over all ranks: {sent} B sent, {received} B received"
+                + (" — every send matched" if sent == received else " — DIFFER")
+            )
         _muon_note(data, meas, notes)
     else:
         notes.append("no formulas for this layout (TP and PP are modelled alone): measured only")
@@ -515,8 +594,10 @@ def _muon_note(data, meas: dict, notes: list[str]) -> None:
     if muon and muon[0]:
         sent = sum(m.get("sent", 0) for m in muon) / len(muon) * 4
         mm = meas.get("Muon owner-compute all-to-all", {}).get("mean", 0.0)
-        notes.append(f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
-                     + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER"))
+        notes.append(
+            f"DistributedMuon.last_comm sent·4 = {sent:.0f} B per rank (mean) vs measured {mm:.0f} B"
+            + (" — equal" if abs(sent - mm) < 0.5 else " — DIFFER")
+        )
 
 
 def machine() -> str:
@@ -526,8 +607,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, gloo, one process per rank with "
-            "1 thread")
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, gloo, one process per rank with 1 thread"
 
 
 def _rows_for(d: ParallelDims, rows: int) -> int:
@@ -537,16 +617,22 @@ def _rows_for(d: ParallelDims, rows: int) -> int:
 
 
 def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) -> str:
-    out = [SECTION, "",
-           "Command (" + machine() + "):", "",
-           "    .venv/bin/python " + " ".join(shlex.quote(a) for a in argv), "",
-           "Wire bytes sent per rank in one steady-state training step (the second), from every collective seen "
-           "at the dispatcher by a `CommDebugMode` subclass (bench/comm_volume.py docstring: why the module "
-           "tracker is off, how each op's bytes are derived); the dispatcher count equals CommDebugMode's "
-           "`comm_counts` (which leaves out point-to-point sends and receives) and, for plain `dist.all_reduce` / "
-           "`dist.all_to_all_single` and every point-to-point `dist.isend` / `dist.irecv`, a Python shim's count; "
-           "the formulas are in bench/comm_formulas.py. "
-           f"Optimizer {optim} (Muon + AdamW groups), fp32, one micro-batch per step.", ""]
+    out = [
+        SECTION,
+        "",
+        "Command (" + machine() + "):",
+        "",
+        "    .venv/bin/python " + " ".join(shlex.quote(a) for a in argv),
+        "",
+        "Wire bytes sent per rank in one steady-state training step (the second), from every collective seen "
+        "at the dispatcher by a `CommDebugMode` subclass (bench/comm_volume.py docstring: why the module "
+        "tracker is off, how each op's bytes are derived); the dispatcher count equals CommDebugMode's "
+        "`comm_counts` (which leaves out point-to-point sends and receives) and, for plain `dist.all_reduce` / "
+        "`dist.all_to_all_single` and every point-to-point `dist.isend` / `dist.irecv`, a Python shim's count; "
+        "the formulas are in bench/comm_formulas.py. "
+        f"Optimizer {optim} (Muon + AdamW groups), fp32, one micro-batch per step.",
+        "",
+    ]
     totals = {}  # (flavor, layout) -> measured step total, per rank (mean)
     for flavor, seq, rows in settings:
         cfg = model_config(flavor, seq)
@@ -562,20 +648,28 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
                 continue
             print(f"[{flavor}] {label}: running on {d.world_size} processes ...", file=sys.stderr, flush=True)
             data = measure(layout, flavor, seq, r, optim)
-            totals[flavor, label] = sum(t["mean"] for k, t in summarize(data, d.ep).items()
-                                               if not k.endswith("(first step)"))
+            totals[flavor, label] = sum(
+                t["mean"] for k, t in summarize(data, d.ep).items() if not k.endswith("(first step)")
+            )
             table, notes = layout_table(layout, cfg, seq, r, optim, data)
             out += [f"**{label}** ({d.world_size} ranks" + (f", {r} rows" if r != rows else "") + ")", "", table, ""]
             out += [f"- {n}" for n in notes] + [""]
-            print("\n".join(out[-(len(notes) + 4):]), file=sys.stderr, flush=True)
+            print("\n".join(out[-(len(notes) + 4) :]), file=sys.stderr, flush=True)
     plain, hsdp = ParallelDims(dp=4).describe(), ParallelDims(dp=4, dp_replicate=2).describe()
-    pairs = [(f, totals[f, plain], totals[f, hsdp]) for f, _, _ in settings
-             if (f, plain) in totals and (f, hsdp) in totals]
-    measured = ("Measured above, step total per rank, dp4 vs dp4 as 2 replicas: " + "; ".join(
-        f"`{f}` {fmt_bytes(a)} vs {fmt_bytes(b)} (HSDP/plain {b / a:.3f})" for f, a, b in pairs) + "."
-                if pairs else "")
-    out += [EXPLANATIONS.replace("  <HSDP_MEASURED>\n", f"  {measured}\n" if measured else ""),
-            *cp_vs_ring("1b", 4096, (4, 8))]
+    pairs = [
+        (f, totals[f, plain], totals[f, hsdp]) for f, _, _ in settings if (f, plain) in totals and (f, hsdp) in totals
+    ]
+    measured = (
+        "Measured above, step total per rank, dp4 vs dp4 as 2 replicas: "
+        + "; ".join(f"`{f}` {fmt_bytes(a)} vs {fmt_bytes(b)} (HSDP/plain {b / a:.3f})" for f, a, b in pairs)
+        + "."
+        if pairs
+        else ""
+    )
+    out += [
+        EXPLANATIONS.replace("  <HSDP_MEASURED>\n", f"  {measured}\n" if measured else ""),
+        *cp_vs_ring("1b", 4096, (4, 8)),
+    ]
     return "\n".join(out)
 
 
@@ -587,7 +681,7 @@ def write_docs(section: str, path: str = "docs/benchmarks.md") -> None:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
         nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1:] if nxt >= 0 else ""
+        rest = text[nxt + 1 :] if nxt >= 0 else ""
         text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
     with open(path, "w") as f:
         f.write(text)
@@ -599,8 +693,9 @@ def main() -> int:
     ap.add_argument("--seq", default="128", help="tokens per row (one value, or one per flavor)")
     ap.add_argument("--rows", default="2", help="rows per data rank per step (one value, or one per flavor)")
     ap.add_argument("--optim", default="muon", choices=("muon", "adamw"))
-    ap.add_argument("--write-docs", action="store_true",
-                    help=f"replace the '{SECTION[3:]}' section of docs/benchmarks.md")
+    ap.add_argument(
+        "--write-docs", action="store_true", help=f"replace the '{SECTION[3:]}' section of docs/benchmarks.md"
+    )
     args = ap.parse_args()
     flavors = args.flavor.split(",")
     seqs, rows = ([int(x) for x in s.split(",")] for s in (args.seq, args.rows))

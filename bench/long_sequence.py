@@ -51,8 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"flavor {args.flavor}, seq {args.seq}, batch 1, fp32, fwd+bwd, {args.threads} threads\n")
     print("| indexer | fwd+bwd s | peak RSS GiB |\n|---|---|---|")
     for mode in ("sparse", "dense"):
-        cmd = [sys.executable, "-m", "bench.long_sequence", "--flavor", args.flavor, "--seq", str(args.seq),
-               "--threads", str(args.threads), "--one", mode]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.long_sequence",
+            "--flavor",
+            args.flavor,
+            "--seq",
+            str(args.seq),
+            "--threads",
+            str(args.threads),
+            "--one",
+            mode,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"| {mode} | {m['seconds']:.1f} | {m['peak_rss_gib']:.1f} |", flush=True)

@@ -74,14 +74,29 @@ def main() -> int:
     for seq in (int(s) for s in args.seqs.split(",")):
         r = {}
         for impl in ("ours", "hf"):
-            cmd = [sys.executable, "-m", "bench.model_vs_hf", "--flavor", args.flavor, "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--one", impl, str(seq)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.model_vs_hf",
+                "--flavor",
+                args.flavor,
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+                "--one",
+                impl,
+                str(seq),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             r[impl] = json.loads(out.splitlines()[-1])
         o, h = r["ours"], r["hf"]
-        print(f"| {seq} | {o['tokens_per_sec']:.0f} | {h['tokens_per_sec']:.0f} | "
-              f"{o['tokens_per_sec'] / h['tokens_per_sec']:.2f}x | {o['peak_mib']} | {h['peak_mib']} | "
-              f"{o['peak_mib'] / max(h['peak_mib'], 1):.2f} |", flush=True)
+        print(
+            f"| {seq} | {o['tokens_per_sec']:.0f} | {h['tokens_per_sec']:.0f} | "
+            f"{o['tokens_per_sec'] / h['tokens_per_sec']:.2f}x | {o['peak_mib']} | {h['peak_mib']} | "
+            f"{o['peak_mib'] / max(h['peak_mib'], 1):.2f} |",
+            flush=True,
+        )
     return 0
 
 

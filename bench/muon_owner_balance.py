@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.fsdp_worlds:
         fsdp = {int(w): fsdp_balance(int(w)) for w in args.fsdp_worlds.split(",")}
         cells = [f"{fsdp[w]:.4f}" if w in fsdp else "" for w in worlds]
-        print("| toy, FSDP `Shard(0)` (expert stacks and aligned `wo_a` local, rest owner) | "
-              + " | ".join(cells) + " |")
-    print("\nlargest matrix / mean load per rank: "
-          + ", ".join(f"{f} at {w}: {v:.2f}" for (f, w), v in largest.items()))
+        print(
+            "| toy, FSDP `Shard(0)` (expert stacks and aligned `wo_a` local, rest owner) | " + " | ".join(cells) + " |"
+        )
+    print(
+        "\nlargest matrix / mean load per rank: " + ", ".join(f"{f} at {w}: {v:.2f}" for (f, w), v in largest.items())
+    )
 
 
 if __name__ == "__main__":

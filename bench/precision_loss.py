@@ -29,8 +29,10 @@ PRECISIONS = {
     "fp32": (None, torch.float32),
     "bf16": (None, torch.bfloat16),
     "fp8": (PrecisionConfig(name="fp8", compute_dtype="bfloat16", fp8=True, fp8_block=32), torch.bfloat16),
-    "fp8_fp4": (PrecisionConfig(name="fp8_fp4", compute_dtype="bfloat16", fp8=True, fp4_experts=True,
-                                fp8_block=32), torch.bfloat16),
+    "fp8_fp4": (
+        PrecisionConfig(name="fp8_fp4", compute_dtype="bfloat16", fp8=True, fp4_experts=True, fp8_block=32),
+        torch.bfloat16,
+    ),
 }
 PAIRS = (("bf16", "fp32"), ("fp8", "bf16"), ("fp8_fp4", "bf16"), ("fp8", "fp32"), ("fp8_fp4", "fp32"))
 
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
             gaps[(run, ref)].append((max(d), d[-1]))
             line.append(f"{run}-{ref} max {max(d):.4f} last {d[-1]:.4f}")
         print("; ".join(line), flush=True)
-    print(f"\n| run vs reference | max over {args.steps} steps of \\|Δloss\\|: mean (min – max) "
-          f"| at step {args.steps}: mean (min – max) |\n|---|---|---|")
+    print(
+        f"\n| run vs reference | max over {args.steps} steps of \\|Δloss\\|: mean (min – max) "
+        f"| at step {args.steps}: mean (min – max) |\n|---|---|---|"
+    )
     for run, ref in PAIRS:
         worst, last = zip(*gaps[(run, ref)])
         cells = [f"{statistics.mean(v):.4f} ({min(v):.4f} – {max(v):.4f})" for v in (worst, last)]

@@ -18,13 +18,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "keep": None}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv4 convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dsv4 convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("direction", choices=("from-hf", "to-hf"))
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--dtype", choices=list(DTYPES), default="keep",
-                   help="floating-point dtype of the written tensors (default: as loaded, fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="keep",
+        help="floating-point dtype of the written tensors (default: as loaded, fp32)",
+    )
     return p
 
 
@@ -52,9 +57,11 @@ def convert_main(argv: list[str]) -> int:
         print(f"dsv4 convert: {message}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.dst} ({'dsv4' if args.direction == 'from-hf' else 'transformers'} format, "
-          f"{n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers + {model.cfg.n_mtp_layers} MTP) in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {args.dst} ({'dsv4' if args.direction == 'from-hf' else 'transformers'} format, "
+        f"{n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers + {model.cfg.n_mtp_layers} MTP) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     if args.direction == "to-hf" and model.cfg.n_mtp_layers:
         print("note: the MTP layer has no transformers counterpart and was not written")
     return 0

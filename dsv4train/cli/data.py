@@ -16,20 +16,36 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv4 data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dsv4 data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="tokenize raw text into an indexed dataset",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pp = sub.add_parser(
+        "prepare",
+        help="tokenize raw text into an indexed dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pp.add_argument("--out", type=Path, required=True, help="output folder (new or empty, or existing with --append)")
     pp.add_argument("--name", default="main", help="dataset name inside the folder (default: main)")
-    pp.add_argument("--input", dest="inputs", type=Path, nargs="+", action="extend", default=[],
-                    help="text files or folders (.txt .md .py .rst, one document per file), .jsonl or .parquet")
+    pp.add_argument(
+        "--input",
+        dest="inputs",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="text files or folders (.txt .md .py .rst, one document per file), .jsonl or .parquet",
+    )
     pp.add_argument("--stdlib", action="store_true", help="the Python standard library's source (offline)")
     pp.add_argument("--max-docs", type=int, default=None, help="keep only the first N documents")
     pp.add_argument("--text-key", default="text", help="field holding the text in .jsonl/.parquet (default: text)")
-    pp.add_argument("--tokenizer", type=Path, default=None,
-                    help="an existing tokenizer.json or a Hugging Face tokenizer folder holding one")
+    pp.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="an existing tokenizer.json or a Hugging Face tokenizer folder holding one",
+    )
     pp.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when training a tokenizer")
     pp.add_argument("--append", action="store_true", help="add a dataset to an existing folder, same tokenizer")
     return p
@@ -47,6 +63,8 @@ def data_main(argv: list[str]) -> int:
         print(f"dsv4 data prepare: {e}", file=sys.stderr)
         return 2
     ds = manifest["datasets"][args["name"]]
-    print(f"wrote {args['out']}/{args['name']}.bin/.idx: {ds['documents']:,} documents, {ds['tokens']:,} tokens "
-          f"(vocab {manifest['vocab_size']}) in {ds['seconds']} s")
+    print(
+        f"wrote {args['out']}/{args['name']}.bin/.idx: {ds['documents']:,} documents, {ds['tokens']:,} tokens "
+        f"(vocab {manifest['vocab_size']}) in {ds['seconds']} s"
+    )
     return 0

@@ -27,10 +27,15 @@ def _count(text: str) -> int:
 
 
 def demo_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="dsv4 demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", default=None, help="default: runs/demo-<time> (a fresh run each time); an "
-                    "existing run dir is resumed from its newest checkpoint")
+    ap = argparse.ArgumentParser(
+        prog="dsv4 demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--run-dir",
+        default=None,
+        help="default: runs/demo-<time> (a fresh run each time); an "
+        "existing run dir is resumed from its newest checkpoint",
+    )
     ap.add_argument("--steps", type=_count, default=300)
     ap.add_argument("--data-dir", type=Path, default=Path(DATA_DIR), help="prepared data (made if missing)")
     ap.add_argument("--max-docs", type=_count, default=1200, help="stdlib files used for the corpus")
@@ -41,8 +46,9 @@ def demo_main(argv: list[str]) -> int:
     # The config first: a bad override fails in a second, before the data step (`dsv4` prints it, status 2).
     from dsv4train.config.hydra_entry import compose_pretrain
 
-    cfg, resolved = compose_pretrain([f"run.dir={run_dir}", f"data.dir={args.data_dir}", f"train.steps={args.steps}",
-                                      *args.overrides])
+    cfg, resolved = compose_pretrain(
+        [f"run.dir={run_dir}", f"data.dir={args.data_dir}", f"train.steps={args.steps}", *args.overrides]
+    )
 
     print("[1/3] data: Python stdlib source -> BPE tokenizer -> indexed dataset")
     data_dir = args.data_dir
@@ -51,8 +57,20 @@ def demo_main(argv: list[str]) -> int:
     else:
         from dsv4train.cli.data import data_main
 
-        rc = data_main(["prepare", "--stdlib", "--max-docs", str(args.max_docs), "--vocab-size", "4096",
-                        "--name", "stdlib", "--out", str(data_dir)])
+        rc = data_main(
+            [
+                "prepare",
+                "--stdlib",
+                "--max-docs",
+                str(args.max_docs),
+                "--vocab-size",
+                "4096",
+                "--name",
+                "stdlib",
+                "--out",
+                str(data_dir),
+            ]
+        )
         if rc != 0:
             return rc
 
@@ -68,15 +86,21 @@ def demo_main(argv: list[str]) -> int:
     first, last = summary["val_loss_at_start"], summary["val_loss_last"]
     extend = f"dsv4 pretrain run.dir={run_dir} data.dir={data_dir} train.steps=<more>"
     if summary["preempted_by"]:
-        print(f"\nstopped by {summary['preempted_by']} at step {summary['steps_done']}; continue with the same "
-              f"`dsv4 demo --run-dir {run_dir}` command or {extend}")
+        print(
+            f"\nstopped by {summary['preempted_by']} at step {summary['steps_done']}; continue with the same "
+            f"`dsv4 demo --run-dir {run_dir}` command or {extend}"
+        )
         return 0
     if first is None or last is None:  # a checkpoint from before the validation losses were saved in it
-        print(f"\nthe run is at step {summary['steps_done']}; its step-0 validation loss is not in its checkpoint. "
-              f"Extend it with: {extend}")
+        print(
+            f"\nthe run is at step {summary['steps_done']}; its step-0 validation loss is not in its checkpoint. "
+            f"Extend it with: {extend}"
+        )
         return 0
-    print(f"\nvalidation loss {first:.3f} (step 0) -> {last:.3f} (step {summary['steps_done']}); "
-          f"extend this run with: {extend}")
+    print(
+        f"\nvalidation loss {first:.3f} (step 0) -> {last:.3f} (step {summary['steps_done']}); "
+        f"extend this run with: {extend}"
+    )
     if last >= first:
         print("validation loss did not fall: something is wrong")
         return 1

@@ -11,13 +11,23 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "bench": ("dsv4train.cli.bench", "bench_main", "efficiency [--flavor ...]: params, FLOPs, KV cache vs V3.2"),
     "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
     "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),
-    "convert": ("dsv4train.cli.convert", "convert_main", "from-hf SRC DST | to-hf SRC DST: move weights to/from transformers"),
-    "plan": ("dsv4train.cli.plan", "plan_main", "[overrides] [--gpu-memory-gb 80] [--json]: dry run of a parallel layout"),
+    "convert": (
+        "dsv4train.cli.convert",
+        "convert_main",
+        "from-hf SRC DST | to-hf SRC DST: move weights to/from transformers",
+    ),
+    "plan": (
+        "dsv4train.cli.plan",
+        "plan_main",
+        "[overrides] [--gpu-memory-gb 80] [--json]: dry run of a parallel layout",
+    ),
 }
 
 PENDING = {
-    "sft": "post-training is not built yet", "grpo": "post-training is not built yet",
-    "distill": "post-training is not built yet", "pipeline": "post-training is not built yet",
+    "sft": "post-training is not built yet",
+    "grpo": "post-training is not built yet",
+    "distill": "post-training is not built yet",
+    "pipeline": "post-training is not built yet",
     "eval": "evaluation is not built yet",
 }
 

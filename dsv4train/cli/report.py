@@ -63,8 +63,13 @@ def _plots(records: list[dict], out: Path) -> list[Path]:
         width = max(len(v) for v in loads if v)
         grid = np.array([v if v and len(v) == width else [np.nan] * width for v in loads]).T
         fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * width))
-        im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest",
-                       extent=(steps[0] - 0.5, steps[-1] + 0.5, width - 0.5, -0.5))
+        im = ax.imshow(
+            grid,
+            aspect="auto",
+            cmap="magma",
+            interpolation="nearest",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, width - 0.5, -0.5),
+        )
         ax.set(xlabel="step", ylabel="MoE layer (last = MTP)", title="expert load: max / mean per layer")
         fig.colorbar(im, ax=ax)
         save(fig, "expert_load.png")
@@ -91,6 +96,8 @@ def report_main(argv: list[str]) -> int:
         print(f"wrote {path}")
     last = records[-1]
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    print(f"{len(records)} steps logged; last step {last['step']}: loss {last.get('loss')}"
-          + (f", val loss {vals[0]:.4f} -> {vals[-1]:.4f}" if vals else ""))
+    print(
+        f"{len(records)} steps logged; last step {last['step']}: loss {last.get('loss')}"
+        + (f", val loss {vals[0]:.4f} -> {vals[-1]:.4f}" if vals else "")
+    )
     return 0

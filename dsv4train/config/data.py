@@ -21,11 +21,18 @@ class DataConfig:
         object.__setattr__(self, "sources", list(self.sources))
         object.__setattr__(self, "weights", [float(w) for w in self.weights])
         require(bool(self.dir), "data.dir", "must name a folder made by `dsv4 data prepare`")
-        require(len(set(self.sources)) == len(self.sources), "data.sources",
-                f"names must be unique, got {self.sources}")
-        require(not self.weights or len(self.weights) == len(self.sources), "data.weights",
-                f"needs one weight per entry of data.sources ({len(self.sources)}), got {len(self.weights)}")
-        require(all(w > 0 and math.isfinite(w) for w in self.weights), "data.weights",
-                f"must all be finite and > 0, got {self.weights}")
+        require(
+            len(set(self.sources)) == len(self.sources), "data.sources", f"names must be unique, got {self.sources}"
+        )
+        require(
+            not self.weights or len(self.weights) == len(self.sources),
+            "data.weights",
+            f"needs one weight per entry of data.sources ({len(self.sources)}), got {len(self.weights)}",
+        )
+        require(
+            all(w > 0 and math.isfinite(w) for w in self.weights),
+            "data.weights",
+            f"must all be finite and > 0, got {self.weights}",
+        )
         require(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")

@@ -22,7 +22,7 @@ def require_positive(cfg, section: str, keys: tuple[str, ...], allow_zero: bool 
 
 
 def _bounds(interval: str) -> tuple[float, float, bool, bool]:
-    """"(0, 1]" -> (0.0, 1.0, low open, high closed); "inf" is allowed as a bound."""
+    """ "(0, 1]" -> (0.0, 1.0, low open, high closed); "inf" is allowed as a bound."""
     low, high = (float(x) for x in interval[1:-1].split(","))
     return low, high, interval[0] == "(", interval[-1] == ")"
 
@@ -36,7 +36,7 @@ def in_interval(value, interval: str) -> bool:
 
 
 def describe_interval(interval: str) -> str:
-    """"(0, inf)" -> "> 0", "[0, inf)" -> ">= 0", "(0, 1]" -> "in (0, 1]"."""
+    """ "(0, inf)" -> "> 0", "[0, inf)" -> ">= 0", "(0, 1]" -> "in (0, 1]"."""
     low, high, low_open, _ = _bounds(interval)
     if math.isinf(high):
         return f"{'>' if low_open else '>='} {low:g}"
@@ -48,6 +48,10 @@ def require_ranges(cfg, section: str, ranges: dict[str, str]) -> None:
     `section.key`, the allowed range and the value, e.g. `model.init_std: must be in (0, 1], got -1`."""
     for key, interval in ranges.items():
         value = getattr(cfg, key)
-        require(in_interval(value, interval), f"{section}.{key}", f"must be {describe_interval(interval)}"
-                f"{' (a finite number)' if isinstance(value, float) and not math.isfinite(value) else ''}, "
-                f"got {value!r}")
+        require(
+            in_interval(value, interval),
+            f"{section}.{key}",
+            f"must be {describe_interval(interval)}"
+            f"{' (a finite number)' if isinstance(value, float) and not math.isfinite(value) else ''}, "
+            f"got {value!r}",
+        )

@@ -69,10 +69,12 @@ def explain_composition_error(e: BaseException) -> str:
         lines = [ln for ln in lines if ln and not re.match(r"(full_key|reference_type|object_type)\b", ln)]
         for n, line in enumerate(lines):
             if line.endswith(":"):  # a heading over a list ("Available options in 'model':", one per line)
-                parts.append(f"{line} {', '.join(lines[n + 1:])}")
+                parts.append(f"{line} {', '.join(lines[n + 1 :])}")
                 break
             if line not in parts:
                 parts.append(line)
     hint = [p for p in parts if p.startswith("To append")]  # Hydra's hint reads best last
-    return " ".join(p if p[-1] in ".!?" else f"{p}." for p in [p for p in parts if p not in hint] + hint) \
+    return (
+        " ".join(p if p[-1] in ".!?" else f"{p}." for p in [p for p in parts if p not in hint] + hint)
         or type(e).__name__
+    )

@@ -15,20 +15,44 @@ INDEXER_MODES = ("dense", "sparse")
 # The allowed range of every numeric field ("(0, inf)": > 0; finite numbers only). tests/unit/test_bad_input.py
 # sets every int and float field of ModelConfig to -1 (and NaN, inf) and expects a ConfigError naming it.
 RANGES = {
-    "vocab_size": "(0, inf)", "dim": "(0, inf)", "n_heads": "(0, inf)", "head_dim": "(0, inf)",
-    "rope_head_dim": "(0, inf)", "q_lora_rank": "(0, inf)", "o_groups": "(0, inf)", "o_lora_rank": "(0, inf)",
-    "window_size": "(0, inf)", "csa_ratio": "(0, inf)", "hca_ratio": "(0, inf)",
+    "vocab_size": "(0, inf)",
+    "dim": "(0, inf)",
+    "n_heads": "(0, inf)",
+    "head_dim": "(0, inf)",
+    "rope_head_dim": "(0, inf)",
+    "q_lora_rank": "(0, inf)",
+    "o_groups": "(0, inf)",
+    "o_lora_rank": "(0, inf)",
+    "window_size": "(0, inf)",
+    "csa_ratio": "(0, inf)",
+    "hca_ratio": "(0, inf)",
     # rope: base^(-2i/d) falls with i only for a base > 1 (YaRN's correction range divides by log(base)); YaRN
     # stretches by factor >= 1 (1: none), original_seq_len 0 turns it off, and its beta_* are rotation counts > 0
-    "rope_theta": "(1, inf)", "compress_rope_theta": "(1, inf)", "rope_factor": "[1, inf)",
-    "original_seq_len": "[0, inf)", "beta_fast": "(0, inf)", "beta_slow": "(0, inf)",
-    "index_n_heads": "[0, inf)", "index_head_dim": "[0, inf)", "index_topk": "[0, inf)",  # > 0 with csa layers
-    "n_routed_experts": "(0, inf)", "n_shared_experts": "[0, 1]", "n_activated_experts": "(0, inf)",
-    "moe_inter_dim": "(0, inf)", "route_scale": "(0, inf)", "n_hash_layers": "[0, inf)",
+    "rope_theta": "(1, inf)",
+    "compress_rope_theta": "(1, inf)",
+    "rope_factor": "[1, inf)",
+    "original_seq_len": "[0, inf)",
+    "beta_fast": "(0, inf)",
+    "beta_slow": "(0, inf)",
+    "index_n_heads": "[0, inf)",
+    "index_head_dim": "[0, inf)",
+    "index_topk": "[0, inf)",  # > 0 with csa layers
+    "n_routed_experts": "(0, inf)",
+    "n_shared_experts": "[0, 1]",
+    "n_activated_experts": "(0, inf)",
+    "moe_inter_dim": "(0, inf)",
+    "route_scale": "(0, inf)",
+    "n_hash_layers": "[0, inf)",
     "swiglu_limit": "[0, inf)",  # 0 turns the clamp off
-    "hc_mult": "(0, inf)", "hc_sinkhorn_iters": "(0, inf)", "hc_eps": "(0, 1)", "norm_eps": "(0, 1)",
-    "n_mtp_layers": "[0, 1]", "max_seq_len": "(0, inf)",
-    "init_std": "(0, 1]", "hc_init_std": "[0, 1]", "hc_init_scale": "[0, 1]",
+    "hc_mult": "(0, inf)",
+    "hc_sinkhorn_iters": "(0, inf)",
+    "hc_eps": "(0, 1)",
+    "norm_eps": "(0, 1)",
+    "n_mtp_layers": "[0, 1]",
+    "max_seq_len": "(0, inf)",
+    "init_std": "(0, 1]",
+    "hc_init_std": "[0, 1]",
+    "hc_init_scale": "[0, 1]",
 }
 
 
@@ -95,25 +119,43 @@ class ModelConfig:
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         need(not bad, "layer_types", f"entries must be one of {LAYER_TYPES}, got {bad}")
         need(self.rope_head_dim % 2 == 0, "rope_head_dim", f"must be even and > 0, got {self.rope_head_dim}")
-        need(self.rope_head_dim <= self.head_dim, "rope_head_dim",
-             f"({self.rope_head_dim}) cannot exceed head_dim ({self.head_dim})")
-        need(self.n_heads % self.o_groups == 0, "o_groups",
-             f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
-        need(self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
-             f"top-k ({self.n_activated_experts}) cannot exceed n_routed_experts ({self.n_routed_experts})")
-        need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers",
-             f"must be in [0, n_layers={self.n_layers}], got {self.n_hash_layers}")
+        need(
+            self.rope_head_dim <= self.head_dim,
+            "rope_head_dim",
+            f"({self.rope_head_dim}) cannot exceed head_dim ({self.head_dim})",
+        )
+        need(
+            self.n_heads % self.o_groups == 0,
+            "o_groups",
+            f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})",
+        )
+        need(
+            self.n_activated_experts <= self.n_routed_experts,
+            "n_activated_experts",
+            f"top-k ({self.n_activated_experts}) cannot exceed n_routed_experts ({self.n_routed_experts})",
+        )
+        need(
+            0 <= self.n_hash_layers <= self.n_layers,
+            "n_hash_layers",
+            f"must be in [0, n_layers={self.n_layers}], got {self.n_hash_layers}",
+        )
         need(self.n_shared_experts in (0, 1), "n_shared_experts", "V4 has 0 or 1 shared expert")
         need(self.csa_ratio != self.hca_ratio, "hca_ratio", "must differ from csa_ratio")
         need(self.indexer_mode in INDEXER_MODES, "indexer_mode", f"must be one of {INDEXER_MODES}")
         need(self.n_mtp_layers in (0, 1), "n_mtp_layers", "only MTP depth 0 or 1 is supported")
-        need(self.beta_fast > self.beta_slow, "beta_fast",
-             f"({self.beta_fast}) must exceed beta_slow ({self.beta_slow}): YaRN blends between the two")
+        need(
+            self.beta_fast > self.beta_slow,
+            "beta_fast",
+            f"({self.beta_fast}) must exceed beta_slow ({self.beta_slow}): YaRN blends between the two",
+        )
         if "csa" in self.layer_types:
             need(self.index_n_heads > 0, "index_n_heads", "must be > 0 when csa layers exist")
             need(self.index_topk > 0, "index_topk", "must be > 0 when csa layers exist")
-            need(self.index_head_dim >= self.rope_head_dim, "index_head_dim",
-                 f"({self.index_head_dim}) must be >= rope_head_dim ({self.rope_head_dim})")
+            need(
+                self.index_head_dim >= self.rope_head_dim,
+                "index_head_dim",
+                f"({self.index_head_dim}) must be >= rope_head_dim ({self.rope_head_dim})",
+            )
 
     @property
     def n_layers(self) -> int:

@@ -18,9 +18,17 @@ SCHEDULES = ("wsd", "cosine")
 DECAY_SHAPES = ("cosine", "linear")
 # The allowed range of every numeric field (finite numbers only); tests/unit/test_bad_input.py checks none is missing.
 RANGES = {
-    "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "vector_weight_decay": "[0, inf)",
-    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, 1)", "muon_momentum": "[0, 1)",
-    "muon_rms": "(0, inf)", "warmup_steps": "[0, inf)", "decay_fraction": "[0, 1]",
+    "lr": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)",
+    "vector_weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)",
+    "adam_eps": "(0, 1)",
+    "muon_momentum": "[0, 1)",
+    "muon_rms": "(0, inf)",
+    "warmup_steps": "[0, inf)",
+    "decay_fraction": "[0, 1]",
 }
 
 

@@ -1,4 +1,5 @@
-"""The pre-training config: one dataclass per Hydra group (conf/<group>/*.yaml) and `PretrainConfig` holding them.
+"""The pre-training config: one dataclass per Hydra group (dsv4train/conf/<group>/*.yaml) and `PretrainConfig`
+holding them.
 
 Hydra validates unknown keys and types against these schemas; `__post_init__` checks values and cross-field
 rules and raises ConfigError naming the key. Below the entry point only these dataclasses are used.
@@ -16,11 +17,23 @@ from dsv4train.config.optim import OptimConfig
 # The allowed range of every numeric TrainConfig field (finite numbers only); tests/unit/test_bad_input.py checks
 # that none is missing.
 TRAIN_RANGES = {
-    "steps": "(0, inf)", "micro_batch_size": "(0, inf)", "grad_accum": "(0, inf)", "seq_len": "(0, inf)",
-    "grad_clip": "(0, inf)", "mtp_weight": "[0, inf)", "mtp_weight_decay": "[0, inf)",
-    "balance_loss_weight": "[0, inf)", "indexer_loss_weight": "[0, inf)", "bias_update_speed": "[0, inf)",
-    "dense_indexer_steps": "[0, inf)", "eval_every": "(0, inf)", "eval_batches": "(0, inf)", "log_every": "(0, inf)",
-    "checkpoint_every": "[0, inf)", "keep_checkpoints": "(0, inf)", "max_nan_skips": "[0, inf)",
+    "steps": "(0, inf)",
+    "micro_batch_size": "(0, inf)",
+    "grad_accum": "(0, inf)",
+    "seq_len": "(0, inf)",
+    "grad_clip": "(0, inf)",
+    "mtp_weight": "[0, inf)",
+    "mtp_weight_decay": "[0, inf)",
+    "balance_loss_weight": "[0, inf)",
+    "indexer_loss_weight": "[0, inf)",
+    "bias_update_speed": "[0, inf)",
+    "dense_indexer_steps": "[0, inf)",
+    "eval_every": "(0, inf)",
+    "eval_batches": "(0, inf)",
+    "log_every": "(0, inf)",
+    "checkpoint_every": "[0, inf)",
+    "keep_checkpoints": "(0, inf)",
+    "max_nan_skips": "[0, inf)",
 }
 
 
@@ -52,10 +65,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require_ranges(self, "train", TRAIN_RANGES)
-        require(self.nan_policy in ("skip", "stop"), "train.nan_policy",
-                f"must be skip or stop, got {self.nan_policy!r}")
-        require(self.device in ("auto", "cpu", "cuda"), "train.device",
-                f"must be auto, cpu or cuda, got {self.device!r}")
+        require(
+            self.nan_policy in ("skip", "stop"), "train.nan_policy", f"must be skip or stop, got {self.nan_policy!r}"
+        )
+        require(
+            self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,23 +88,39 @@ class PrecisionConfig:
     fp4_block: int = 32  # FP4 scale block 1xb along the input dim (32 in V4); must divide fp8_block
 
     def __post_init__(self) -> None:
-        require(self.compute_dtype in ("float32", "bfloat16"), "precision.compute_dtype",
-              f"must be float32 or bfloat16, got {self.compute_dtype!r}")
-        require(self.backend in ("emulated", "te"), "precision.backend",
-              f"must be emulated or te, got {self.backend!r}")
+        require(
+            self.compute_dtype in ("float32", "bfloat16"),
+            "precision.compute_dtype",
+            f"must be float32 or bfloat16, got {self.compute_dtype!r}",
+        )
+        require(
+            self.backend in ("emulated", "te"), "precision.backend", f"must be emulated or te, got {self.backend!r}"
+        )
         for key in ("fp8_block", "fp4_block"):
             value = getattr(self, key)
-            require(value > 0 and value & (value - 1) == 0, f"precision.{key}",
-                  f"must be a positive power of two, got {value}")
-        require(self.fp8_block % self.fp4_block == 0, "precision.fp4_block",
-              f"({self.fp4_block}) must divide precision.fp8_block ({self.fp8_block}) so FP4 sub-blocks tile the "
-              "FP8 blocks")
-        require(self.fp8 or not self.fp4_experts, "precision.fp4_experts",
-              "FP4 expert weights are dequantised to FP8 for the GEMM; set precision.fp8=true as well "
-              "(precision=fp8_fp4)")
-        require(self.backend != "te" or self.fp8_block == 128, "precision.fp8_block",
-              f"= {self.fp8_block}: the te backend uses transformer-engine's fixed 128 blocks; use 128 or "
-              "precision.backend=emulated")
+            require(
+                value > 0 and value & (value - 1) == 0,
+                f"precision.{key}",
+                f"must be a positive power of two, got {value}",
+            )
+        require(
+            self.fp8_block % self.fp4_block == 0,
+            "precision.fp4_block",
+            f"({self.fp4_block}) must divide precision.fp8_block ({self.fp8_block}) so FP4 sub-blocks tile the "
+            "FP8 blocks",
+        )
+        require(
+            self.fp8 or not self.fp4_experts,
+            "precision.fp4_experts",
+            "FP4 expert weights are dequantised to FP8 for the GEMM; set precision.fp8=true as well "
+            "(precision=fp8_fp4)",
+        )
+        require(
+            self.backend != "te" or self.fp8_block == 128,
+            "precision.fp8_block",
+            f"= {self.fp8_block}: the te backend uses transformer-engine's fixed 128 blocks; use 128 or "
+            "precision.backend=emulated",
+        )
 
 
 # parallel.pp_schedule -> pipeline stages each pp rank holds; the one list of schedule names (parallel/pp.py maps
@@ -117,8 +148,11 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         require_positive(self, "parallel", ("dp", "tp", "pp", "ep", "cp", "dp_replicate", "timeout_s"))
         require_positive(self, "parallel", ("pp_microbatches",), allow_zero=True)
-        require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-                f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
+        require(
+            self.pp_schedule in PP_SCHEDULES,
+            "parallel.pp_schedule",
+            f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,10 +162,16 @@ class TrackerConfig:
     mode: str = "offline"  # wandb: offline unless set to online
 
     def __post_init__(self) -> None:
-        require(self.name in ("jsonl", "wandb", "tensorboard"), "tracker.name",
-              f"must be jsonl, wandb or tensorboard, got {self.name!r}")
-        require(self.mode in ("offline", "online", "disabled"), "tracker.mode",
-              f"must be offline, online or disabled, got {self.mode!r}")
+        require(
+            self.name in ("jsonl", "wandb", "tensorboard"),
+            "tracker.name",
+            f"must be jsonl, wandb or tensorboard, got {self.name!r}",
+        )
+        require(
+            self.mode in ("offline", "online", "disabled"),
+            "tracker.mode",
+            f"must be offline, online or disabled, got {self.mode!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -152,5 +192,8 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
-              f"({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        require(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq_len",
+            f"({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
+        )

@@ -39,12 +39,15 @@ def open_documents(prefix: Path) -> IndexedDataset:
     try:
         ds = IndexedDataset(str(prefix))
     except Exception as e:  # megatron asserts on a bad header and struct/numpy errors on a short file
-        raise ConfigError(f"{prefix}.idx is not a valid megatron index ({type(e).__name__}: {e}); "
-                          "re-run `dsv4 data prepare`") from None
+        raise ConfigError(
+            f"{prefix}.idx is not a valid megatron index ({type(e).__name__}: {e}); re-run `dsv4 data prepare`"
+        ) from None
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     itemsize = np.dtype(ds.index.dtype).itemsize
     expected, actual = int(lengths.sum()) * itemsize, Path(f"{prefix}.bin").stat().st_size
     if expected != actual:
-        raise ConfigError(f"{prefix}.bin has {actual} bytes but its .idx describes {expected}; the pair is "
-                          "truncated or mismatched, re-run `dsv4 data prepare`")
+        raise ConfigError(
+            f"{prefix}.bin has {actual} bytes but its .idx describes {expected}; the pair is "
+            "truncated or mismatched, re-run `dsv4 data prepare`"
+        )
     return ds

@@ -33,8 +33,9 @@ _VAL_SALT = 0x5EED  # fixes the validation pick independently of data.seed
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"data.dir={folder}: no {MANIFEST}; "
-                                f"create it with `dsv4 data prepare --out {folder} ...`")
+        raise FileNotFoundError(
+            f"data.dir={folder}: no {MANIFEST}; create it with `dsv4 data prepare --out {folder} ...`"
+        )
     try:
         manifest = json.loads(path.read_text())
         _ = manifest["vocab_size"], manifest["datasets"]
@@ -46,8 +47,10 @@ def read_manifest(folder: Path) -> dict:
 def check_vocab(data_vocab: int, model_vocab: int) -> None:
     """The model must have an embedding row for every token id the data can hold."""
     if data_vocab > model_vocab:
-        raise ConfigError(f"model.vocab_size: the tokenizer has {data_vocab} tokens but the model only "
-                          f"{model_vocab}; use a model with model.vocab_size >= {data_vocab} or re-tokenize")
+        raise ConfigError(
+            f"model.vocab_size: the tokenizer has {data_vocab} tokens but the model only "
+            f"{model_vocab}; use a model with model.vocab_size >= {data_vocab} or re-tokenize"
+        )
 
 
 @dataclass
@@ -67,8 +70,10 @@ class _Source:
         n = len(self.docs)
         n_val = max(1, round(n * val_fraction))
         if n - n_val < 1:
-            raise ConfigError(f"data.val_fraction: dataset {name!r} has {n} documents, too few to hold "
-                              f"{n_val} out for validation and keep some for training")
+            raise ConfigError(
+                f"data.val_fraction: dataset {name!r} has {n} documents, too few to hold "
+                f"{n_val} out for validation and keep some for training"
+            )
         pick = np.random.default_rng([_VAL_SALT, self.key]).permutation(n)
         self.doc_ids = np.sort(pick[:n_val] if split == "val" else pick[n_val:])
         self.shuffle = split == "train"
@@ -93,7 +98,7 @@ class _Source:
             doc = self.docs[int(order[c.doc])]
             k = min(n, len(doc) - c.offset)
             if collect:
-                tokens.append(doc[c.offset: c.offset + k])
+                tokens.append(doc[c.offset : c.offset + k])
                 start = np.zeros(k, dtype=bool)
                 start[0] = c.offset == 0
                 starts.append(start)
@@ -160,14 +165,19 @@ class PackedLoader:
         return batches
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "names": [s.name for s in self.sources],
-                "sources": [dict(vars(s.cursor)) for s in self.sources]}
+        return {
+            "rows": self.rows,
+            "names": [s.name for s in self.sources],
+            "sources": [dict(vars(s.cursor)) for s in self.sources],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         names = state.get("names", [s.name for s in self.sources])
         if list(names) != [s.name for s in self.sources] or len(state["sources"]) != len(self.sources):
-            raise ConfigError(f"data.sources: the saved loader blends {list(names)}, this config "
-                              f"{[s.name for s in self.sources]}; resume with the same data config")
+            raise ConfigError(
+                f"data.sources: the saved loader blends {list(names)}, this config "
+                f"{[s.name for s in self.sources]}; resume with the same data config"
+            )
         self.rows = int(state["rows"])
         for s, c in zip(self.sources, state["sources"]):
             s.cursor = _Cursor(**{k: int(v) for k, v in c.items()})
@@ -176,7 +186,7 @@ class PackedLoader:
 def rank_rows(batch: dict, rank: int, n_ranks: int) -> dict:
     """Rows [rank·b, (rank+1)·b) of a batch of n_ranks·b rows."""
     b = batch["tokens"].shape[0] // n_ranks
-    return {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+    return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
 
 
 class RankSlice:

@@ -64,16 +64,23 @@ def input_files(inputs: list[Path]) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"input {path} does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise ConfigError(f"input folder {path} has no {'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} files")
             files += found
         elif path.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES:
             files.append(path)
         else:
-            raise ConfigError(f"input {path}: unsupported type {path.suffix!r}; expected a folder or "
-                              f"{'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}")
+            raise ConfigError(
+                f"input {path}: unsupported type {path.suffix!r}; expected a folder or "
+                f"{'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}"
+            )
     return files
 
 
@@ -147,8 +154,10 @@ def _given_tokenizer(given: Path) -> _Tok:
     tok, path = _load_tokenizer(given)
     eos = _special_id(tok, path, "eos", EOS)
     if eos is None:
-        raise ConfigError(f"tokenizer {path} has no {EOS!r} token and no eos_token in a tokenizer_config.json "
-                          "beside it; documents need an end-of-document id")
+        raise ConfigError(
+            f"tokenizer {path} has no {EOS!r} token and no eos_token in a tokenizer_config.json "
+            "beside it; documents need an end-of-document id"
+        )
     return _Tok(tok, str(path.resolve()), _special_id(tok, path, "bos", BOS), eos, path)
 
 
@@ -157,8 +166,10 @@ def resolve_tokenizer(args: PrepareArgs, docs: list[str], manifest: dict | None)
     if manifest is not None:
         tok = Tokenizer.from_file(str(args.out / TOKENIZER))
         if args.tokenizer is not None and _load_tokenizer(args.tokenizer)[0].to_str() != tok.to_str():
-            raise ConfigError(f"--tokenizer {args.tokenizer} differs from {args.out / TOKENIZER}; every dataset in "
-                              "a folder shares one tokenizer (drop --tokenizer or use a new --out)")
+            raise ConfigError(
+                f"--tokenizer {args.tokenizer} differs from {args.out / TOKENIZER}; every dataset in "
+                "a folder shares one tokenizer (drop --tokenizer or use a new --out)"
+            )
         return _Tok(tok, manifest["tokenizer"], manifest["bos_id"], manifest["eos_id"])
     if args.tokenizer is not None:
         return _given_tokenizer(args.tokenizer)
@@ -172,14 +183,19 @@ MANIFEST_KEYS = {"tokenizer": str, "vocab_size": int, "eos_id": int, "datasets":
 def read_manifest(path: Path) -> dict:
     """The manifest.json of a prepared folder, checked enough to append to it; a damaged one is named (nothing in
     the folder is touched)."""
-    fix = ("restore it from a copy, or prepare into a new --out (a folder's manifest is written by `dsv4 data "
-           "prepare` and lists its datasets)")
+    fix = (
+        "restore it from a copy, or prepare into a new --out (a folder's manifest is written by `dsv4 data "
+        "prepare` and lists its datasets)"
+    )
     try:
         manifest = read_json_object(path, fix)
     except OSError as e:
         raise ConfigError(f"{path} cannot be read ({e}); {fix}") from None
-    bad = [f"{key!r} (want {kind.__name__})" for key, kind in MANIFEST_KEYS.items()
-           if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool)]
+    bad = [
+        f"{key!r} (want {kind.__name__})"
+        for key, kind in MANIFEST_KEYS.items()
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool)
+    ]
     if "bos_id" not in manifest or not isinstance(manifest["bos_id"], (int, type(None))):
         bad.append("'bos_id' (want int or null)")
     if bad:
@@ -199,13 +215,15 @@ def _check(args: PrepareArgs) -> dict | None:
         raise FileExistsError(f"{args.out} is a file, not a folder")
     if not args.append:
         if args.out.exists() and any(args.out.iterdir()):
-            raise FileExistsError(f"{args.out} already exists and is not empty; choose a new --out, or add a "
-                                  "dataset to it with --append")
+            raise FileExistsError(
+                f"{args.out} already exists and is not empty; choose a new --out, or add a dataset to it with --append"
+            )
         return None
     path = args.out / MANIFEST
     if not path.is_file() or not (args.out / TOKENIZER).is_file():
-        raise FileNotFoundError(f"--append needs a folder made by `dsv4 data prepare`; {path} or its "
-                                f"{TOKENIZER} is missing")
+        raise FileNotFoundError(
+            f"--append needs a folder made by `dsv4 data prepare`; {path} or its {TOKENIZER} is missing"
+        )
     manifest = read_manifest(path)
     if args.name in manifest["datasets"]:
         raise FileExistsError(f"dataset {args.name!r} already exists in {args.out}; pick another --name")
@@ -215,17 +233,22 @@ def _check(args: PrepareArgs) -> dict | None:
 def _encoded(tok: _Tok, docs: list[str], name: str, chunk: int = 256) -> Iterator[list[int]]:
     with tqdm(total=len(docs), desc=f"tokenize {name}", unit="doc") as bar:
         for i in range(0, len(docs), chunk):
-            for enc in tok.tok.encode_batch(docs[i: i + chunk], add_special_tokens=False):
+            for enc in tok.tok.encode_batch(docs[i : i + chunk], add_special_tokens=False):
                 yield enc.ids + [tok.eos_id]
-            bar.update(len(docs[i: i + chunk]))
+            bar.update(len(docs[i : i + chunk]))
 
 
 def _write(args: PrepareArgs, tok: _Tok, docs: list[str], manifest: dict | None, t0: float) -> dict:
     out, created, written = args.out, not args.out.exists(), []
     if manifest is None:
         vocab = max(tok.tok.get_vocab_size(), max(tok.tok.get_vocab().values()) + 1)
-        manifest = {"tokenizer": tok.source, "vocab_size": vocab, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                    "datasets": {}}
+        manifest = {
+            "tokenizer": tok.source,
+            "vocab_size": vocab,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "datasets": {},
+        }
     try:
         out.mkdir(parents=True, exist_ok=True)
         partial = out / f".{args.name}.partial"
@@ -241,9 +264,11 @@ def _write(args: PrepareArgs, tok: _Tok, docs: list[str], manifest: dict | None,
             else:
                 tok.tok.save(str(written[-1]))
         manifest["datasets"][args.name] = {
-            "documents": n_docs, "tokens": n_tokens,
+            "documents": n_docs,
+            "tokens": n_tokens,
             "inputs": (["stdlib"] if args.stdlib else []) + [str(p.resolve()) for p in args.inputs],
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         written.append(out / f".{MANIFEST}.partial")
         written[-1].write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(written[-1], out / MANIFEST)  # the folder is complete once this lands

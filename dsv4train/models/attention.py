@@ -92,8 +92,9 @@ class Attention(nn.Module):
                     comp.topk_BSK = select_topk(index_scores, n_visible, self.indexer.topk)
 
         kv_ext_BXC = self.seq.with_previous(kv_BSC, self.window)  # the W keys before ours: zeros, or the last shard's
-        o_BSHC, p_comp = hybrid_attention(q_BSHC, kv_ext_BXC, local_shard(self.attn_sink), self.window, comp,
-                                          sees_previous=self.seq.has_previous)
+        o_BSHC, p_comp = hybrid_attention(
+            q_BSHC, kv_ext_BXC, local_shard(self.attn_sink), self.window, comp, sees_previous=self.seq.has_previous
+        )
         o_BSHC = apply_rope(o_BSHC, cos_h, sin_h, inverse=True)
         aux = AttentionAux()
         if index_scores is not None and index_scores.requires_grad:

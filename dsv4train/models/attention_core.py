@@ -46,16 +46,21 @@ def _window_mask(nb: int, window: int, device: torch.device, sees_previous: bool
     return torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf"))
 
 
-def hybrid_attention(q_BSHC: torch.Tensor, kv_ext_BXC: torch.Tensor, sink_H: torch.Tensor, window: int,
-                     comp: CompressedKeys | None, sees_previous: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def hybrid_attention(
+    q_BSHC: torch.Tensor,
+    kv_ext_BXC: torch.Tensor,
+    sink_H: torch.Tensor,
+    window: int,
+    comp: CompressedKeys | None,
+    sees_previous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (output [B, S, H, C], probabilities on the compressed keys [B, S, H, T or k] or None).
 
     kv_ext_BXC: [B, W + S, C], the W keys before the queries then their own S keys. At the start of a sequence
     the first W are padding and hidden; under context parallelism they are the previous shard's last W keys and
     `sees_previous` is True."""
     B, S, H, C = q_BSHC.shape
-    scale = C ** -0.5
+    scale = C**-0.5
     keys_BNKC, nb = _window_blocks(kv_ext_BXC, window)
     q_blk = F.pad(q_BSHC, (0, 0, 0, 0, 0, nb * window - S)).view(B, nb, window * H, C)
     win = torch.matmul(q_blk, keys_BNKC.transpose(-1, -2)) * scale  # [B, nb, W*H, 2W]
@@ -86,7 +91,7 @@ def hybrid_attention(q_BSHC: torch.Tensor, kv_ext_BXC: torch.Tensor, sink_H: tor
     out = torch.matmul(p_win, keys_BNKC).view(B, nb * window, H, C)[:, :S]
     p_comp = None
     if len(parts) == 3:
-        p_comp = probs[..., 2 * window: -1]
+        p_comp = probs[..., 2 * window : -1]
         if gathered is None:
             out = out + torch.matmul(p_comp.reshape(B, S * H, -1), comp.kv_BTC).view(B, S, H, C)
         else:

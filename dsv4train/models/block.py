@@ -40,8 +40,15 @@ class Block(nn.Module):
 
     def _weights(self, x_BSND: torch.Tensor, prefix: str):
         c = self.cfg
-        return hc_weights(x_BSND, getattr(self, f"{prefix}_fn"), getattr(self, f"{prefix}_base"),
-                          getattr(self, f"{prefix}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
+        return hc_weights(
+            x_BSND,
+            getattr(self, f"{prefix}_fn"),
+            getattr(self, f"{prefix}_base"),
+            getattr(self, f"{prefix}_scale"),
+            c.hc_sinkhorn_iters,
+            c.hc_eps,
+            c.norm_eps,
+        )
 
     def forward(self, x_BSND: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, BlockAux]:
         pre, post, comb = self._weights(x_BSND, "hc_attn")

@@ -27,8 +27,9 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x_BSD: torch.Tensor, freqs: tuple[float, ...],
-                seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, freqs: tuple[float, ...], seq: WholeSequence = WHOLE_SEQUENCE
+    ) -> torch.Tensor:
         """[B, S, d] -> compressed entries [B, S // ratio, head_dim], normalised and rotated at position ratio*i
         (of the whole sequence: under context parallelism S is this shard's length and the entries of every
         shard are returned)."""
@@ -56,8 +57,10 @@ class Compressor(nn.Module):
         if not seq.has_previous:
             empty[0] = float("-inf")  # the first block has no previous block: its slots get no weight
         prev_gate = prev_BTMX[..., c:].to(gate_BTMW.dtype) + empty
-        return (torch.cat((prev_BTMX[..., :c], kv_BTMW[..., c:]), dim=2),
-                torch.cat((prev_gate, gate_BTMW[..., c:]), dim=2))
+        return (
+            torch.cat((prev_BTMX[..., :c], kv_BTMW[..., c:]), dim=2),
+            torch.cat((prev_gate, gate_BTMW[..., c:]), dim=2),
+        )
 
 
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:

@@ -21,12 +21,12 @@ from dsv4train.config.model import ModelConfig
 # ---------------------------------------------------------------------------------------------- parameters
 @dataclass(frozen=True)
 class ParamCounts:
-    total: int           # main model incl. router buffers, excl. MTP
-    active: int          # per token, excl. input embedding, buffers and MTP
+    total: int  # main model incl. router buffers, excl. MTP
+    active: int  # per token, excl. input embedding, buffers and MTP
     embedding: int
     head: int
-    mtp: int             # the MTP module (its head is the shared one, counted in `head`)
-    mtp_active: int      # per token in the MTP module, buffers excluded
+    mtp: int  # the MTP module (its head is the shared one, counted in `head`)
+    mtp_active: int  # per token in the MTP module, buffers excluded
     router_buffers: int  # router `bias` + hash `tid2eid` entries, main model and MTP
     breakdown: dict[str, int]  # main model by component; sums to `total`
 
@@ -45,9 +45,18 @@ def _block(cfg: ModelConfig, layer_type: str, hashed: bool) -> dict[str, int]:
     d, H, c, n = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.hc_mult
     expert = 3 * d * cfg.moe_inter_dim
     parts = {
-        "attention": (d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * c + d * c + c
-                      + H * c * cfg.o_lora_rank + cfg.o_groups * cfg.o_lora_rank * d + H),
-        "compressor": 0, "indexer": 0,
+        "attention": (
+            d * cfg.q_lora_rank
+            + cfg.q_lora_rank
+            + cfg.q_lora_rank * H * c
+            + d * c
+            + c
+            + H * c * cfg.o_lora_rank
+            + cfg.o_groups * cfg.o_lora_rank * d
+            + H
+        ),
+        "compressor": 0,
+        "indexer": 0,
         "router": cfg.n_routed_experts * d,
         "router_buffers": cfg.vocab_size * cfg.n_activated_experts if hashed else cfg.n_routed_experts,
         "routed_experts": cfg.n_routed_experts * expert,
@@ -58,8 +67,11 @@ def _block(cfg: ModelConfig, layer_type: str, hashed: bool) -> dict[str, int]:
     if layer_type != "swa":
         parts["compressor"] = _compressor(cfg, c, cfg.compress_ratio(layer_type), overlap=layer_type == "csa")
     if layer_type == "csa":
-        parts["indexer"] = (cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + d * cfg.index_n_heads
-                            + _compressor(cfg, cfg.index_head_dim, cfg.csa_ratio, overlap=True))
+        parts["indexer"] = (
+            cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim
+            + d * cfg.index_n_heads
+            + _compressor(cfg, cfg.index_head_dim, cfg.csa_ratio, overlap=True)
+        )
     return parts
 
 
@@ -83,9 +95,15 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     mtp = cfg.n_mtp_layers * (sum(mtp_parts.values()) + mtp_extra)
     mtp_active = cfg.n_mtp_layers * (_block_active(cfg, mtp_parts) + mtp_extra)
     return ParamCounts(
-        total=sum(breakdown.values()), active=active, embedding=V * d, head=V * d, mtp=mtp, mtp_active=mtp_active,
+        total=sum(breakdown.values()),
+        active=active,
+        embedding=V * d,
+        head=V * d,
+        mtp=mtp,
+        mtp_active=mtp_active,
         router_buffers=breakdown["router_buffers"] + cfg.n_mtp_layers * mtp_parts["router_buffers"],
-        breakdown=breakdown)
+        breakdown=breakdown,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- attention FLOPs
@@ -168,8 +186,11 @@ def decode_flops_per_token(cfg: ModelConfig, context: int) -> FlopsBreakdown:
 def kv_entry_bytes(cfg: ModelConfig) -> int:
     """One main KV entry: FP8 non-RoPE dims, BF16 RoPE dims, one UE8M0 scale per 64 FP8 dims padded to 8 bytes
     (vLLM's layout; 584 B at head_dim 512)."""
-    return (cfg.head_dim - cfg.rope_head_dim) + 2 * cfg.rope_head_dim + 8 * math.ceil(
-        math.ceil((cfg.head_dim - cfg.rope_head_dim) / 64) / 8)
+    return (
+        (cfg.head_dim - cfg.rope_head_dim)
+        + 2 * cfg.rope_head_dim
+        + 8 * math.ceil(math.ceil((cfg.head_dim - cfg.rope_head_dim) / 64) / 8)
+    )
 
 
 def index_key_bytes(cfg: ModelConfig) -> int:
@@ -180,8 +201,8 @@ def index_key_bytes(cfg: ModelConfig) -> int:
 @dataclass(frozen=True)
 class KVBytesPerToken:
     per_layer_type: dict[str, float]  # bytes one layer of that type adds per context token (window excluded)
-    total: float                      # summed over the main model's layers
-    window: int                       # constant bytes of all sliding windows once full
+    total: float  # summed over the main model's layers
+    window: int  # constant bytes of all sliding windows once full
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> KVBytesPerToken:
@@ -206,9 +227,10 @@ def kv_cache_bytes(cfg: ModelConfig, context: int) -> int:
 class DeepSeekV32:
     """The V3.2 baseline of the V4 report's Fig. 1. Shapes from the V3 report (arXiv 2412.19437) and the V3.2
     report (arXiv 2512.02556, DSA indexer); cache entry sizes from vLLM PR #48439. See arch ref §10.2."""
+
     n_layers: int = 61
     n_heads: int = 128
-    kv_lora_rank: int = 512    # absorbed MLA: queries score the 512-dim latent + 64 RoPE dims, values are latent
+    kv_lora_rank: int = 512  # absorbed MLA: queries score the 512-dim latent + 64 RoPE dims, values are latent
     rope_head_dim: int = 64
     index_topk: int = 2048
     index_n_heads: int = 64
@@ -225,8 +247,11 @@ V32 = DeepSeekV32()
 
 def v32_decode_flops_per_token(context: int, v: DeepSeekV32 = V32) -> FlopsBreakdown:
     qk_av = 2 * v.n_heads * ((v.kv_lora_rank + v.rope_head_dim) + v.kv_lora_rank)
-    return FlopsBreakdown(2 * v.matmul_params, v.n_layers * qk_av * min(v.index_topk, context),
-                          v.n_layers * 2 * v.index_n_heads * v.index_head_dim * context)
+    return FlopsBreakdown(
+        2 * v.matmul_params,
+        v.n_layers * qk_av * min(v.index_topk, context),
+        v.n_layers * 2 * v.index_n_heads * v.index_head_dim * context,
+    )
 
 
 def v32_kv_cache_bytes(context: int, v: DeepSeekV32 = V32) -> int:
@@ -252,5 +277,10 @@ class V32Comparison:
 
 def compare_with_v32(cfg: ModelConfig, context: int) -> V32Comparison:
     """Single-token decode FLOPs and KV cache at `context`, against V3.2 (the report's 27%/10% for Pro)."""
-    return V32Comparison(context, decode_flops_per_token(cfg, context), v32_decode_flops_per_token(context),
-                         kv_cache_bytes(cfg, context), v32_kv_cache_bytes(context))
+    return V32Comparison(
+        context,
+        decode_flops_per_token(cfg, context),
+        v32_decode_flops_per_token(context),
+        kv_cache_bytes(cfg, context),
+        v32_kv_cache_bytes(context),
+    )

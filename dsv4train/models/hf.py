@@ -27,47 +27,94 @@ from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.hub_format import FP8_BLOCK, dequantize_state_dict
 
-HF_LAYER_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
-                  "hca": "heavily_compressed_attention"}
+HF_LAYER_TYPES = {
+    "swa": "sliding_attention",
+    "csa": "compressed_sparse_attention",
+    "hca": "heavily_compressed_attention",
+}
 _OUR_LAYER_TYPES = {hf: ours for ours, hf in HF_LAYER_TYPES.items()}
-_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
-        "norm.weight": "model.norm.weight", "hc_head_fn": "model.hc_head.hc_fn",
-        "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
-_ATTN = {"wq_a.weight": "q_a_proj.weight", "q_norm.weight": "q_a_norm.weight", "wq_b.weight": "q_b_proj.weight",
-         "wkv.weight": "kv_proj.weight", "kv_norm.weight": "kv_norm.weight", "wo_a.weight": "o_a_proj.weight",
-         "wo_b.weight": "o_b_proj.weight", "attn_sink": "sinks",
-         "indexer.wq_b.weight": "compressor.indexer.q_b_proj.weight",
-         "indexer.weights_proj.weight": "compressor.indexer.scorer.weights_proj.weight"}
-_COMPRESSOR = {"wkv.weight": "kv_proj.weight", "wgate.weight": "gate_proj.weight", "ape": "position_bias",
-               "norm.weight": "kv_norm.weight"}
+_TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "head.weight": "lm_head.weight",
+    "norm.weight": "model.norm.weight",
+    "hc_head_fn": "model.hc_head.hc_fn",
+    "hc_head_base": "model.hc_head.hc_base",
+    "hc_head_scale": "model.hc_head.hc_scale",
+}
+_ATTN = {
+    "wq_a.weight": "q_a_proj.weight",
+    "q_norm.weight": "q_a_norm.weight",
+    "wq_b.weight": "q_b_proj.weight",
+    "wkv.weight": "kv_proj.weight",
+    "kv_norm.weight": "kv_norm.weight",
+    "wo_a.weight": "o_a_proj.weight",
+    "wo_b.weight": "o_b_proj.weight",
+    "attn_sink": "sinks",
+    "indexer.wq_b.weight": "compressor.indexer.q_b_proj.weight",
+    "indexer.weights_proj.weight": "compressor.indexer.scorer.weights_proj.weight",
+}
+_COMPRESSOR = {
+    "wkv.weight": "kv_proj.weight",
+    "wgate.weight": "gate_proj.weight",
+    "ape": "position_bias",
+    "norm.weight": "kv_norm.weight",
+}
 _SHARED = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-          "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
-          "ffn.gate.tid2eid": "mlp.gate.tid2eid", "ffn.experts.w2": "mlp.experts.down_proj"}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.gate.tid2eid": "mlp.gate.tid2eid",
+    "ffn.experts.w2": "mlp.experts.down_proj",
+}
 
 
 def hf_config_kwargs(cfg: ModelConfig) -> dict:
     """Keyword arguments for transformers.DeepseekV4Config describing the same model (MTP is not in HF)."""
     rope = {"rope_type": "default"}
     if cfg.original_seq_len > 0:
-        rope = {"rope_type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
-                "beta_slow": cfg.beta_slow, "original_max_position_embeddings": cfg.original_seq_len}
+        rope = {
+            "rope_type": "yarn",
+            "factor": cfg.rope_factor,
+            "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow,
+            "original_max_position_embeddings": cfg.original_seq_len,
+        }
     return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, moe_intermediate_size=cfg.moe_inter_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, head_dim=cfg.head_dim,
-        q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.n_activated_experts,
-        n_routed_experts=cfg.n_routed_experts, routed_scaling_factor=cfg.route_scale,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        moe_intermediate_size=cfg.moe_inter_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        num_experts_per_tok=cfg.n_activated_experts,
+        n_routed_experts=cfg.n_routed_experts,
+        routed_scaling_factor=cfg.route_scale,
         layer_types=[HF_LAYER_TYPES[t] for t in cfg.layer_types],
         compress_rates={HF_LAYER_TYPES["csa"]: cfg.csa_ratio, HF_LAYER_TYPES["hca"]: cfg.hca_ratio},
-        rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta, hc_mult=cfg.hc_mult,
-        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+        rope_theta=cfg.rope_theta,
+        compress_rope_theta=cfg.compress_rope_theta,
+        hc_mult=cfg.hc_mult,
+        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        hc_eps=cfg.hc_eps,
         mlp_layer_types=["hash_moe"] * cfg.n_hash_layers + ["moe"] * (cfg.n_layers - cfg.n_hash_layers),
-        swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.window_size, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-        index_topk=cfg.index_topk, partial_rotary_factor=cfg.rope_head_dim / cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
-        max_position_embeddings=int(cfg.original_seq_len * cfg.rope_factor) if cfg.original_seq_len else cfg.max_seq_len,
-        num_nextn_predict_layers=0)
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.window_size,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_n_heads=cfg.index_n_heads,
+        index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk,
+        partial_rotary_factor=cfg.rope_head_dim / cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=int(cfg.original_seq_len * cfg.rope_factor)
+        if cfg.original_seq_len
+        else cfg.max_seq_len,
+        num_nextn_predict_layers=0,
+    )
 
 
 def hf_layer_key(rest: str) -> str | None:
@@ -76,14 +123,14 @@ def hf_layer_key(rest: str) -> str | None:
         return _LAYER[rest]
     for ours, hf in (("hc_attn_", "attn_hc."), ("hc_ffn_", "ffn_hc.")):
         if rest.startswith(ours):
-            return hf + rest[len(ours):]
+            return hf + rest[len(ours) :]
     if rest.startswith("attn."):
-        r = rest[len("attn."):]
+        r = rest[len("attn.") :]
         if r in _ATTN:
             return "self_attn." + _ATTN[r]
         for ours, hf in (("indexer.compressor.", "compressor.indexer."), ("compressor.", "compressor.")):
             if r.startswith(ours):
-                return "self_attn." + hf + _COMPRESSOR[r[len(ours):]]
+                return "self_attn." + hf + _COMPRESSOR[r[len(ours) :]]
     if rest.startswith("ffn.shared_experts."):
         return f"mlp.shared_experts.{_SHARED[rest.split('.')[2]]}.weight"
     if rest == "ffn.experts.w1":
@@ -105,6 +152,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = value
     return out
 
+
 def _hf_layer_types(hf: dict, n: int) -> list[str]:
     if hf.get("layer_types"):
         names = list(hf["layer_types"])[:n]
@@ -125,12 +173,15 @@ def _hf_compress_rates(hf: dict, n: int) -> dict[str, int]:
     hca = sorted({r for r in ratios if r not in (0, 4)})
     if not hf.get("layer_types") and hca:
         if len(hca) > 1:
-            raise ConfigError(f"config.json compress_ratios: HCA layers with different ratios {hca}; dsv4train uses "
-                              "one hca_ratio")
+            raise ConfigError(
+                f"config.json compress_ratios: HCA layers with different ratios {hca}; dsv4train uses one hca_ratio"
+            )
         rates["hca_ratio"] = hca[0]
     given = hf.get("compress_rates") or {}
-    for key, ours, legacy in (("compressed_sparse_attention", "csa_ratio", "compress_rate_csa"),
-                              ("heavily_compressed_attention", "hca_ratio", "compress_rate_hca")):
+    for key, ours, legacy in (
+        ("compressed_sparse_attention", "csa_ratio", "compress_rate_csa"),
+        ("heavily_compressed_attention", "hca_ratio", "compress_rate_hca"),
+    ):
         if hf.get(legacy) is not None:
             rates[ours] = int(hf[legacy])
         if given.get(key) is not None:
@@ -145,12 +196,15 @@ def hf_fp8_block(hf: dict) -> int:
     if not q:
         return FP8_BLOCK
     if not isinstance(q, dict) or q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-        raise ConfigError(f"config.json quantization_config: dsv4train reads FP8 (e4m3) block-scaled checkpoints "
-                          f"with FP4 experts, got {q!r}")
+        raise ConfigError(
+            f"config.json quantization_config: dsv4train reads FP8 (e4m3) block-scaled checkpoints "
+            f"with FP4 experts, got {q!r}"
+        )
     block = list(q.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK])
     if len(block) != 2 or block[0] != block[1] or int(block[0]) <= 0:
-        raise ConfigError(f"config.json quantization_config.weight_block_size: expected square blocks [b, b], got "
-                          f"{block}")
+        raise ConfigError(
+            f"config.json quantization_config.weight_block_size: expected square blocks [b, b], got {block}"
+        )
     return int(block[0])
 
 
@@ -169,20 +223,27 @@ def _hf_rope(hf: dict) -> dict:
     main, compress = rp.get("main"), rp.get("compress")
     if not isinstance(compress, dict):  # flat form: the YaRN keys apply to the compressed layers
         main, compress = {}, {k: v for k, v in rp.items() if k not in ("main", "compress")}
-    out = dict(rope_theta=float((main or {}).get("rope_theta", hf.get("rope_theta", 10000.0))),
-               compress_rope_theta=float(compress.get("rope_theta", hf.get("compress_rope_theta", 160000.0))),
-               original_seq_len=0)
+    out = dict(
+        rope_theta=float((main or {}).get("rope_theta", hf.get("rope_theta", 10000.0))),
+        compress_rope_theta=float(compress.get("rope_theta", hf.get("compress_rope_theta", 160000.0))),
+        original_seq_len=0,
+    )
     if compress.get("rope_type", compress.get("type", "default")) == "yarn":
-        out.update(rope_factor=float(compress["factor"]), beta_fast=int(compress.get("beta_fast", 32)),
-                   beta_slow=int(compress.get("beta_slow", 1)),
-                   original_seq_len=int(compress["original_max_position_embeddings"]))
+        out.update(
+            rope_factor=float(compress["factor"]),
+            beta_fast=int(compress.get("beta_fast", 32)),
+            beta_slow=int(compress.get("beta_slow", 1)),
+            original_seq_len=int(compress["original_max_position_embeddings"]),
+        )
     return out
 
 
 def _need(hf: dict, key: str):
     if hf.get(key) is None:
-        raise ConfigError(f"config.json {key}: missing; a DeepseekV4 config.json needs it (transformers' "
-                          "save_pretrained writes every field)")
+        raise ConfigError(
+            f"config.json {key}: missing; a DeepseekV4 config.json needs it (transformers' "
+            "save_pretrained writes every field)"
+        )
     return hf[key]
 
 
@@ -193,8 +254,13 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     Unsupported variants and missing keys fail with the key named."""
     if hf.get("model_type") != "deepseek_v4":
         raise ConfigError(f"config.json model_type: expected 'deepseek_v4', got {hf.get('model_type')!r}")
-    for key, want in (("num_key_value_heads", 1), ("scoring_func", "sqrtsoftplus"), ("norm_topk_prob", True),
-                      ("hidden_act", "silu"), ("tie_word_embeddings", False)):
+    for key, want in (
+        ("num_key_value_heads", 1),
+        ("scoring_func", "sqrtsoftplus"),
+        ("norm_topk_prob", True),
+        ("hidden_act", "silu"),
+        ("tie_word_embeddings", False),
+    ):
         if key in hf and hf[key] != want:
             raise ConfigError(f"config.json {key}: dsv4train supports only {want!r}, got {hf[key]!r}")
     hf_fp8_block(hf)
@@ -205,21 +271,36 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     else:
         rope_head_dim = int(hf.get("qk_rope_head_dim", head_dim // 8))
     kwargs = dict(
-        name=str(hf.get("_name_or_path") or "hf-import"), vocab_size=int(_need(hf, "vocab_size")),
-        dim=int(_need(hf, "hidden_size")), layer_types=_hf_layer_types(hf, n),
-        n_heads=int(_need(hf, "num_attention_heads")), head_dim=head_dim, rope_head_dim=rope_head_dim,
-        q_lora_rank=int(_need(hf, "q_lora_rank")), o_groups=int(_need(hf, "o_groups")),
-        o_lora_rank=int(_need(hf, "o_lora_rank")), window_size=int(_need(hf, "sliding_window")),
-        **_hf_compress_rates(hf, n), index_n_heads=int(_need(hf, "index_n_heads")),
-        index_head_dim=int(_need(hf, "index_head_dim")), index_topk=int(_need(hf, "index_topk")),
-        n_routed_experts=int(_need(hf, "n_routed_experts")), n_shared_experts=int(hf.get("n_shared_experts", 1)),
+        name=str(hf.get("_name_or_path") or "hf-import"),
+        vocab_size=int(_need(hf, "vocab_size")),
+        dim=int(_need(hf, "hidden_size")),
+        layer_types=_hf_layer_types(hf, n),
+        n_heads=int(_need(hf, "num_attention_heads")),
+        head_dim=head_dim,
+        rope_head_dim=rope_head_dim,
+        q_lora_rank=int(_need(hf, "q_lora_rank")),
+        o_groups=int(_need(hf, "o_groups")),
+        o_lora_rank=int(_need(hf, "o_lora_rank")),
+        window_size=int(_need(hf, "sliding_window")),
+        **_hf_compress_rates(hf, n),
+        index_n_heads=int(_need(hf, "index_n_heads")),
+        index_head_dim=int(_need(hf, "index_head_dim")),
+        index_topk=int(_need(hf, "index_topk")),
+        n_routed_experts=int(_need(hf, "n_routed_experts")),
+        n_shared_experts=int(hf.get("n_shared_experts", 1)),
         n_activated_experts=int(_need(hf, "num_experts_per_tok")),
         moe_inter_dim=int(_need(hf, "moe_intermediate_size")),
-        route_scale=float(_need(hf, "routed_scaling_factor")), n_hash_layers=_hf_hash_layers(hf, n),
-        swiglu_limit=float(hf.get("swiglu_limit", 10.0)), hc_mult=int(hf.get("hc_mult", 4)),
-        hc_sinkhorn_iters=int(hf.get("hc_sinkhorn_iters", 20)), hc_eps=float(hf.get("hc_eps", 1e-6)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), n_mtp_layers=0,
-        max_seq_len=int(hf.get("max_position_embeddings", 4096)), **_hf_rope(hf))
+        route_scale=float(_need(hf, "routed_scaling_factor")),
+        n_hash_layers=_hf_hash_layers(hf, n),
+        swiglu_limit=float(hf.get("swiglu_limit", 10.0)),
+        hc_mult=int(hf.get("hc_mult", 4)),
+        hc_sinkhorn_iters=int(hf.get("hc_sinkhorn_iters", 20)),
+        hc_eps=float(hf.get("hc_eps", 1e-6)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        n_mtp_layers=0,
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        **_hf_rope(hf),
+    )
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
 
@@ -243,13 +324,21 @@ def _official_layer_rests() -> list[str]:
     """Every per-layer key (below `layers.{i}.`) of our canonical state dict, in official names."""
     hc = [f"hc_{part}_{p}" for part in ("attn", "ffn") for p in ("fn", "base", "scale")]
     compressors = [f"attn.{c}{r}" for c in ("compressor.", "indexer.compressor.") for r in _COMPRESSOR]
-    return (list(_LAYER) + hc + ["attn." + r for r in _ATTN] + compressors
-            + [f"ffn.shared_experts.{w}.weight" for w in _SHARED] + ["ffn.experts.w1"])
+    return (
+        list(_LAYER)
+        + hc
+        + ["attn." + r for r in _ATTN]
+        + compressors
+        + [f"ffn.shared_experts.{w}.weight" for w in _SHARED]
+        + ["ffn.experts.w1"]
+    )
 
 
 _FUSED_GATE_UP = "ffn.experts.gate_up_proj"  # HF's fused [E, 2I, d]; split into w1/w3 by `from_hf_state_dict`
-_HF_LAYER_TO_OFFICIAL = {**{hf_layer_key(r): r for r in _official_layer_rests()},
-                         "mlp.experts.gate_up_proj": _FUSED_GATE_UP}
+_HF_LAYER_TO_OFFICIAL = {
+    **{hf_layer_key(r): r for r in _official_layer_rests()},
+    "mlp.experts.gate_up_proj": _FUSED_GATE_UP,
+}
 _HF_TOP_TO_OFFICIAL = {hf.removeprefix("model."): ours for ours, hf in _TOP.items()}
 _PER_EXPERT = re.compile(r"^(?P<owner>(?:layers|mtp)\.\d+\.ffn\.experts)\.(?P<j>\d+)\.(?P<w>w[123])\.weight$")
 
@@ -292,8 +381,9 @@ def _stack_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, experts in groups.items():
         absent = sorted(set(range(max(experts) + 1)) - set(experts))
         if absent:
-            raise KeyError(f"{key}: the checkpoint has {len(experts)} experts up to {max(experts)} but lacks experts "
-                           f"{absent[:8]}")
+            raise KeyError(
+                f"{key}: the checkpoint has {len(experts)} experts up to {max(experts)} but lacks experts {absent[:8]}"
+            )
         shapes = {tuple(t.shape) for t in experts.values()}
         if len(shapes) > 1:
             raise KeyError(f"{key}: the experts' weights have different shapes {sorted(shapes)}")
@@ -318,10 +408,11 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], our_keys, fp8_block: int 
     wanted = set(our_keys)
     missing = sorted(k for k in wanted if k not in sd)
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} tensors the model needs (official names), e.g. "
-                       f"{missing[:5]}")
+        raise KeyError(f"checkpoint lacks {len(missing)} tensors the model needs (official names), e.g. {missing[:5]}")
     extra = sorted(k for k in sd if k not in wanted and "rotary" not in k and "inv_freq" not in k)
     if extra:
-        raise KeyError(f"checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[:5]}; is "
-                       f"config.json the one saved with these weights?")
+        raise KeyError(
+            f"checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[:5]}; is "
+            f"config.json the one saved with these weights?"
+        )
     return {k: sd[k] for k in wanted}

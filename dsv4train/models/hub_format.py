@@ -43,8 +43,9 @@ def e8m0_to_float(scale: torch.Tensor, name: str = "scale") -> torch.Tensor:
         return scale.view(torch.float8_e8m0fnu).float()
     if scale.is_floating_point() and scale.dtype not in FP8_DTYPES:
         return scale.float()
-    raise CheckpointLayoutError(f"{name}: a block scale must be float8_e8m0fnu (UE8M0), its uint8 bytes or a float "
-                                f"tensor, got {scale.dtype}")
+    raise CheckpointLayoutError(
+        f"{name}: a block scale must be float8_e8m0fnu (UE8M0), its uint8 bytes or a float tensor, got {scale.dtype}"
+    )
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
@@ -69,15 +70,15 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOC
     if tuple(scale.shape) != want:
         raise CheckpointLayoutError(
             f"{name}: FP8 weight of shape {tuple(weight.shape)} needs a scale of shape {want} (one per "
-            f"{block}x{block} block), got {tuple(scale.shape)}")
+            f"{block}x{block} block), got {tuple(scale.shape)}"
+        )
     return weight.float() * _expand_blocks(e8m0_to_float(scale, name), block, block, n, k)
 
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK, name: str = "weight"):
     """Packed E2M1 weight [..., N, K/2] times its 1×block scales [..., N, K/block] -> float32 [..., N, K]."""
     if packed.dim() < 2:
-        raise CheckpointLayoutError(f"{name}: a packed FP4 weight must have at least 2 dims, got "
-                                    f"{tuple(packed.shape)}")
+        raise CheckpointLayoutError(f"{name}: a packed FP4 weight must have at least 2 dims, got {tuple(packed.shape)}")
     *lead, n, half_k = packed.shape
     k = 2 * half_k
     want = (*lead, n, k // block)
@@ -85,7 +86,8 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOC
         raise CheckpointLayoutError(
             f"{name}: packed FP4 weight of shape {tuple(packed.shape)} (logical [..., {n}, {k}]) needs a scale of "
             f"shape {want} (one per 1x{block} block along the input dim, which must be a multiple of {block}), got "
-            f"{tuple(scale.shape)}")
+            f"{tuple(scale.shape)}"
+        )
     return unpack_e2m1(packed) * _expand_blocks(e8m0_to_float(scale, name), 1, block, n, k)
 
 
@@ -104,8 +106,9 @@ def is_quantized(t: torch.Tensor) -> bool:
     return t.dtype in FP8_DTYPES or t.dtype in FP4_PACKED_DTYPES
 
 
-def dequantize_state_dict(sd: dict[str, torch.Tensor], fp8_block: int = FP8_BLOCK,
-                          fp4_block: int = FP4_BLOCK) -> dict[str, torch.Tensor]:
+def dequantize_state_dict(
+    sd: dict[str, torch.Tensor], fp8_block: int = FP8_BLOCK, fp4_block: int = FP4_BLOCK
+) -> dict[str, torch.Tensor]:
     """Replace every (quantised weight, scale) pair by the float32 weight; other tensors pass through unchanged.
     The weight's dtype picks the format: E4M3 -> FP8 blocks, int8/uint8/float4_e2m1fn_x2 -> packed FP4."""
     scales = {}
@@ -125,7 +128,8 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], fp8_block: int = FP8_BLOC
             if is_quantized(value):
                 raise CheckpointLayoutError(
                     f"{key}: stored as {value.dtype} but the checkpoint has no block scale for it (expected "
-                    f"{key.removesuffix('.weight')}.scale next to it)")
+                    f"{key.removesuffix('.weight')}.scale next to it)"
+                )
             out[key] = value
         elif value.dtype in FP8_DTYPES:
             out[key] = dequant_fp8(value, sd[scale_key], fp8_block, name=key)
@@ -134,5 +138,6 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], fp8_block: int = FP8_BLOC
         else:
             raise CheckpointLayoutError(
                 f"{key}: has a block scale ({scale_key}) but is stored as {value.dtype}; a scaled weight must be "
-                f"float8_e4m3fn (FP8 blocks) or FP4 packed in int8")
+                f"float8_e4m3fn (FP8 blocks) or FP4 packed in int8"
+            )
     return out

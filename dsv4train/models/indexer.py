@@ -24,8 +24,15 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
 
-    def scores(self, x_BSD: torch.Tensor, qlat_BSR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               freqs: tuple[float, ...], seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+    def scores(
+        self,
+        x_BSD: torch.Tensor,
+        qlat_BSR: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        freqs: tuple[float, ...],
+        seq: WholeSequence = WHOLE_SEQUENCE,
+    ) -> torch.Tensor:
         """Index scores [B, S, T] over all compressed entries (future ones included; the caller masks)."""
         x_BSD, qlat_BSR = x_BSD.detach(), qlat_BSR.detach()
         B, S, _ = x_BSD.shape
@@ -34,8 +41,8 @@ class Indexer(nn.Module):
         q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
         # one [B, S·H, K] x [B, K, T] batched GEMM: matmul's broadcast of the keys over S would copy them per query
         logits_BSHT = torch.einsum("bshk,btk->bsht", q_BSHK.float(), keys_BTK.float())
-        w_BSH = self.weights_proj(x_BSD).float() * self.n_heads ** -0.5
-        return torch.einsum("bsht,bsh->bst", F.relu(logits_BSHT) * self.head_dim ** -0.5, w_BSH)
+        w_BSH = self.weights_proj(x_BSD).float() * self.n_heads**-0.5
+        return torch.einsum("bsht,bsh->bst", F.relu(logits_BSHT) * self.head_dim**-0.5, w_BSH)
 
 
 def select_topk(scores_BST: torch.Tensor, n_visible_S: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,8 +54,12 @@ def select_topk(scores_BST: torch.Tensor, n_visible_S: torch.Tensor, k: int) -> 
     return torch.where(idx >= n_visible_S.view(1, -1, 1), torch.full_like(idx, -1), idx)
 
 
-def kl_loss(teacher_BSHJ: torch.Tensor, student_logits_BSJ: torch.Tensor, valid_BSJ: torch.Tensor,
-            seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+def kl_loss(
+    teacher_BSHJ: torch.Tensor,
+    student_logits_BSJ: torch.Tensor,
+    valid_BSJ: torch.Tensor,
+    seq: WholeSequence = WHOLE_SEQUENCE,
+) -> torch.Tensor:
     """KL(p || softmax(I)) averaged over queries that see at least one entry (of the whole sequence under
     context parallelism: `seq` sums the count over the shards).
 

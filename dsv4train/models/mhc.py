@@ -28,8 +28,15 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return p.permute(2, 0, 1).reshape(shape).contiguous()
 
 
-def hc_weights(x_BSND: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
-               hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hc_weights(
+    x_BSND: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pre [B,S,n], post [B,S,n], comb [B,S,n,n]) in fp32."""
     n = x_BSND.shape[-2]
     flat = rms_normalize(x_BSND.flatten(-2), norm_eps)
@@ -48,16 +55,18 @@ def hc_collapse(x_BSND: torch.Tensor, pre_BSN: torch.Tensor) -> torch.Tensor:
     return (pre_BSN.unsqueeze(-1) * x_BSND.float()).sum(dim=-2).to(x_BSND.dtype)
 
 
-def hc_expand(x_BSND: torch.Tensor, f_BSD: torch.Tensor, post_BSN: torch.Tensor,
-              comb_BSNN: torch.Tensor) -> torch.Tensor:
+def hc_expand(
+    x_BSND: torch.Tensor, f_BSD: torch.Tensor, post_BSN: torch.Tensor, comb_BSNN: torch.Tensor
+) -> torch.Tensor:
     """X'_k = post_k * F + sum_j comb[j, k] X_j."""
     dtype = x_BSND.dtype
     mixed = torch.matmul(comb_BSNN.to(dtype).transpose(-1, -2), x_BSND)
     return post_BSN.to(dtype).unsqueeze(-1) * f_BSD.unsqueeze(-2) + mixed
 
 
-def hc_head(x_BSND: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
-            norm_eps: float) -> torch.Tensor:
+def hc_head(
+    x_BSND: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float, norm_eps: float
+) -> torch.Tensor:
     """Final collapse of the streams (pre weights only, no Sinkhorn)."""
     flat = rms_normalize(x_BSND.flatten(-2), norm_eps)
     pre = torch.sigmoid(F.linear(flat, fn.float()) * scale.float() + base.float()) + hc_eps

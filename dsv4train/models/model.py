@@ -59,16 +59,21 @@ class DSV4Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(
-            Block(cfg, t, hashed=i < cfg.n_hash_layers) for i, t in enumerate(cfg.layer_types))
+        self.layers = nn.ModuleList(Block(cfg, t, hashed=i < cfg.n_hash_layers) for i, t in enumerate(cfg.layer_types))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         HCHead.add_params(self, cfg.hc_mult, cfg.dim)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.n_mtp_layers))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, mtp_input_ids: torch.Tensor | None = None,
-                with_aux: bool = False, part: LayerSlice | None = None, acts: tuple = ()):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mtp_input_ids: torch.Tensor | None = None,
+        with_aux: bool = False,
+        part: LayerSlice | None = None,
+        acts: tuple = (),
+    ):
         """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
         the modules of its slices (the others set to None), as a pipeline stage does."""
         if part is not None:
@@ -82,8 +87,10 @@ class DSV4Model(nn.Module):
         mtp_logits = None
         if len(self.mtp):
             if mtp_input_ids is None and self.seq.shards > 1:
-                raise ValueError("under context parallelism pass mtp_input_ids (token t+1 at position t, e.g. the "
-                                 "labels): this shard's last position needs the next shard's first token")
+                raise ValueError(
+                    "under context parallelism pass mtp_input_ids (token t+1 at position t, e.g. the "
+                    "labels): this shard's last position needs the next shard's first token"
+                )
             if mtp_input_ids is None:  # token t+1 at position t; the last position gets a dummy
                 mtp_input_ids = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
             mtp_logits, aux = self.mtp_logits(x_BSND, self.embed(mtp_input_ids))
@@ -118,8 +125,10 @@ class DSV4Model(nn.Module):
         """Token ids [B, S] -> the hc_mult residual streams [B, S, N, d], each a copy of the embedding."""
         cfg = self.cfg
         if input_ids.max() >= cfg.vocab_size or input_ids.min() < 0:
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            raise ValueError(
+                f"input_ids must lie in [0, {cfg.vocab_size}); got range "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
         emb_BSD = self.embed(input_ids)
         return emb_BSD.unsqueeze(-2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
 
@@ -178,9 +187,10 @@ class DSV4Model(nn.Module):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * cfg.init_std)
-        for i, m in enumerate(g for g in self.modules() if isinstance(g, Gate)):
+        for m in (g for g in self.modules() if isinstance(g, Gate)):
             if m.hashed:
-                m.tid2eid.copy_(build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts,
-                                                 seed, token_counts))
+                m.tid2eid.copy_(
+                    build_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts, seed, token_counts)
+                )
             else:
                 m.bias.zero_()

@@ -23,8 +23,9 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return F.silu(gate) * up
 
 
-def build_hash_table(vocab_size: int, n_experts: int, k: int, seed: int,
-                     token_counts: np.ndarray | None = None) -> torch.Tensor:
+def build_hash_table(
+    vocab_size: int, n_experts: int, k: int, seed: int, token_counts: np.ndarray | None = None
+) -> torch.Tensor:
     """Deterministic token -> k distinct experts table for hash-routed layers, shape [vocab, k] int64.
 
     Tokens are visited from most to least frequent (ties by id); each takes the k experts with the least
@@ -83,8 +84,9 @@ def sort_rows_by_expert(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return order_M, torch.div(order_M, idx_NK.shape[1], rounding_mode="floor")
 
 
-def combine_rows(ys_MD: torch.Tensor, order_M: torch.Tensor, token_M: torch.Tensor, w_NK: torch.Tensor,
-                 x_ND: torch.Tensor) -> torch.Tensor:
+def combine_rows(
+    ys_MD: torch.Tensor, order_M: torch.Tensor, token_M: torch.Tensor, w_NK: torch.Tensor, x_ND: torch.Tensor
+) -> torch.Tensor:
     """Expert outputs of rows in `sort_rows_by_expert` order, weighted by their routing weight and summed per
     token: y [N, D] in `x_ND`'s dtype."""
     ys_MD = ys_MD * w_NK.reshape(-1)[order_M].unsqueeze(-1).to(ys_MD.dtype)
@@ -101,8 +103,7 @@ class LocalDispatch:
     an all-to-all dispatch over the ranks that hold the experts; FP8/FP4 training replaces `experts.mlp`, so
     both compose."""
 
-    def __call__(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
+    def __call__(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
         order_M, token_M = sort_rows_by_expert(idx_NK)
         counts_E = torch.bincount(idx_NK.reshape(-1), minlength=experts.w1.shape[0])
         xs_MD = x_ND.index_select(0, token_M)  # backward is index_add (parallel), not index_put (serial on CPU)
@@ -132,15 +133,17 @@ class Experts(nn.Module):
         """y [N, D]: each token's routed experts, weighted by `w_NK` [N, K], for expert ids `idx_NK` [N, K]."""
         return self.dispatch(x_ND, idx_NK, w_NK, self)
 
-    def mlp(self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            w3: torch.Tensor) -> torch.Tensor:
+    def mlp(
+        self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+    ) -> torch.Tensor:
         """The experts on rows sorted by expert. `dispatch` calls this with the weights this process holds (all of
         them, or under expert parallelism the local experts); FP8/FP4 training overrides it (dsv4train/quant)."""
         return expert_mlp(xs, counts_E, w1, w2, w3, self.limit)
 
 
-def expert_mlp(xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-               limit: float) -> torch.Tensor:
+def expert_mlp(
+    xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float
+) -> torch.Tensor:
     """Clamped-SwiGLU experts on rows sorted by expert (`counts_E[e]` rows for expert e, in order)."""
     offsets = torch.cumsum(counts_E, 0)
     h = clamped_swiglu(grouped_linear(xs, w1, offsets), grouped_linear(xs, w3, offsets), limit)
@@ -159,15 +162,17 @@ class SharedExpert(nn.Module):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor,
-                          seq: WholeSequence = WHOLE_SEQUENCE) -> torch.Tensor:
+def sequence_balance_loss(
+    scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, seq: WholeSequence = WHOLE_SEQUENCE
+) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over sequences: f_i = E/(K*S) * #tokens routed to i,
     P_i = mean_t of the scores normalised over all experts. Under context parallelism S and the counts are the
     whole sequence's (`seq` sums them over the shards) and each shard adds its tokens' part of P."""
     B, S, E = scores_BSE.shape
     K = idx_BSK.shape[-1]
     counts = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(
-        1, idx_BSK.reshape(B, -1), torch.ones(B, S * K, device=scores_BSE.device))
+        1, idx_BSK.reshape(B, -1), torch.ones(B, S * K, device=scores_BSE.device)
+    )
     S_total = S * seq.shards
     f = seq.total(counts) * (E / (K * S_total))
     p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1) / S_total

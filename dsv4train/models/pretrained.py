@@ -26,8 +26,14 @@ from safetensors.torch import load_file, save_file
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
-from dsv4train.models.hf import (config_from_hf, from_hf_state_dict, hf_config_kwargs, hf_fp8_block,
-                                 official_name, to_hf_state_dict)
+from dsv4train.models.hf import (
+    config_from_hf,
+    from_hf_state_dict,
+    hf_config_kwargs,
+    hf_fp8_block,
+    official_name,
+    to_hf_state_dict,
+)
 from dsv4train.models.model import DSV4Model
 from dsv4train.utils.json_files import read_json_object
 
@@ -40,8 +46,9 @@ FORMAT_VERSION = 1
 def _fresh_dir(path: Path) -> Path:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not an empty folder; choose a new destination "
-                              "(nothing was written)")
+        raise FileExistsError(
+            f"{path} already exists and is not an empty folder; choose a new destination (nothing was written)"
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -67,9 +74,15 @@ def save_dsv4(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
 
 def hf_config_json(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """A `config.json` that transformers reads as DeepseekV4Config for the same model."""
-    return {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-            "dtype": str(dtype).removeprefix("torch."), "bos_token_id": 0, "eos_token_id": 1,
-            "tie_word_embeddings": False, **hf_config_kwargs(cfg)}
+    return {
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+        **hf_config_kwargs(cfg),
+    }
 
 
 def save_hf(model: DSV4Model, path, dtype: torch.dtype | None = None) -> Path:
@@ -92,7 +105,7 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / HF_INDEX).exists():
         weight_map = read_json(path / HF_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ConfigError(f"{path / HF_INDEX}: needs a non-empty \"weight_map\" object (tensor name -> shard)")
+            raise ConfigError(f'{path / HF_INDEX}: needs a non-empty "weight_map" object (tensor name -> shard)')
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.exists()]
         if absent:
@@ -141,8 +154,10 @@ def detect_format(path) -> str:
         return "hf"
     if (path / ".metadata").exists() or (path / "checkpoints").is_dir():
         return "checkpoint"
-    raise FileNotFoundError(f"{path} is not a dsv4 folder ({DSV4_META}), a transformers folder (config.json) or a "
-                            "training run / checkpoint folder")
+    raise FileNotFoundError(
+        f"{path} is not a dsv4 folder ({DSV4_META}), a transformers folder (config.json) or a "
+        "training run / checkpoint folder"
+    )
 
 
 def read_config(path) -> ModelConfig:
@@ -152,18 +167,22 @@ def read_config(path) -> ModelConfig:
     if fmt == "dsv4":
         meta = read_json(path / DSV4_META)
         if meta.get("format") != "dsv4" or int(meta.get("version", 0)) > FORMAT_VERSION:
-            raise ConfigError(f"{path / DSV4_META}: unsupported format/version {meta.get('format')}/"
-                              f"{meta.get('version')}; this dsv4train reads version <= {FORMAT_VERSION}")
+            raise ConfigError(
+                f"{path / DSV4_META}: unsupported format/version {meta.get('format')}/"
+                f"{meta.get('version')}; this dsv4train reads version <= {FORMAT_VERSION}"
+            )
         if not isinstance(meta.get("model"), dict):
-            raise ConfigError(f"{path / DSV4_META}: needs a \"model\" object with the ModelConfig fields")
+            raise ConfigError(f'{path / DSV4_META}: needs a "model" object with the ModelConfig fields')
         try:
             return ModelConfig(**meta["model"])
         except TypeError as e:  # an unknown or missing field
-            raise ConfigError(f"{path / DSV4_META}: \"model\" does not match this dsv4train's ModelConfig "
-                              f"({e})") from None
+            raise ConfigError(
+                f'{path / DSV4_META}: "model" does not match this dsv4train\'s ModelConfig ({e})'
+            ) from None
     if fmt == "hf":
-        return config_from_hf(read_json(path / "config.json"), name=path.resolve().name,
-                              n_mtp_layers=_mtp_layers_in(path))
+        return config_from_hf(
+            read_json(path / "config.json"), name=path.resolve().name, n_mtp_layers=_mtp_layers_in(path)
+        )
     raise ConfigError(f"{path}: read the config of a training checkpoint with dsv4train.train.checkpoint")
 
 
@@ -177,12 +196,13 @@ def build_empty(cfg: ModelConfig, device="cpu") -> DSV4Model:
 def check_vocab_size(cfg: ModelConfig, vocab_size: int | None, path) -> None:
     """A ConfigError unless the weights at `path` (config `cfg`) have `vocab_size` tokens (None: any)."""
     if vocab_size is not None and vocab_size != cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size: the checkpoint at {path} has {cfg.vocab_size} tokens but "
-                          f"{vocab_size} were expected (is the tokenizer the one this model was trained with?)")
+        raise ConfigError(
+            f"model.vocab_size: the checkpoint at {path} has {cfg.vocab_size} tokens but "
+            f"{vocab_size} were expected (is the tokenizer the one this model was trained with?)"
+        )
 
 
-def load_weights(path, device="cpu", dtype: torch.dtype | None = None,
-                 vocab_size: int | None = None) -> DSV4Model:
+def load_weights(path, device="cpu", dtype: torch.dtype | None = None, vocab_size: int | None = None) -> DSV4Model:
     """Load a dsv4 or transformers folder into a DSV4Model in eval mode."""
     path = Path(path)
     fmt = detect_format(path)

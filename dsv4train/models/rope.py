@@ -14,8 +14,9 @@ from dsv4train.config.model import ModelConfig
 
 
 @lru_cache(maxsize=64)
-def _inv_freq(rope_dim: int, base: float, factor: float, original_len: int, beta_fast: int,
-              beta_slow: int) -> tuple[float, ...]:
+def _inv_freq(
+    rope_dim: int, base: float, factor: float, original_len: int, beta_fast: int, beta_slow: int
+) -> tuple[float, ...]:
     half = rope_dim // 2
     freqs = [base ** (-2.0 * i / rope_dim) for i in range(half)]
     if original_len <= 0 or factor == 1.0:
@@ -38,8 +39,9 @@ def inv_freq(cfg: ModelConfig, layer_type: str) -> tuple[float, ...]:
     """One frequency per rotated channel pair, for the rope kind of `layer_type`."""
     if layer_type == "swa":
         return _inv_freq(cfg.rope_head_dim, cfg.rope_theta, 1.0, 0, cfg.beta_fast, cfg.beta_slow)
-    return _inv_freq(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor, cfg.original_seq_len,
-                     cfg.beta_fast, cfg.beta_slow)
+    return _inv_freq(
+        cfg.rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow
+    )
 
 
 def rope_cos_sin(freqs: tuple[float, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

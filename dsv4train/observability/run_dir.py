@@ -45,10 +45,18 @@ def git_revision() -> dict:
 
 
 def environment() -> dict:
-    return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "argv": sys.argv,
-            "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "accelerator": accelerator_name(), "git": git_revision()}
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": socket.gethostname(),
+        "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": accelerator_name(),
+        "git": git_revision(),
+    }
 
 
 def write_snapshot(run_dir: Path, resolved_yaml: str, resume_step: int) -> None:

@@ -47,8 +47,10 @@ class TensorboardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError("tracker.name: tensorboard needs the tensorboard package "
-                              "(pip install tensorboard), or use tracker=jsonl") from e
+            raise ConfigError(
+                "tracker.name: tensorboard needs the tensorboard package "
+                "(pip install tensorboard), or use tracker=jsonl"
+            ) from e
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, metrics: dict, step: int) -> None:
@@ -68,11 +70,19 @@ class WandbTracker:
         try:
             import wandb
         except ImportError as e:
-            raise ConfigError("tracker.name: wandb needs the wandb package (pip install wandb), "
-                              "or use tracker=jsonl") from e
+            raise ConfigError(
+                "tracker.name: wandb needs the wandb package (pip install wandb), or use tracker=jsonl"
+            ) from e
         run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]  # same run.dir -> same wandb run
-        self.run = wandb.init(project=cfg.project, dir=str(run_dir), mode=cfg.mode, config=config,
-                              name=run_dir.name, id=run_id, resume="allow")
+        self.run = wandb.init(
+            project=cfg.project,
+            dir=str(run_dir),
+            mode=cfg.mode,
+            config=config,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+        )
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(_scalars(metrics), step=step)

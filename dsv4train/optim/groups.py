@@ -33,8 +33,10 @@ def _label(name: str, p: torch.Tensor, split_wo_a: bool) -> str:
         return ADAMW_NO_DECAY
     if p.ndim in (2, 3):
         return MUON_BLOCKS if split_wo_a and _WO_A.search(name) else MUON
-    raise ValueError(f"{name} (shape {tuple(p.shape)}) matches no optimizer rule; add it to "
-                     "dsv4train/optim/groups.py (AdamW for vectors, Muon for matrices)")
+    raise ValueError(
+        f"{name} (shape {tuple(p.shape)}) matches no optimizer rule; add it to "
+        "dsv4train/optim/groups.py (AdamW for vectors, Muon for matrices)"
+    )
 
 
 def describe_groups(model: nn.Module, cfg: OptimConfig | None = None) -> dict[str, str]:
@@ -56,8 +58,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
     """Muon + AdamW (or AdamW alone) over the model's trainable parameters, at lr = cfg.lr."""
     labels = describe_groups(model, cfg)
     params = dict(model.named_parameters())
-    by_label = {label: [params[n] for n, lab in labels.items() if lab == label]
-                for label in (MUON, MUON_BLOCKS, ADAMW, ADAMW_NO_DECAY)}
+    by_label = {
+        label: [params[n] for n, lab in labels.items() if lab == label]
+        for label in (MUON, MUON_BLOCKS, ADAMW, ADAMW_NO_DECAY)
+    }
     optimizers = {}
     muon_groups = [{"params": by_label[MUON]}]
     if by_label[MUON_BLOCKS]:
@@ -65,13 +69,23 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
         muon_groups.append({"params": by_label[MUON_BLOCKS], "row_blocks": o_groups})
     muon_groups = [g for g in muon_groups if g["params"]]
     if muon_groups:
-        optimizers["muon"] = Muon(muon_groups, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
-                                  weight_decay=cfg.weight_decay, ns=cfg.muon_ns, ns_dtype=cfg.muon_ns_dtype,
-                                  rms=cfg.muon_rms)
-    adam_groups = [{"params": by_label[ADAMW], "weight_decay": cfg.weight_decay},
-                   {"params": by_label[ADAMW_NO_DECAY], "weight_decay": cfg.vector_weight_decay}]
+        optimizers["muon"] = Muon(
+            muon_groups,
+            lr=cfg.lr,
+            momentum=cfg.muon_momentum,
+            nesterov=cfg.muon_nesterov,
+            weight_decay=cfg.weight_decay,
+            ns=cfg.muon_ns,
+            ns_dtype=cfg.muon_ns_dtype,
+            rms=cfg.muon_rms,
+        )
+    adam_groups = [
+        {"params": by_label[ADAMW], "weight_decay": cfg.weight_decay},
+        {"params": by_label[ADAMW_NO_DECAY], "weight_decay": cfg.vector_weight_decay},
+    ]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
-        optimizers["adamw"] = torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                eps=cfg.adam_eps)
+        optimizers["adamw"] = torch.optim.AdamW(
+            adam_groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        )
     return CombinedOptimizer(optimizers)

@@ -48,8 +48,14 @@ def resolve_ns_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def orthogonal_update(u: torch.Tensor, ns: str = "hybrid", rms: float = 0.18, row_blocks: int = 1,
-                      eps: float = 1e-7, ns_dtype: str = "auto") -> torch.Tensor:
+def orthogonal_update(
+    u: torch.Tensor,
+    ns: str = "hybrid",
+    rms: float = 0.18,
+    row_blocks: int = 1,
+    eps: float = 1e-7,
+    ns_dtype: str = "auto",
+) -> torch.Tensor:
     """NS(u) per independent matrix, scaled to RMS `rms`; same shape and dtype as u."""
     mats = as_matrices(u, row_blocks)
     o = newton_schulz(mats, NS_COEFFICIENTS[ns], eps, resolve_ns_dtype(ns_dtype, u.device))
@@ -74,11 +80,30 @@ class Muon(Optimizer):
     ns ("hybrid" | "quintic"), ns_dtype ("auto" | "bfloat16" | "float32"), rms, eps, row_blocks.
     State per parameter: `momentum_buffer` (the sum-form M above)."""
 
-    def __init__(self, params, lr: float = 2.7e-4, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, ns: str = "hybrid", ns_dtype: str = "auto", rms: float = 0.18,
-                 eps: float = 1e-7, row_blocks: int = 1) -> None:
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns=ns,
-                        ns_dtype=ns_dtype, rms=rms, eps=eps, row_blocks=row_blocks)
+    def __init__(
+        self,
+        params,
+        lr: float = 2.7e-4,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns: str = "hybrid",
+        ns_dtype: str = "auto",
+        rms: float = 0.18,
+        eps: float = 1e-7,
+        row_blocks: int = 1,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns=ns,
+            ns_dtype=ns_dtype,
+            rms=rms,
+            eps=eps,
+            row_blocks=row_blocks,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -93,12 +118,16 @@ class Muon(Optimizer):
         g = group["row_blocks"]
         for i, p in enumerate(group["params"]):
             if p.ndim not in (2, 3):
-                raise ValueError(f"Muon: parameter {i} of group {len(self.param_groups) - 1} has shape "
-                                 f"{tuple(p.shape)}; Muon takes matrices [n, m] or stacks [E, n, m]. "
-                                 "Give vectors (norm gains, biases, sinks) to AdamW.")
+                raise ValueError(
+                    f"Muon: parameter {i} of group {len(self.param_groups) - 1} has shape "
+                    f"{tuple(p.shape)}; Muon takes matrices [n, m] or stacks [E, n, m]. "
+                    "Give vectors (norm gains, biases, sinks) to AdamW."
+                )
             if g != 1 and (p.ndim != 2 or g < 1 or p.size(0) % g):
-                raise ValueError(f"Muon: row_blocks={g} needs 2-D parameters whose row count divides by it; "
-                                 f"parameter {i} has shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"Muon: row_blocks={g} needs 2-D parameters whose row count divides by it; "
+                    f"parameter {i} has shape {tuple(p.shape)}"
+                )
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """p's momentum buffer (zeros on first use); Muon takes dense gradients only."""
@@ -122,8 +151,9 @@ class Muon(Optimizer):
                 if p.grad is None:
                     continue
                 u = momentum_input(self._momentum_buffer(p), p.grad, mu, group["nesterov"])
-                o = orthogonal_update(u, group["ns"], group["rms"], group["row_blocks"], group["eps"],
-                                      group["ns_dtype"])
+                o = orthogonal_update(
+                    u, group["ns"], group["rms"], group["row_blocks"], group["eps"], group["ns_dtype"]
+                )
                 apply_update(p, o, lr, wd)
                 sq = o.float().square().sum()
                 sq_sum, count = (sq if sq_sum is None else sq_sum + sq), count + o.numel()

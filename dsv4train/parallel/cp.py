@@ -107,7 +107,7 @@ class SequenceShard(WholeSequence):
     def shard(self, t_BS: torch.Tensor) -> torch.Tensor:
         length = t_BS.shape[1] // self.shards
         start = self.offset(length)
-        return t_BS[:, start: start + length]
+        return t_BS[:, start : start + length]
 
 
 def apply_context_parallel(model: nn.Module, seq: SequenceShard) -> None:

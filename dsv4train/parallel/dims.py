@@ -82,28 +82,45 @@ class ParallelDims(ParallelConfig):
         text = " ".join(f"parallel.{a}={getattr(self, a)}" for a in AXES if getattr(self, a) > 1) or "parallel.*=1"
         return text + (f" parallel.dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
 
-    def validate(self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int,
-                 check_chunks: bool = True) -> None:
+    def validate(
+        self, world_size: int, model: ModelConfig, seq_len: int, micro_batch_size: int, check_chunks: bool = True
+    ) -> None:
         """Raise ConfigError naming the key for a layout that cannot work; runs before any collective.
         `check_chunks=False` (`dsv4 plan`) skips the split of micro-batches into pipeline chunks (plan assumes its
         own in-flight micro-batches)."""
-        require(self.dp % self.dp_replicate == 0, "parallel.dp_replicate",
-                f"= {self.dp_replicate} does not divide parallel.dp ({self.dp}); HSDP splits the dp ranks into "
-                "that many replicas of equal size")
-        require(self.world_size == world_size, "parallel",
-                f"{self.overrides()} needs pp·dp·cp·ep·tp = {self.world_size} processes but {world_size} "
-                f"{'was' if world_size == 1 else 'were'} started; launch with torchrun --nproc_per_node="
-                f"{self.world_size} (or change the layout)")
-        require(model.n_routed_experts % self.ep == 0, "parallel.ep",
-                f"= {self.ep} does not divide model.n_routed_experts ({model.n_routed_experts})")
-        require(self.pp <= model.n_layers, "parallel.pp",
-                f"= {self.pp} pipeline stages for {model.n_layers} layers; use at most one stage per layer")
+        require(
+            self.dp % self.dp_replicate == 0,
+            "parallel.dp_replicate",
+            f"= {self.dp_replicate} does not divide parallel.dp ({self.dp}); HSDP splits the dp ranks into "
+            "that many replicas of equal size",
+        )
+        require(
+            self.world_size == world_size,
+            "parallel",
+            f"{self.overrides()} needs pp·dp·cp·ep·tp = {self.world_size} processes but {world_size} "
+            f"{'was' if world_size == 1 else 'were'} started; launch with torchrun --nproc_per_node="
+            f"{self.world_size} (or change the layout)",
+        )
+        require(
+            model.n_routed_experts % self.ep == 0,
+            "parallel.ep",
+            f"= {self.ep} does not divide model.n_routed_experts ({model.n_routed_experts})",
+        )
+        require(
+            self.pp <= model.n_layers,
+            "parallel.pp",
+            f"= {self.pp} pipeline stages for {model.n_layers} layers; use at most one stage per layer",
+        )
         self._validate_pipeline(model, micro_batch_size, check_chunks)
-        require(model.n_heads % self.tp == 0, "parallel.tp",
-                f"= {self.tp} does not divide model.n_heads ({model.n_heads})")
-        require(model.o_groups % self.tp == 0, "parallel.tp",
-                f"= {self.tp} does not divide model.o_groups ({model.o_groups}); the grouped output projection "
-                "is split by groups")
+        require(
+            model.n_heads % self.tp == 0, "parallel.tp", f"= {self.tp} does not divide model.n_heads ({model.n_heads})"
+        )
+        require(
+            model.o_groups % self.tp == 0,
+            "parallel.tp",
+            f"= {self.tp} does not divide model.o_groups ({model.o_groups}); the grouped output projection "
+            "is split by groups",
+        )
         self._validate_context(model, seq_len)
 
     def _validate_context(self, model: ModelConfig, seq_len: int) -> None:
@@ -113,14 +130,20 @@ class ParallelDims(ParallelConfig):
         if self.cp == 1:
             return
         shard = seq_len // self.cp
-        require(shard >= model.window_size, "parallel.cp",
-                f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), fewer than "
-                f"model.window_size ({model.window_size}); each rank must hold at least one window")
+        require(
+            shard >= model.window_size,
+            "parallel.cp",
+            f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), fewer than "
+            f"model.window_size ({model.window_size}); each rank must hold at least one window",
+        )
         for kind in sorted({t for t in model.layer_types if t != "swa"}):
             ratio = model.compress_ratio(kind)
-            require(shard % ratio == 0, "parallel.cp",
-                    f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), not a multiple of "
-                    f"the {kind} compression ratio ({ratio}); each rank pools whole blocks")
+            require(
+                shard % ratio == 0,
+                "parallel.cp",
+                f"= {self.cp} leaves {shard} tokens per rank (train.seq_len {seq_len} / cp), not a multiple of "
+                f"the {kind} compression ratio ({ratio}); each rank pools whole blocks",
+            )
 
     def _validate_pipeline(self, model: ModelConfig, micro_batch_size: int, check_chunks: bool) -> None:
         """Stages per layer and (for training; `dsv4 plan` makes its own micro-batch assumptions) how each
@@ -128,18 +151,30 @@ class ParallelDims(ParallelConfig):
         if self.pp == 1:
             return
         v, m = self.virtual_stages, self.microbatches
-        require(self.n_stages <= model.n_layers, "parallel.pp",
-                f"= {self.pp} with parallel.pp_schedule={self.pp_schedule} needs pp·{v} = {self.n_stages} stages "
-                f"but the model has {model.n_layers} layers; use at most one stage per layer")
+        require(
+            self.n_stages <= model.n_layers,
+            "parallel.pp",
+            f"= {self.pp} with parallel.pp_schedule={self.pp_schedule} needs pp·{v} = {self.n_stages} stages "
+            f"but the model has {model.n_layers} layers; use at most one stage per layer",
+        )
         if not check_chunks:
             return
-        require(micro_batch_size % m == 0, "parallel.pp_microbatches",
-                f"= {m}{' (pp · virtual stages)' if not self.pp_microbatches else ''} does not divide "
-                f"train.micro_batch_size ({micro_batch_size}); each micro-batch is split into that many pipeline "
-                "chunks along the batch")
+        require(
+            micro_batch_size % m == 0,
+            "parallel.pp_microbatches",
+            f"= {m}{' (pp · virtual stages)' if not self.pp_microbatches else ''} does not divide "
+            f"train.micro_batch_size ({micro_batch_size}); each micro-batch is split into that many pipeline "
+            "chunks along the batch",
+        )
         least = self.n_stages if self.pp_schedule == "dualpipev" else self.pp
-        require(m >= least, "parallel.pp_microbatches",
-                f"= {m}: the {self.pp_schedule} schedule needs at least {least} chunks per micro-batch")
+        require(
+            m >= least,
+            "parallel.pp_microbatches",
+            f"= {m}: the {self.pp_schedule} schedule needs at least {least} chunks per micro-batch",
+        )
         rounds = max(1, m // self.pp)
-        require(self.pp_schedule != "interleaved_1f1b" or m % rounds == 0, "parallel.pp_microbatches",
-                f"= {m}: interleaved_1f1b needs a multiple of its {rounds} rounds (pp_microbatches // pp)")
+        require(
+            self.pp_schedule != "interleaved_1f1b" or m % rounds == 0,
+            "parallel.pp_microbatches",
+            f"= {m}: interleaved_1f1b needs a multiple of its {rounds} rounds (pp_microbatches // pp)",
+        )

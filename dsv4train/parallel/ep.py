@@ -79,8 +79,7 @@ class AllToAllDispatch:
     def __init__(self, group, ep: int):
         self.group, self.ep = group, ep
 
-    def __call__(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
+    def __call__(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
         w1, w2, w3 = (_local_weight(w, self.ep) for w in (experts.w1, experts.w2, experts.w3))
         order_M, token_M = sort_rows_by_expert(idx_NK)
         sent_RL = torch.bincount(idx_NK.reshape(-1), minlength=self.ep * w1.shape[0]).view(self.ep, -1)

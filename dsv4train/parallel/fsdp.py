@@ -21,8 +21,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from dsv4train.models.moe import Experts
 
 
-def apply_fsdp(model: nn.Module, fsdp_mesh: DeviceMesh, efsdp_mesh: DeviceMesh | None,
-               param_dtype: torch.dtype = torch.float32) -> None:
+def apply_fsdp(
+    model: nn.Module, fsdp_mesh: DeviceMesh, efsdp_mesh: DeviceMesh | None, param_dtype: torch.dtype = torch.float32
+) -> None:
     """Shard `model` in place; experts go on `efsdp_mesh` when EP has split them. A mesh may be 2-D (replicate,
     shard): HSDP (mesh.fsdp_meshes)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

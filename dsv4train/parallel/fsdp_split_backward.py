@@ -26,8 +26,13 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 # (object, attribute) pairs of FSDP2 internals used below; the test reads this list.
-PRIVATE_NAMES = (("FSDPState", "_state_ctx"), ("FSDPStateContext", "all_states"), ("FSDPState", "_fsdp_param_groups"),
-                 ("FSDPParamGroup", "post_backward"), ("FSDPState", "_root_post_backward_final_callback"))
+PRIVATE_NAMES = (
+    ("FSDPState", "_state_ctx"),
+    ("FSDPStateContext", "all_states"),
+    ("FSDPState", "_fsdp_param_groups"),
+    ("FSDPParamGroup", "post_backward"),
+    ("FSDPState", "_root_post_backward_final_callback"),
+)
 
 
 @contextmanager

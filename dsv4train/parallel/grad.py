@@ -21,8 +21,9 @@ def clip_grad_norm_(params, max_norm: float, stage_group=None) -> torch.Tensor:
         groups.setdefault(key, []).append(g)
     total = None
     for key, gs in groups.items():
-        sq = torch.stack([g.float().square().sum() if key is None else g.to_local().float().square().sum()
-                          for g in gs]).sum()
+        sq = torch.stack(
+            [g.float().square().sum() if key is None else g.to_local().float().square().sum() for g in gs]
+        ).sum()
         if key is not None:
             sq = _reduce_squares(sq, gs[0])
         total = sq if total is None else total + sq.to(total.device)

@@ -33,5 +33,7 @@ def fsdp_meshes(dims: ParallelDims, mesh: DeviceMesh) -> tuple[DeviceMesh, Devic
     r = dims.dp_replicate
     if r == 1:
         return mesh["fsdp"], mesh["efsdp"]
-    return tuple(mesh[name]._unflatten(0, (r, mesh[name].size() // r), (f"{name}_replicate", f"{name}_shard"))
-                 for name in ("fsdp", "efsdp"))
+    return tuple(
+        mesh[name]._unflatten(0, (r, mesh[name].size() // r), (f"{name}_replicate", f"{name}_shard"))
+        for name in ("fsdp", "efsdp")
+    )

@@ -23,8 +23,8 @@ its shard group or on none.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dsv4train.optim.combined import CombinedOptimizer
-from dsv4train.optim.muon import NS_COEFFICIENTS, Muon, apply_update, as_matrices, momentum_input, newton_schulz, \
-    resolve_ns_dtype
+from dsv4train.optim.muon import (
+    NS_COEFFICIENTS,
+    Muon,
+    apply_update,
+    as_matrices,
+    momentum_input,
+    newton_schulz,
+    resolve_ns_dtype,
+)
 
 __all__ = ["DistributedMuon", "make_distributed", "assign_owners", "ns_cost", "model_ns_costs"]
 
@@ -46,7 +53,7 @@ def ns_cost(n_mats: int, n: int, m: int) -> float:
     """Multiply-adds of one Newton–Schulz iteration on n_mats matrices [n, m] (on the wide side, a <= b):
     X X^T is a²b, (XX^T)² is a³, the product with X is a²b."""
     a, b = min(n, m), max(n, m)
-    return float(n_mats) * (2 * a * a * b + a ** 3)
+    return float(n_mats) * (2 * a * a * b + a**3)
 
 
 def model_ns_costs(model: torch.nn.Module, optim_cfg=None) -> list[float]:
@@ -60,8 +67,9 @@ def model_ns_costs(model: torch.nn.Module, optim_cfg=None) -> list[float]:
     for name, p in model.named_parameters():
         if labels.get(name, "").startswith("muon"):
             g = o_groups if labels[name] == "muon:row_blocks" else 1
-            costs.append(ns_cost(p.shape[0], p.shape[1], p.shape[2]) if p.ndim == 3
-                         else ns_cost(g, p.shape[0] // g, p.shape[1]))
+            costs.append(
+                ns_cost(p.shape[0], p.shape[1], p.shape[2]) if p.ndim == 3 else ns_cost(g, p.shape[0] // g, p.shape[1])
+            )
     return costs
 
 
@@ -114,6 +122,7 @@ def _slices(offset, shape) -> tuple[slice, ...]:
 @dataclass
 class _Shared:
     """A parameter orthogonalised on an owner: one replica of it, as all ranks of its shard group see it."""
+
     index: int  # position in the optimizer's flat parameter list (same model -> same list on every rank)
     ranks: tuple[int, ...]  # ranks (in the process group) whose blocks tile the whole tensor
     blocks: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (offset, shape) per rank in `ranks`
@@ -151,8 +160,14 @@ class DistributedMuon(Muon):
     a function of the parameter); only used to make `last_update_rms` global. Default: all of them (replicated).
     For EP-local expert stacks pass the number of ranks that hold the same experts (world / ep)."""
 
-    def __init__(self, params, *args, process_group: dist.ProcessGroup | None = None,
-                 plain_copies: int | Callable[[torch.Tensor], int] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        params,
+        *args,
+        process_group: dist.ProcessGroup | None = None,
+        plain_copies: int | Callable[[torch.Tensor], int] | None = None,
+        **kwargs,
+    ) -> None:
         self._pg = process_group
         self._plain_copies = plain_copies
         self._plan: _Plan | None = None
@@ -163,7 +178,7 @@ class DistributedMuon(Muon):
         super().__init__(params, *args, **kwargs)
 
     @classmethod
-    def from_muon(cls, muon: Muon, **kwargs) -> "DistributedMuon":
+    def from_muon(cls, muon: Muon, **kwargs) -> DistributedMuon:
         """A DistributedMuon over the same parameter groups (options included) and state as `muon`."""
         new = cls([dict(g) for g in muon.param_groups], **{**muon.defaults, **kwargs})
         new.state.update(muon.state)
@@ -204,8 +219,9 @@ class DistributedMuon(Muon):
     def _build_plan(self, signature: tuple) -> _Plan:
         world, me = dist.get_world_size(self._pg), dist.get_rank(self._pg)
         flat = self._flat()
-        plan = _Plan(signature=signature, rank=me, world=world,
-                     device=flat[0][0].device if flat else torch.device("cpu"))
+        plan = _Plan(
+            signature=signature, rank=me, world=world, device=flat[0][0].device if flat else torch.device("cpu")
+        )
         reports, my_local_cost = {}, 0.0
         for i, (p, group) in enumerate(flat):
             unit = _rows_per_matrix(p, group)
@@ -218,8 +234,10 @@ class DistributedMuon(Muon):
                 if len(ranks) > 1:
                     shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
                     if tuple(shape) != tuple(p.to_local().shape):
-                        raise RuntimeError(f"DistributedMuon: parameter {i}: local shard {tuple(p.to_local().shape)} "
-                                           f"is not the block {tuple(shape)} its placements {p.placements} give")
+                        raise RuntimeError(
+                            f"DistributedMuon: parameter {i}: local shard {tuple(p.to_local().shape)} "
+                            f"is not the block {tuple(shape)} its placements {p.placements} give"
+                        )
                     reports[i] = (ranks, tuple(offset), tuple(shape), tuple(p.shape), unit, str(p.dtype))
                     continue
                 local = p.to_local()
@@ -242,24 +260,29 @@ class DistributedMuon(Muon):
                     shared[key] = _Shared(i, ranks, (), gshape, 0.0)
                     blocks[key] = {}
                 elif shared[key].shape != gshape:
-                    raise RuntimeError(f"DistributedMuon: parameter {i} has global shape {gshape} on rank {r} but "
-                                       f"{shared[key].shape} on another rank of its shard group")
+                    raise RuntimeError(
+                        f"DistributedMuon: parameter {i} has global shape {gshape} on rank {r} but "
+                        f"{shared[key].shape} on another rank of its shard group"
+                    )
                 blocks[key][r] = (offset, shape, unit)
                 dtypes.add(dtype)
         jobs = []
         for key, e in shared.items():
             got = blocks[key]
             if set(got) != set(e.ranks):
-                raise RuntimeError(f"DistributedMuon: parameter {e.index}: ranks {sorted(got)} reported blocks but "
-                                   f"its shard group is {e.ranks}; is the optimizer's parameter list the same on all "
-                                   "ranks?")
+                raise RuntimeError(
+                    f"DistributedMuon: parameter {e.index}: ranks {sorted(got)} reported blocks but "
+                    f"its shard group is {e.ranks}; is the optimizer's parameter list the same on all "
+                    "ranks?"
+                )
             e.blocks = tuple(got[r][:2] for r in e.ranks)
             if sum(math.prod(s) for _, s in e.blocks) != math.prod(e.shape):
-                raise RuntimeError(f"DistributedMuon: the shards of parameter {e.index} do not tile its shape "
-                                   f"{e.shape}")
+                raise RuntimeError(
+                    f"DistributedMuon: the shards of parameter {e.index} do not tile its shape {e.shape}"
+                )
             unit = got[e.ranks[0]][2]
             if all(_holds_whole(o, s, e.shape, unit) for o, s in e.blocks):  # whole matrices on every rank: local
-                for r, (o, s) in zip(e.ranks, e.blocks):
+                for r, (_, s) in zip(e.ranks, e.blocks):
                     loads[r] += _matrices_cost(s, unit)
                 if me in e.ranks:
                     rows = e.blocks[e.ranks.index(me)][1][0]
@@ -285,8 +308,11 @@ class DistributedMuon(Muon):
         plan = self._plan
         if plan is None:
             return {}
-        return {"local": sorted(plan.local_rows), "owner": {e.index: e.owner for e in plan.member},
-                "loads": list(plan.loads)}
+        return {
+            "local": sorted(plan.local_rows),
+            "owner": {e.index: e.owner for e in plan.member},
+            "loads": list(plan.loads),
+        }
 
     # ---- the step
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
@@ -294,8 +320,9 @@ class DistributedMuon(Muon):
         is cut down to this rank's block."""
         buf = super()._momentum_buffer(p)
         if isinstance(p, DTensor) and not isinstance(buf, DTensor):
-            buf = self.state[p]["momentum_buffer"] = distribute_tensor(buf.to(p.device), p.device_mesh, p.placements,
-                                                                       src_data_rank=None)
+            buf = self.state[p]["momentum_buffer"] = distribute_tensor(
+                buf.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+            )
         return buf
 
     @torch.no_grad()
@@ -316,8 +343,9 @@ class DistributedMuon(Muon):
         for i, (p, group) in enumerate(flat):
             if p.grad is None:
                 continue
-            u[i] = momentum_input(_local(self._momentum_buffer(p), p), _local(p.grad, p), group["momentum"],
-                                  group["nesterov"])
+            u[i] = momentum_input(
+                _local(self._momentum_buffer(p), p), _local(p.grad, p), group["momentum"], group["nesterov"]
+            )
 
         local = [i for i in u if i in plan.local_rows]
         o = dict(zip(local, _orthogonalize([(u[i], flat[i][1], plan.local_rows[i]) for i in local])))
@@ -362,11 +390,15 @@ class DistributedMuon(Muon):
             x = torch.empty(e.shape, dtype=dtype, device=device)
             for r, (offset, shape) in zip(e.ranks, e.blocks):
                 n = math.prod(shape)
-                x[_slices(offset, shape)] = recv[cursor[r]:cursor[r] + n].view(shape)
+                x[_slices(offset, shape)] = recv[cursor[r] : cursor[r] + n].view(shape)
                 cursor[r] += n
             full[e.index] = x
-        ortho = _orthogonalize([(full[e.index], flat[e.index][1], None if len(e.shape) == 3
-                                 else flat[e.index][1]["row_blocks"]) for e in owned])
+        ortho = _orthogonalize(
+            [
+                (full[e.index], flat[e.index][1], None if len(e.shape) == 3 else flat[e.index][1]["row_blocks"])
+                for e in owned
+            ]
+        )
 
         # 3. scatter: back to each rank its block of every matrix I own (the gather's sizes, mirrored)
         back: list[list[torch.Tensor]] = [[] for _ in range(world)]
@@ -379,7 +411,7 @@ class DistributedMuon(Muon):
         for e in plan.member:
             if e.index in u:
                 n = u[e.index].numel()
-                out[e.index] = mine[cursor[e.owner]:cursor[e.owner] + n].view(u[e.index].shape).to(u[e.index].dtype)
+                out[e.index] = mine[cursor[e.owner] : cursor[e.owner] + n].view(u[e.index].shape).to(u[e.index].dtype)
                 cursor[e.owner] += n
         return out
 
@@ -411,8 +443,9 @@ def _matrices_cost(shape, unit: int) -> float:
     return ns_cost(shape[0] // unit, unit, shape[1])
 
 
-def _orthogonalize(jobs: list[tuple[torch.Tensor, dict, int | None]],
-                   max_elements: int = NS_BATCH_ELEMENTS) -> list[torch.Tensor]:
+def _orthogonalize(
+    jobs: list[tuple[torch.Tensor, dict, int | None]], max_elements: int = NS_BATCH_ELEMENTS
+) -> list[torch.Tensor]:
     """orthogonal_update of each (u, group, row_blocks) (row_blocks None for a stack), matrices of the same
     shape and NS settings batched into newton_schulz calls of at most max_elements input elements."""
     out: list[torch.Tensor | None] = [None] * len(jobs)
@@ -422,8 +455,14 @@ def _orthogonalize(jobs: list[tuple[torch.Tensor, dict, int | None]],
             out[k] = u.clone()
             continue
         mats = as_matrices(u, row_blocks or 1)
-        key = (tuple(mats.shape[1:]), u.dtype, u.device, group["ns"], resolve_ns_dtype(group["ns_dtype"], u.device),
-               group["eps"])
+        key = (
+            tuple(mats.shape[1:]),
+            u.dtype,
+            u.device,
+            group["ns"],
+            resolve_ns_dtype(group["ns_dtype"], u.device),
+            group["eps"],
+        )
         buckets.setdefault(key, []).append((k, mats))
     for (_, _, _, ns, ns_dtype, eps), items in buckets.items():
         for batch in _batches(items, max_elements):
@@ -450,8 +489,11 @@ def _batches(items: list[tuple[int, torch.Tensor]], max_elements: int):
         yield batch
 
 
-def make_distributed(optimizer, process_group: dist.ProcessGroup | None = None,
-                     plain_copies: int | Callable[[torch.Tensor], int] | None = None):
+def make_distributed(
+    optimizer,
+    process_group: dist.ProcessGroup | None = None,
+    plain_copies: int | Callable[[torch.Tensor], int] | None = None,
+):
     """Swap the Muon in a CombinedOptimizer (in place; also returned) or a bare Muon for a DistributedMuon over the
     same groups and state. Call it after the model is parallelized and before the first step."""
     kwargs = dict(process_group=process_group, plain_copies=plain_copies)

@@ -19,8 +19,13 @@ from dsv4train.parallel.pp import split_stages, stage_specs
 from dsv4train.parallel.tp import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
-                seq: WholeSequence = WHOLE_SEQUENCE) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype = torch.float32,
+    seq: WholeSequence = WHOLE_SEQUENCE,
+) -> nn.Module:
     """Shard `model` (built and initialised identically on every rank) in place for `dims` on `mesh` (the world
     mesh `build_mesh(dims)` made, `ParallelRuntime.mesh`); returns it, or with pp > 1 the part of it this rank's
     pipeline stages hold (the rest is dropped). `seq`: this rank's sequence shard under context parallelism
@@ -33,8 +38,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, param_dt
         apply_expert_parallel(model, mesh["ep"])
     if dims.cp > 1:
         if seq.shards != dims.cp:
-            raise ValueError(f"parallelize: cp = {dims.cp} needs this rank's sequence shard (ParallelRuntime.seq), "
-                             f"got one of {seq.shards} shards")
+            raise ValueError(
+                f"parallelize: cp = {dims.cp} needs this rank's sequence shard (ParallelRuntime.seq), "
+                f"got one of {seq.shards} shards"
+            )
         apply_context_parallel(model, seq)
     if dims.dp * dims.cp * dims.ep > 1:
         dense_mesh, expert_mesh = fsdp_meshes(dims, mesh)

@@ -134,8 +134,8 @@ def groups_of(dims: ParallelDims, rank: int) -> dict[str, list[int]]:
             ranks = groups[name]
             per = len(ranks) // dims.dp_replicate
             i = ranks.index(rank)
-            groups[f"{name}_shard"] = ranks[i // per * per: (i // per + 1) * per]
-            groups[f"{name}_replicate"] = ranks[i % per::per]
+            groups[f"{name}_shard"] = ranks[i // per * per : (i // per + 1) * per]
+            groups[f"{name}_replicate"] = ranks[i % per :: per]
     return groups
 
 
@@ -146,8 +146,7 @@ def fake_world(rank: int, world_size: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
-        raise RuntimeError("dsv4 plan needs no process group of its own; run it as a plain process, not under "
-                           "torchrun")
+        raise RuntimeError("dsv4 plan needs no process group of its own; run it as a plain process, not under torchrun")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
@@ -167,8 +166,10 @@ def check_mesh(dims: ParallelDims, ranks: list[int]) -> dict[int, dict]:
         with fake_world(r, dims.world_size), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # slicing flattened dims from the root mesh: a deprecation notice
             mesh = build_mesh(dims, "cpu")
-            got = {"coords": dict(zip(AXES, mesh.get_coordinate())),
-                   "groups": {name: mesh[name].mesh.flatten().tolist() for name in (*AXES, "fsdp", "efsdp")}}
+            got = {
+                "coords": dict(zip(AXES, mesh.get_coordinate())),
+                "groups": {name: mesh[name].mesh.flatten().tolist() for name in (*AXES, "fsdp", "efsdp")},
+            }
             if dims.dp_replicate > 1:
                 for hsdp in fsdp_meshes(dims, mesh):
                     for name in hsdp.mesh_dim_names:
@@ -186,10 +187,10 @@ class StageMemory:
     stage: int
     layers: list[int]
     holds: list[str]
-    elements: dict[str, float]         # local parameter elements by kind (dense_tp, dense, experts, adamw)
-    terms: dict[str, float]            # bytes per rank
-    in_flight: int = 1                 # pipeline chunks whose activations are alive at the rank's peak
-    activations: "RankActivations | None" = None
+    elements: dict[str, float]  # local parameter elements by kind (dense_tp, dense, experts, adamw)
+    terms: dict[str, float]  # bytes per rank
+    in_flight: int = 1  # pipeline chunks whose activations are alive at the rank's peak
+    activations: RankActivations | None = None
 
     @property
     def total(self) -> float:
@@ -205,12 +206,14 @@ def _layer_params(cfg, layer_type: str, hashed: bool) -> dict[str, float]:
     n = cfg.hc_mult
     mhc_static = 2 * ((2 + n) * n + 3)  # hc_*_base / hc_*_scale: AdamW vectors
     attn_tp = _attention_tp_split(cfg)
-    return {"dense_tp": sum(p[k] for k in TP_SPLIT) + attn_tp,
-            "dense": sum(v for k, v in p.items() if k not in TP_SPLIT + ("routed_experts", "router_buffers"))
-            - attn_tp,
-            "experts": p["routed_experts"],
-            "adamw": p["norms"] + mhc_static, "adamw_tp": 0,
-            "buffer_bytes": 8 * p["router_buffers"] if hashed else 4 * p["router_buffers"]}
+    return {
+        "dense_tp": sum(p[k] for k in TP_SPLIT) + attn_tp,
+        "dense": sum(v for k, v in p.items() if k not in TP_SPLIT + ("routed_experts", "router_buffers")) - attn_tp,
+        "experts": p["routed_experts"],
+        "adamw": p["norms"] + mhc_static,
+        "adamw_tp": 0,
+        "buffer_bytes": 8 * p["router_buffers"] if hashed else 4 * p["router_buffers"],
+    }
 
 
 def _attention_tp_split(cfg) -> int:
@@ -229,16 +232,16 @@ GROUPS = ("layers.mhc", "layers.norms", "layers.attention", "layers.moe", "mtp",
 class ActivationCase:
     """One forward on one rank, as the activation formula sees it."""
 
-    rows: float               # B: rows of this forward (a micro-batch, or one pipeline chunk of it)
-    seq: int                  # S: tokens of each row on this rank (train.seq_len / cp)
-    compute_bytes: int = 4    # a: 4 for fp32, 2 under bf16 autocast (precision=bf16, fp8, fp8_fp4)
-    indexer: str = "sparse"   # dense | sparse: how the CSA layers attend (the trainer runs dense first)
-    fp8: bool = False         # the emulated FP8 linears and experts (dsv4train/quant) replace autocast's
+    rows: float  # B: rows of this forward (a micro-batch, or one pipeline chunk of it)
+    seq: int  # S: tokens of each row on this rank (train.seq_len / cp)
+    compute_bytes: int = 4  # a: 4 for fp32, 2 under bf16 autocast (precision=bf16, fp8, fp8_fp4)
+    indexer: str = "sparse"  # dense | sparse: how the CSA layers attend (the trainer runs dense first)
+    fp8: bool = False  # the emulated FP8 linears and experts (dsv4train/quant) replace autocast's
     cp: int = 1
     tp: int = 1
     ep: int = 1
-    kl: bool = True           # the indexer KL loss is computed (training mode): its graph is saved
-    pipelined: bool = False   # a pipeline stage: the last stage hands fp32 logit copies to the schedule
+    kl: bool = True  # the indexer KL loss is computed (training mode): its graph is saved
+    pipelined: bool = False  # a pipeline stage: the last stage hands fp32 logit copies to the schedule
 
 
 def _norm(width: float) -> float:
@@ -250,14 +253,18 @@ def _norm(width: float) -> float:
 def _mhc_site(cfg, a: int, s_b: int) -> float:
     """Bytes per token of one mHC site (hc_weights + hc_collapse + hc_expand) on streams of dtype s_b."""
     n, nd, it = cfg.hc_mult, cfg.hc_mult * cfg.dim, cfg.hc_sinkhorn_iters
-    return (F32 * nd * (1 + (s_b != F32))            # the stream in fp32 (itself, or rms_normalize's copy) and
-                                                      # hc_collapse's own .float() copy of a low-precision stream
-            + (a != F32 or s_b != F32) * a * nd       # hc_expand's matmul operand in the compute dtype
-            + F32 + a * nd                            # flat rms: rsqrt, the normalised streams as linear input
-            + a * (2 + n) * n                         # mix = fn(flat): pre, post, res logits
-            + 3 * F32 * n + s_b * n                   # sigmoid(pre), pre, sigmoid(post), post (in s_b)
-            + F32 * (2 * it * n * n + (2 * it - 1) * n)  # Sinkhorn: softmax, each division's input + denominator
-            + a * n * n)                              # comb in the compute dtype (hc_expand's matmul)
+    return (
+        F32 * nd * (1 + (s_b != F32))  # the stream in fp32 (itself, or rms_normalize's copy) and
+        # hc_collapse's own .float() copy of a low-precision stream
+        + (a != F32 or s_b != F32) * a * nd  # hc_expand's matmul operand in the compute dtype
+        + F32
+        + a * nd  # flat rms: rsqrt, the normalised streams as linear input
+        + a * (2 + n) * n  # mix = fn(flat): pre, post, res logits
+        + 3 * F32 * n
+        + s_b * n  # sigmoid(pre), pre, sigmoid(post), post (in s_b)
+        + F32 * (2 * it * n * n + (2 * it - 1) * n)  # Sinkhorn: softmax, each division's input + denominator
+        + a * n * n
+    )  # comb in the compute dtype (hc_expand's matmul)
 
 
 def _compressor(cfg, c: ActivationCase, width: int, ratio: int, overlap: bool, s_b: int) -> float:
@@ -265,11 +272,13 @@ def _compressor(cfg, c: ActivationCase, width: int, ratio: int, overlap: bool, s
     a, B = c.compute_bytes, c.rows
     T_loc = c.seq // ratio
     P, w = T_loc * ratio, (2 if overlap else 1) * width
-    per_row = ((s_b != a) * 2 * a * cfg.dim * P       # wkv / wgate each cast the fp32 input under autocast
-               + F32 * w * P                          # softmax of the gates (fp32)
-               + (a != F32) * a * w * P               # the weights cast to the kv dtype
-               + a * w * P                            # kv (csa: with the previous block's half), saved by the product
-               + _norm(width) * T_loc)                # norm of the pooled entries
+    per_row = (
+        (s_b != a) * 2 * a * cfg.dim * P  # wkv / wgate each cast the fp32 input under autocast
+        + F32 * w * P  # softmax of the gates (fp32)
+        + (a != F32) * a * w * P  # the weights cast to the kv dtype
+        + a * w * P  # kv (csa: with the previous block's half), saved by the product
+        + _norm(width) * T_loc
+    )  # norm of the pooled entries
     return B * per_row + F32 * cfg.rope_head_dim * T_loc  # cos, sin of the entry positions (no batch dim)
 
 
@@ -278,33 +287,44 @@ def _attention(cfg, layer_type: str, c: ActivationCase, s_b: int) -> float:
     and its KL loss. The output (wo_b) is counted by mHC, which saves it."""
     a, B, S, tp = c.compute_bytes, c.rows, c.seq, c.tp
     d, c_h, H, W = cfg.dim, cfg.head_dim, cfg.n_heads // tp, cfg.window_size
-    Sw = -(-S // W) * W                               # queries padded to whole window blocks
+    Sw = -(-S // W) * W  # queries padded to whole window blocks
     m = cfg.compress_ratio(layer_type)
-    T = c.cp * (S // m) if m else 0                   # compressed entries visible to this rank (all shards')
+    T = c.cp * (S // m) if m else 0  # compressed entries visible to this rank (all shards')
     comp = T > 0
     K = (T if c.indexer == "dense" else min(cfg.index_topk, T)) if layer_type == "csa" else T
-    L = 2 * W + (K if comp else 0) + 1                # softmax columns: window, compressed, sink
+    L = 2 * W + (K if comp else 0) + 1  # softmax columns: window, compressed, sink
     per_token = (
-        (s_b if c.fp8 or s_b == a else 2 * a) * d     # input: shared (FP8 saves it as it is), or wq_a's and
-                                                      # wkv's own autocast copies
-        + _norm(cfg.q_lora_rank) + a * cfg.q_lora_rank  # q_norm and its output (wq_b's input)
-        + a * H * c_h + (a != F32) * F32 * H * c_h    # wq_b out (+ its fp32 copy for the head norm)
-        + F32 * H + (a != F32) * a * H                # head-norm rsqrt (+ its cast)
-        + comp * a * H * c_h                          # q after RoPE, used against the compressed keys
-        + _norm(c_h)                                  # kv_norm
-        + F32 * H * L + (comp and a != F32) * a * H * L  # fp32 probabilities (+ their cast, p_comp's storage)
-        + a * H * c_h                                 # output after inverse RoPE (grouped o-projection input)
-        + a * (cfg.o_groups // tp) * cfg.o_lora_rank)  # grouped low-rank output, wo_b's input
-    per_row = per_token * S + (a * H * c_h            # queries padded into window blocks
-                               + a * 2 * c_h          # keys of blocks b-1, b
-                               + a * H * 2 * W) * Sw  # window probabilities, padded
-    shared = F32 * 1.5 * cfg.rope_head_dim * S        # cos, sin, -sin of the positions (no batch dim)
+        (s_b if c.fp8 or s_b == a else 2 * a) * d  # input: shared (FP8 saves it as it is), or wq_a's and
+        # wkv's own autocast copies
+        + _norm(cfg.q_lora_rank)
+        + a * cfg.q_lora_rank  # q_norm and its output (wq_b's input)
+        + a * H * c_h
+        + (a != F32) * F32 * H * c_h  # wq_b out (+ its fp32 copy for the head norm)
+        + F32 * H
+        + (a != F32) * a * H  # head-norm rsqrt (+ its cast)
+        + comp * a * H * c_h  # q after RoPE, used against the compressed keys
+        + _norm(c_h)  # kv_norm
+        + F32 * H * L
+        + (comp and a != F32) * a * H * L  # fp32 probabilities (+ their cast, p_comp's storage)
+        + a * H * c_h  # output after inverse RoPE (grouped o-projection input)
+        + a * (cfg.o_groups // tp) * cfg.o_lora_rank
+    )  # grouped low-rank output, wo_b's input
+    per_row = (
+        per_token * S
+        + (
+            a * H * c_h  # queries padded into window blocks
+            + a * 2 * c_h  # keys of blocks b-1, b
+            + a * H * 2 * W
+        )
+        * Sw
+    )  # window probabilities, padded
+    shared = F32 * 1.5 * cfg.rope_head_dim * S  # cos, sin, -sin of the positions (no batch dim)
     if comp:
         if layer_type == "csa" and c.indexer == "sparse":
             per_row += (a * c_h + I64 + BOOL) * K * S  # gathered top-k keys, their flat index, the -1 mask
         else:
-            per_row += a * c_h * T                    # all compressed keys
-            shared += BOOL * S * T                    # the causal mask [S, 1, T]
+            per_row += a * c_h * T  # all compressed keys
+            shared += BOOL * S * T  # the causal mask [S, 1, T]
         total = B * per_row + shared + _compressor(cfg, c, c_h, m, layer_type == "csa", s_b)
         if layer_type == "csa" and c.kl:
             total += _indexer(cfg, c, T, K, s_b)
@@ -316,15 +336,20 @@ def _indexer(cfg, c: ActivationCase, T: int, K: int, s_b: int) -> float:
     """Lightning indexer scores over all T entries (its graph exists for the KL loss) and the KL loss."""
     a, B, S = c.compute_bytes, c.rows, c.seq
     Ih, Id = cfg.index_n_heads, cfg.index_head_dim
-    per_token = ((s_b != a) * a * cfg.dim              # weights_proj's cast of the input
-                 + a * Ih * Id + a * Ih                # queries after RoPE, head weights (einsum operands)
-                 + 2 * a * Ih * T)                     # ReLU(q·k) and its scaled copy [S, I_h, T]
-    J = T if c.indexer == "dense" else K               # slots the KL compares
-    per_token += ((F32 + F32 + 2 * BOOL) * J           # log-softmax, teacher p, invalid mask, p > 0
-                  + 2 * BOOL)                          # rows with any entry (where, masked_fill)
+    per_token = (
+        (s_b != a) * a * cfg.dim  # weights_proj's cast of the input
+        + a * Ih * Id
+        + a * Ih  # queries after RoPE, head weights (einsum operands)
+        + 2 * a * Ih * T
+    )  # ReLU(q·k) and its scaled copy [S, I_h, T]
+    J = T if c.indexer == "dense" else K  # slots the KL compares
+    per_token += (
+        (F32 + F32 + 2 * BOOL) * J  # log-softmax, teacher p, invalid mask, p > 0
+        + 2 * BOOL
+    )  # rows with any entry (where, masked_fill)
     if c.indexer == "sparse":
-        per_token += a * T + I64 * K                   # gather of the picked scores: all scores, the index
-    keys = a * Id * T                                  # the keys [T, I_d] (one batched GEMM with the queries)
+        per_token += a * T + I64 * K  # gather of the picked scores: all scores, the index
+    keys = a * Id * T  # the keys [T, I_d] (one batched GEMM with the queries)
     return B * (per_token * S + keys) + I64 + _compressor(cfg, c, Id, cfg.csa_ratio, True, s_b)  # + KL's count
 
 
@@ -335,31 +360,32 @@ def _moe(cfg, hashed: bool, c: ActivationCase, s_b: int) -> float:
     d, E, k, I = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim
     shared = cfg.n_shared_experts
     if a == F32:
-        inputs = F32 * d                               # one input shared by the gate and the shared expert
+        inputs = F32 * d  # one input shared by the gate and the shared expert
     elif c.fp8:
-        inputs = a * d + shared * s_b * d              # gate's cast; FP8 w1/w3 save their input as it is
+        inputs = a * d + shared * s_b * d  # gate's cast; FP8 w1/w3 save their input as it is
     else:
         inputs = a * d + shared * (a if s_b == a else 2 * a) * d  # gate's cast; w1/w3 its own casts (or shared)
-    router = 2 * a * E + I64 * k + a * k + a + (not hashed) * a   # softplus in/sqrt out, picks, weights, norm
-    e = s_b                                            # expert rows come from the norm output: its dtype
-    if c.fp8:                                          # FP8 GEMMs emit the compute dtype
+    router = 2 * a * E + I64 * k + a * k + a + (not hashed) * a  # softplus in/sqrt out, picks, weights, norm
+    e = s_b  # expert rows come from the norm output: its dtype
+    if c.fp8:  # FP8 GEMMs emit the compute dtype
         row = e * d + 6 * a * I + a * d + a + e * d
     else:
-        row = e * (3 * d + 6 * I) + e                  # rows in, SwiGLU (5) + w2 input, out, weighted out, weight
-    row += 2 * I64 + (c.ep > 1) * 2 * I64              # token and sort order (+ the EP arrival sort and inverse)
-    offsets = 0 if c.fp8 else 3 * 4 * E // c.ep        # int32 group offsets of the three grouped GEMMs
+        row = e * (3 * d + 6 * I) + e  # rows in, SwiGLU (5) + w2 input, out, weighted out, weight
+    row += 2 * I64 + (c.ep > 1) * 2 * I64  # token and sort order (+ the EP arrival sort and inverse)
+    offsets = 0 if c.fp8 else 3 * 4 * E // c.ep  # int32 group offsets of the three grouped GEMMs
     return N * (inputs + router + k * row + shared * 6 * a * I / c.tp) + (not hashed) * F32 * E * c.rows + offsets
 
 
-def block_activation_bytes(cfg, layer_type: str, hashed: bool, c: ActivationCase,
-                           s_b: int = F32) -> dict[str, float]:
+def block_activation_bytes(cfg, layer_type: str, hashed: bool, c: ActivationCase, s_b: int = F32) -> dict[str, float]:
     """Saved-for-backward bytes of one block by group. s_b: dtype of its streams (fp32, but the MTP block's
     streams are made by its compute-dtype projections)."""
     N, d, a = c.rows * c.seq, cfg.dim, c.compute_bytes
-    return {"mhc": N * (2 * _mhc_site(cfg, a, s_b) + a * d + s_b * d),  # two sites, attention and FFN outputs
-            "norms": N * 2 * _norm(d),
-            "attention": _attention(cfg, layer_type, c, s_b),
-            "moe": _moe(cfg, hashed, c, s_b)}
+    return {
+        "mhc": N * (2 * _mhc_site(cfg, a, s_b) + a * d + s_b * d),  # two sites, attention and FFN outputs
+        "norms": N * 2 * _norm(d),
+        "attention": _attention(cfg, layer_type, c, s_b),
+        "moe": _moe(cfg, hashed, c, s_b),
+    }
 
 
 def _hc_head(cfg, a: int, s: int) -> float:
@@ -376,19 +402,19 @@ def head_activation_bytes(cfg, c: ActivationCase, first: bool = True, last: bool
     mtp = cfg.n_mtp_layers > 0
     out = {"head": 0.0, "mtp": 0.0}
     if first:
-        out["head"] += I64 * B * (S_all + 1)           # the rows the ids and labels are views of
+        out["head"] += I64 * B * (S_all + 1)  # the rows the ids and labels are views of
     if not last:
-        if c.pipelined:                                # the stage's outputs, held by the schedule for backward
+        if c.pipelined:  # the stage's outputs, held by the schedule for backward
             out["head"] += N * F32 * (n * d + mtp * d)
         return out
-    logits = F32 if c.pipelined else a                 # held by the step (a pipeline: the fp32 copies)
+    logits = F32 if c.pipelined else a  # held by the step (a pipeline: the fp32 copies)
     out["head"] += N * (_hc_head(cfg, a, F32) + (logits + F32) * V)
-    out["head"] += (B > 1) * I64 * N                   # labels, a strided view of the rows: flattened by a copy
+    out["head"] += (B > 1) * I64 * N  # labels, a strided view of the rows: flattened by a copy
     if mtp:
         out["head"] += N * (_hc_head(cfg, a, a) + (logits + F32) * V)
         out["head"] += I64 * (N if B > 1 and c.cp > 1 else B * S_all)  # MTP targets (their piece, copied)
-        proj = F32 if c.fp8 else a                     # h_proj / e_proj inputs (FP8 saves them as they are)
-        fusion = F32 * n * d + F32 * n + proj * n * d + _norm(d) + proj * d   # hnorm, enorm, projections
+        proj = F32 if c.fp8 else a  # h_proj / e_proj inputs (FP8 saves them as they are)
+        fusion = F32 * n * d + F32 * n + proj * n * d + _norm(d) + proj * d  # hnorm, enorm, projections
         block = block_activation_bytes(cfg, "swa", False, c, s_b=a)
         out["mtp"] += N * fusion + sum(block.values())
     return out
@@ -405,12 +431,16 @@ def _weight_numels(cfg, layer_type: str, hashed: bool, tp: int, ep: int) -> dict
     fp8 = wq_a + wq_b + wkv + wo_b + shared
     other = wo_a + 2 * (2 + n) * n * n * d + cfg.n_routed_experts * d  # wo_a (cast per use), hc fns, gate
     if layer_type != "swa":
-        other += 2 * d * (2 if layer_type == "csa" else 1) * c          # compressor wkv, wgate
+        other += 2 * d * (2 if layer_type == "csa" else 1) * c  # compressor wkv, wgate
     # The indexer's inputs are detached, so its matmuls save no weight (no input gradient to compute), except
     # FP8's wq_b, whose autograd Function saves the dequantised weight anyway.
     indexer_fp8 = q * cfg.index_n_heads * cfg.index_head_dim if layer_type == "csa" else 0
-    return {"fp8": fp8, "linear": fp8 + other, "experts": cfg.n_routed_experts // ep * 3 * d * I,
-            "indexer_fp8": indexer_fp8}
+    return {
+        "fp8": fp8,
+        "linear": fp8 + other,
+        "experts": cfg.n_routed_experts // ep * 3 * d * I,
+        "indexer_fp8": indexer_fp8,
+    }
 
 
 def weight_copy_bytes(cfg, c: ActivationCase, layers: list[int], first: bool, last: bool) -> float:
@@ -433,15 +463,16 @@ def weight_copy_bytes(cfg, c: ActivationCase, layers: list[int], first: bool, la
             total += a * (w["linear"] + is_mtp * w["experts"])  # a != F32 here
     if last:
         n, d = cfg.hc_mult, cfg.dim
-        hc = (1 + (cfg.n_mtp_layers > 0)) * n * n * d                   # hc_head_fn of the model (and MTP)
-        total += (a != F32) * a * (cfg.vocab_size * d / c.tp + hc)     # head (one copy for both heads)
+        hc = (1 + (cfg.n_mtp_layers > 0)) * n * n * d  # hc_head_fn of the model (and MTP)
+        total += (a != F32) * a * (cfg.vocab_size * d / c.tp + hc)  # head (one copy for both heads)
         if cfg.n_mtp_layers:
-            total += (F32 if c.fp8 else (a != F32) * a) * 2 * d * d      # e_proj, h_proj
+            total += (F32 if c.fp8 else (a != F32) * a) * 2 * d * d  # e_proj, h_proj
     return total
 
 
-def activation_bytes(cfg, c: ActivationCase, layers: list[int] | None = None, first: bool = True,
-                     last: bool = True) -> dict[str, float]:
+def activation_bytes(
+    cfg, c: ActivationCase, layers: list[int] | None = None, first: bool = True, last: bool = True
+) -> dict[str, float]:
     """Bytes one forward keeps for its backward on one rank, by group (GROUPS; the names the measurement in
     dsv4train/testing/activation_memory.py groups by): the blocks `layers` (default: all), and the embedding
     side (`first`) and the head, losses and MTP (`last`) if this rank holds them."""
@@ -458,12 +489,12 @@ def activation_bytes(cfg, c: ActivationCase, layers: list[int] | None = None, fi
 
 @dataclass
 class RankActivations:
-    bytes: float                       # activations alive at the rank's peak (weight copies apart)
-    weight_copies: float               # weight copies in the compute dtype / dequantised FP8 weights
-    groups: dict[str, float]           # `bytes` by group, at the peak
-    chunks_alive: int                  # forwards (micro-batch, or pipeline chunks) alive at the peak
-    indexer: str                       # the CSA mode of the peak (dense during train.dense_indexer_steps)
-    rows: float                        # rows of one forward (micro_batch_size / pp chunks)
+    bytes: float  # activations alive at the rank's peak (weight copies apart)
+    weight_copies: float  # weight copies in the compute dtype / dequantised FP8 weights
+    groups: dict[str, float]  # `bytes` by group, at the peak
+    chunks_alive: int  # forwards (micro-batch, or pipeline chunks) alive at the peak
+    indexer: str  # the CSA mode of the peak (dense during train.dense_indexer_steps)
+    rows: float  # rows of one forward (micro_batch_size / pp chunks)
 
 
 def _rank_stages(dims: ParallelDims, pp_rank: int, n_layers: int) -> list[tuple[int, list[int], bool, bool]]:
@@ -536,15 +567,22 @@ def rank_activations(cfg: PretrainConfig, dims: ParallelDims, pp_rank: int = 0) 
     among those the run uses (dense during train.dense_indexer_steps, then sparse)."""
     m, t, prec = cfg.model, cfg.train, cfg.precision
     a = 2 if prec.compute_dtype == "bfloat16" else 4
-    modes = (["dense"] if t.dense_indexer_steps > 0 else []) + (["sparse"] if t.steps > t.dense_indexer_steps
-                                                                else [])
+    modes = (["dense"] if t.dense_indexer_steps > 0 else []) + (["sparse"] if t.steps > t.dense_indexer_steps else [])
     stages = _rank_stages(dims, pp_rank, m.n_layers)
     chunks = dims.microbatches if dims.pp > 1 else 1
     best = None
     for mode in modes or ["sparse"]:
-        case = ActivationCase(rows=t.micro_batch_size / chunks, seq=t.seq_len // dims.cp, compute_bytes=a,
-                              indexer=mode, fp8=prec.fp8, cp=dims.cp, tp=dims.tp, ep=dims.ep,
-                              pipelined=dims.pp > 1)
+        case = ActivationCase(
+            rows=t.micro_batch_size / chunks,
+            seq=t.seq_len // dims.cp,
+            compute_bytes=a,
+            indexer=mode,
+            fp8=prec.fp8,
+            cp=dims.cp,
+            tp=dims.tp,
+            ep=dims.ep,
+            pipelined=dims.pp > 1,
+        )
         per_stage = {i: activation_bytes(m, case, layers, first, last) for i, layers, first, last in stages}
         copies = sum(g.pop("weight copies") for g in per_stage.values())
         bytes_of = {i: sum(g.values()) for i, g in per_stage.items()}
@@ -625,8 +663,14 @@ def stage_memory(cfg: PretrainConfig, dims: ParallelDims) -> list[StageMemory]:
             "activations": acts.bytes,
             "weight copies (bf16/FP8)": acts.weight_copies,
         }
-        sizes = {"dense_tp": el["dense_tp"], "dense": el["dense"], "experts": el["experts"], "local": local,
-                 "muon_local": muon_local, "adamw_local": adamw_local}
+        sizes = {
+            "dense_tp": el["dense_tp"],
+            "dense": el["dense"],
+            "experts": el["experts"],
+            "local": local,
+            "muon_local": muon_local,
+            "adamw_local": adamw_local,
+        }
         out.append(StageMemory(s, list(layers), holds, sizes, terms, acts.chunks_alive, acts))
     total = sum(x.elements["dense_tp"] + x.elements["dense"] + x.elements["experts"] for x in out)
     assert abs(total - counts.total_with_mtp + counts.router_buffers) < 1, "stage split lost parameters"
@@ -645,7 +689,7 @@ class Plan:
     compute_dtype: str
     optimizer: str
     stages: list[StageMemory]
-    rows: list[dict]                    # one per (pp, ep, tp): the dp·cp ranks that hold the same weights
+    rows: list[dict]  # one per (pp, ep, tp): the dp·cp ranks that hold the same weights
     mesh_checked: dict[int, dict] = field(default_factory=dict)
     gpu_memory_gb: float | None = None
 
@@ -658,20 +702,43 @@ class Plan:
         return {
             "layout": {**{a: getattr(self.dims, a) for a in AXES}, "dp_replicate": self.dims.dp_replicate},
             "world_size": self.dims.world_size,
-            "describe": self.dims.describe(), "model": self.model, "params_total_with_mtp": self.params_total,
-            "train": {"seq_len": self.seq_len, "micro_batch_size": self.micro_batch_size,
-                      "grad_accum": self.grad_accum, "compute_dtype": self.compute_dtype},
+            "describe": self.dims.describe(),
+            "model": self.model,
+            "params_total_with_mtp": self.params_total,
+            "train": {
+                "seq_len": self.seq_len,
+                "micro_batch_size": self.micro_batch_size,
+                "grad_accum": self.grad_accum,
+                "compute_dtype": self.compute_dtype,
+            },
             "optimizer": self.optimizer,
-            "groups": {"fsdp": self.dims.dp * self.dims.cp * self.dims.ep, "efsdp": self.dims.dp * self.dims.cp,
-                       "fsdp_shards": self.dims.fsdp_shards, "efsdp_shards": self.dims.expert_fsdp_shards,
-                       "data_ranks": self.dims.data_ranks},
-            "stages": [{"stage": s.stage, "layers": s.layers, "holds": s.holds, "in_flight": s.in_flight,
-                        "param_elements": s.elements, "memory_gb": {k: v / GB for k, v in s.terms.items()},
-                        "total_gb": s.total / GB, "biggest": s.biggest,
-                        "activations": None if s.activations is None else {
-                            "indexer": s.activations.indexer, "rows_per_forward": s.activations.rows,
-                            "groups_gb": {k: v / GB for k, v in s.activations.groups.items()}}}
-                       for s in self.stages],
+            "groups": {
+                "fsdp": self.dims.dp * self.dims.cp * self.dims.ep,
+                "efsdp": self.dims.dp * self.dims.cp,
+                "fsdp_shards": self.dims.fsdp_shards,
+                "efsdp_shards": self.dims.expert_fsdp_shards,
+                "data_ranks": self.dims.data_ranks,
+            },
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "layers": s.layers,
+                    "holds": s.holds,
+                    "in_flight": s.in_flight,
+                    "param_elements": s.elements,
+                    "memory_gb": {k: v / GB for k, v in s.terms.items()},
+                    "total_gb": s.total / GB,
+                    "biggest": s.biggest,
+                    "activations": None
+                    if s.activations is None
+                    else {
+                        "indexer": s.activations.indexer,
+                        "rows_per_forward": s.activations.rows,
+                        "groups_gb": {k: v / GB for k, v in s.activations.groups.items()},
+                    },
+                }
+                for s in self.stages
+            ],
             "placement": self.rows,
             "mesh_checked_ranks": sorted(self.mesh_checked),
             "peak": {"stage": peak.stage, "total_gb": peak.total / GB, "biggest": peak.biggest},
@@ -688,14 +755,22 @@ def placement_rows(dims: ParallelDims, n_layers: int, n_experts: int) -> list[di
         for e in range(dims.ep):
             for t in range(dims.tp):
                 ranks = g[p, :, :, e, t].flatten().tolist()
-                rows.append({"ranks": ranks, "pp": p, "ep": e, "tp": t, "layers": list(stages[p]),
-                             "experts": list(expert_range(n_experts, dims.ep, e)),
-                             "fsdp_group": g[p, :, :, :, t].flatten().tolist(), "efsdp_group": ranks})
+                rows.append(
+                    {
+                        "ranks": ranks,
+                        "pp": p,
+                        "ep": e,
+                        "tp": t,
+                        "layers": list(stages[p]),
+                        "experts": list(expert_range(n_experts, dims.ep, e)),
+                        "fsdp_group": g[p, :, :, :, t].flatten().tolist(),
+                        "efsdp_group": ranks,
+                    }
+                )
     return rows
 
 
-def make_plan(cfg: PretrainConfig, check_ranks: list[int] | None = None,
-              gpu_memory_gb: float | None = None) -> Plan:
+def make_plan(cfg: PretrainConfig, check_ranks: list[int] | None = None, gpu_memory_gb: float | None = None) -> Plan:
     """Validate the layout for a world of exactly its own size, place everything, check the placement against the
     DeviceMesh built on a fake process group for `check_ranks` (default: the first and the last rank) and
     estimate the memory per rank."""
@@ -707,15 +782,42 @@ def make_plan(cfg: PretrainConfig, check_ranks: list[int] | None = None,
     if bad:
         raise ConfigError(f"--check-ranks: {bad} outside 0..{dims.world_size - 1}")
     counts = param_counts(cfg.model)
-    return Plan(dims=dims, model=cfg.model.name, params_total=counts.total_with_mtp, seq_len=t.seq_len,
-                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                compute_dtype=cfg.precision.compute_dtype, optimizer=cfg.optim.name,
-                stages=stage_memory(cfg, dims), rows=placement_rows(dims, cfg.model.n_layers,
-                                                                    cfg.model.n_routed_experts),
-                mesh_checked=check_mesh(dims, ranks), gpu_memory_gb=gpu_memory_gb)
+    return Plan(
+        dims=dims,
+        model=cfg.model.name,
+        params_total=counts.total_with_mtp,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        compute_dtype=cfg.precision.compute_dtype,
+        optimizer=cfg.optim.name,
+        stages=stage_memory(cfg, dims),
+        rows=placement_rows(dims, cfg.model.n_layers, cfg.model.n_routed_experts),
+        mesh_checked=check_mesh(dims, ranks),
+        gpu_memory_gb=gpu_memory_gb,
+    )
 
 
-__all__ = ["Plan", "StageMemory", "make_plan", "stage_layers", "expert_range", "coords_of", "groups_of",
-           "fake_world", "check_mesh", "stage_memory", "placement_rows", "ActivationCase", "activation_bytes",
-           "block_activation_bytes", "head_activation_bytes", "weight_copy_bytes", "rank_activations",
-           "RankActivations", "schedule_actions", "peak_in_flight", "GROUPS"]
+__all__ = [
+    "Plan",
+    "StageMemory",
+    "make_plan",
+    "stage_layers",
+    "expert_range",
+    "coords_of",
+    "groups_of",
+    "fake_world",
+    "check_mesh",
+    "stage_memory",
+    "placement_rows",
+    "ActivationCase",
+    "activation_bytes",
+    "block_activation_bytes",
+    "head_activation_bytes",
+    "weight_copy_bytes",
+    "rank_activations",
+    "RankActivations",
+    "schedule_actions",
+    "peak_in_flight",
+    "GROUPS",
+]

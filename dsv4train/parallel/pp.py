@@ -124,8 +124,11 @@ def chunk_parameters(model: DSV4Model, part: LayerSlice):
     Read on every call: FSDP swaps the parameter objects between sharded and gathered."""
     prefixes = tuple(f"layers.{i}." for i in part.layers)
     for name, p in model.named_parameters():
-        if name.startswith(prefixes) or (part.first and name.startswith("embed.")) or \
-                (part.last and not name.startswith(("layers.", "embed."))):
+        if (
+            name.startswith(prefixes)
+            or (part.first and name.startswith("embed."))
+            or (part.last and not name.startswith(("layers.", "embed.")))
+        ):
             yield name, p
 
 
@@ -167,8 +170,14 @@ class Pipeline:
     """The schedule of one rank and the bookkeeping around it. `train` / `evaluate` run one micro-batch (split into
     `dims.microbatches` chunks) through all stages; every rank of the pp group calls them with the same rows."""
 
-    def __init__(self, model: DSV4Model, specs: list[StageSpec], dims: ParallelDims, group: dist.ProcessGroup,
-                 device: torch.device):
+    def __init__(
+        self,
+        model: DSV4Model,
+        specs: list[StageSpec],
+        dims: ParallelDims,
+        group: dist.ProcessGroup,
+        device: torch.device,
+    ):
         self.model, self.specs, self.dims, self.group, self.device = model, specs, dims, group, device
         self.schedule = None
         self._shape: tuple[int, int] | None = None
@@ -218,8 +227,9 @@ class Pipeline:
         lo = self._loss_fn(out, chunk)
         rec = self._record
         rec.n_targets += int(lo.n_targets)
-        rec.sums[:-2] += torch.stack([lo.loss_sum.detach(), *(lo.metrics[k] for k in self._loss_fn.metric_names)]
-                                     ).double().cpu()
+        rec.sums[:-2] += (
+            torch.stack([lo.loss_sum.detach(), *(lo.metrics[k] for k in self._loss_fn.metric_names)]).double().cpu()
+        )
         return lo.loss_sum * self._scale
 
     # ------------------------------------------------------------------ building the schedule
@@ -227,8 +237,9 @@ class Pipeline:
         cfg, with_mtp = self.model.cfg, self.model.cfg.n_mtp_layers > 0
         meta = dict(device="meta", requires_grad=True)  # what the stages send carries gradient back
         ids = (torch.empty(b, s, dtype=torch.long, device="meta"),) * (2 if with_mtp else 1)
-        acts = (torch.empty(b, s, cfg.hc_mult, cfg.dim, **meta),) + \
-            ((torch.empty(b, s, cfg.dim, **meta),) if with_mtp else ())
+        acts = (torch.empty(b, s, cfg.hc_mult, cfg.dim, **meta),) + (
+            (torch.empty(b, s, cfg.dim, **meta),) if with_mtp else ()
+        )
         logits = (torch.empty(b, s, cfg.vocab_size, **meta),) * (2 if with_mtp else 1)
         return (ids if part.first else acts), (logits if part.last else acts)
 
@@ -240,8 +251,17 @@ class Pipeline:
         for k, spec in enumerate(self.specs):
             inputs, outputs = self._metas(spec.part, rows // m, seq)
             chunk = _StageChunk(partial(self._stage_forward, k), partial(chunk_parameters, self.model, spec.part))
-            stages.append(PipelineStage(chunk, spec.index, self.dims.n_stages, self.device,
-                                        input_args=inputs, output_args=outputs, group=self.group))
+            stages.append(
+                PipelineStage(
+                    chunk,
+                    spec.index,
+                    self.dims.n_stages,
+                    self.device,
+                    input_args=inputs,
+                    output_args=outputs,
+                    group=self.group,
+                )
+            )
         cls = _SCHEDULES[self.dims.pp_schedule]
         self.schedule = cls(stages[0] if len(stages) == 1 else stages, m, loss_fn=self._loss, scale_grads=False)
         self._shape = (rows, seq)
@@ -252,8 +272,14 @@ class Pipeline:
         return (ids, batch["next_ids"]) if self.model.cfg.n_mtp_layers else (ids,)
 
     # ------------------------------------------------------------------ one micro-batch
-    def train(self, batch: dict[str, torch.Tensor], row_targets_B: torch.Tensor, loss_fn, scale: float,
-              aux_weights: tuple[float, float]) -> MicroBatchRecord:
+    def train(
+        self,
+        batch: dict[str, torch.Tensor],
+        row_targets_B: torch.Tensor,
+        loss_fn,
+        scale: float,
+        aux_weights: tuple[float, float],
+    ) -> MicroBatchRecord:
         """Forward and backward of one micro-batch (this rank's shard of its rows, every key [B, S]; `row_targets_B`
         the target tokens of each row, which weigh the stages' aux losses); gradients accumulate, scaled by `scale`
         (R / N). Returns what this rank recorded (see MicroBatchRecord)."""
@@ -265,13 +291,16 @@ class Pipeline:
         self._row_targets = row_targets_B
         self._record = MicroBatchRecord(
             sums=torch.zeros(3 + len(loss_fn.metric_names), dtype=torch.float64),
-            counts=torch.zeros(cfg.n_layers + cfg.n_mtp_layers, cfg.n_routed_experts, dtype=torch.long,
-                               device=ids.device))
+            counts=torch.zeros(
+                cfg.n_layers + cfg.n_mtp_layers, cfg.n_routed_experts, dtype=torch.long, device=ids.device
+            ),
+        )
         rows = torch.arange(ids.shape[0], device=ids.device)
         args = self._first_stage_args(batch) if any(s.part.first for s in self.specs) else ()
         with split_backward_gradient_sync(self.model, enabled=self.dims.pp_schedule == "dualpipev"):
-            self.schedule.step(*args, target=rows if self.holds_last_stage else None, input_ids=ids, rows=rows,
-                               return_outputs=False)
+            self.schedule.step(
+                *args, target=rows if self.holds_last_stage else None, input_ids=ids, rows=rows, return_outputs=False
+            )
         record, self._batch, self._loss_fn = self._record, {}, None
         return record
 
@@ -289,16 +318,21 @@ class Pipeline:
             if part.first:
                 acts = self._first_stage_args(batch)
             elif owner[spec.index - 1] != me:
-                acts = tuple(torch.empty(m.shape, dtype=m.dtype, device=ids.device)
-                             for m in self._metas(part, *ids.shape)[0])
+                acts = tuple(
+                    torch.empty(m.shape, dtype=m.dtype, device=ids.device) for m in self._metas(part, *ids.shape)[0]
+                )
                 for t in acts:
                     dist.recv(t, group_src=owner[spec.index - 1], group=self.group)
             outs = self._stage_forward(k, *acts, input_ids=ids, rows=torch.arange(ids.shape[0]))
             if part.last:
                 zero = outs[0].new_zeros(())
                 lo = loss_fn(ModelOutput(outs[0], outs[1] if len(outs) > 1 else None, zero, zero, zero), batch)
-                result = torch.stack([torch.as_tensor(lo.n_targets).double().cpu(),
-                                      *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names)])
+                result = torch.stack(
+                    [
+                        torch.as_tensor(lo.n_targets).double().cpu(),
+                        *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names),
+                    ]
+                )
             elif owner[spec.index + 1] != me:
                 for t in outs:
                     dist.send(t.contiguous(), group_dst=owner[spec.index + 1], group=self.group)

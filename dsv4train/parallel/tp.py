@@ -6,9 +6,9 @@
 | attn.attn_sink | Shard(0) | one sink per local head |
 | attn.wo_a | Shard(0) (output groups) | heads are grouped for the low-rank output; o_groups/tp groups per rank |
 | attn.wo_b | RowwiseParallel | input = the local groups' channels; output all-reduced |
-| attn.wkv, kv_norm | replicated, grad all-reduced | the single K=V head is shared by all heads (MQA): every rank computes it, and its gradient sums the local heads' parts |
+| attn.wkv, kv_norm | replicated, grad all-reduced | the one K=V head (MQA) serves all heads; its grad sums theirs |
 | attn.compressor | replicated, grad all-reduced | compressed entries, likewise shared by all heads |
-| attn.wq_a, q_norm, indexer | replicated | small low-rank / indexer paths; the indexer's KL target sums the heads of all ranks |
+| attn.wq_a, q_norm, indexer | replicated | small paths; the indexer's KL target sums all ranks' heads |
 | ffn.shared_experts w1, w3 / w2 | Colwise / Rowwise | channel split of the shared SwiGLU expert |
 | routed experts, router | replicated here | experts are split by expert parallelism (ep.py), not by TP |
 | embed | RowwiseParallel | vocabulary rows split; output all-reduced |
@@ -40,8 +40,13 @@ from dsv4train.models.attention import Attention
 from dsv4train.models.moe import MoE
 
 # the linears tp splits, and which of their dims: "out" (ColwiseParallel, weight Shard(0)) or "in" (Rowwise, Shard(1))
-_SPLIT_DIMS = {"attn.wq_b": "out", "attn.wo_b": "in", "shared_experts.w1": "out", "shared_experts.w3": "out",
-               "shared_experts.w2": "in"}
+_SPLIT_DIMS = {
+    "attn.wq_b": "out",
+    "attn.wo_b": "in",
+    "shared_experts.w1": "out",
+    "shared_experts.w3": "out",
+    "shared_experts.w2": "in",
+}
 
 
 class _GradAllReduce(torch.autograd.Function):
@@ -74,6 +79,7 @@ class _SumOverGroup:
 def _grad_all_reduce_hook(group):
     def hook(module, inputs, output):
         return _GradAllReduce.apply(output, group)
+
     return hook
 
 
@@ -108,21 +114,30 @@ def check_fp8_blocks_under_tp(model: nn.Module, tp: int) -> None:
         local = size // tp
         if local % block:
             fit = 1 << min((local & -local).bit_length() - 1, block.bit_length() - 1)
-            raise ConfigError(f"{name}: parallel.tp={tp} leaves {local} of its {size} {split}put channels on each "
-                              f"rank, not a multiple of the FP8 block {block}; use precision.fp8_block={fit} or a "
-                              f"smaller parallel.tp")
+            raise ConfigError(
+                f"{name}: parallel.tp={tp} leaves {local} of its {size} {split}put channels on each "
+                f"rank, not a multiple of the FP8 block {block}; use precision.fp8_block={fit} or a "
+                f"smaller parallel.tp"
+            )
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split `model` over `tp_mesh` in place, per the table above."""
     check_fp8_blocks_under_tp(model, tp_mesh.size())
-    parallelize_module(model, tp_mesh, {
-        "embed": RowwiseParallel(input_layouts=Replicate()),
-        "head": ColwiseParallel(output_layouts=Replicate()),
-    })
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "embed": RowwiseParallel(input_layouts=Replicate()),
+            "head": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
     for module in model.modules():
         if isinstance(module, Attention):
             _attention(module, tp_mesh)
         elif isinstance(module, MoE) and module.shared_experts is not None:
-            parallelize_module(module.shared_experts, tp_mesh, {
-                "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+            parallelize_module(
+                module.shared_experts,
+                tp_mesh,
+                {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()},
+            )

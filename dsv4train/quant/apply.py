@@ -26,8 +26,18 @@ from dsv4train.config.pretrain import PrecisionConfig
 from dsv4train.models.moe import Experts
 from dsv4train.quant.modules import FP8Experts, FP8Linear
 
-FP8_LINEARS = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b",
-               "shared_experts.w1", "shared_experts.w2", "shared_experts.w3", "e_proj", "h_proj")
+FP8_LINEARS = (
+    "attn.wq_a",
+    "attn.wq_b",
+    "attn.wkv",
+    "attn.wo_b",
+    "attn.indexer.wq_b",
+    "shared_experts.w1",
+    "shared_experts.w2",
+    "shared_experts.w3",
+    "e_proj",
+    "h_proj",
+)
 
 
 def _is_fp8_linear(name: str) -> bool:
@@ -35,12 +45,15 @@ def _is_fp8_linear(name: str) -> bool:
 
 
 def _block_fit(name: str, dims: dict[str, int], block: int) -> None:
-    """ConfigError (a ValueError) naming the layer when a dim is not a multiple of the FP8 block, with a block that would fit."""
+    """ConfigError (a ValueError) naming the layer when a dim is not a multiple of the FP8 block, with a block that
+    would fit."""
     for what, n in dims.items():
         if n % block:
             fit = 2 ** min(int(math.log2(block)), *((d & -d).bit_length() - 1 for d in dims.values()))
-            raise ConfigError(f"{name}: {what} {n} is not a multiple of the FP8 block {block}; use "
-                             f"precision.fp8_block={fit} or a model dim divisible by {block}")
+            raise ConfigError(
+                f"{name}: {what} {n} is not a multiple of the FP8 block {block}; use "
+                f"precision.fp8_block={fit} or a model dim divisible by {block}"
+            )
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -56,7 +56,7 @@ def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     amax <= qmax·2^k  <=>  k >= e - e_q + [m > m_q]. The float32 2^k is built from its exponent bits.
     Non-finite amax gives a NaN scale (the block becomes NaN)."""
     m_q, e_q = math.frexp(qmax)
-    a = amax.float().clamp_min(qmax * 2.0 ** _MIN_EXP)
+    a = amax.float().clamp_min(qmax * 2.0**_MIN_EXP)
     finite = torch.isfinite(a)
     m, e = torch.frexp(torch.where(finite, a, torch.ones_like(a)))
     k = e.to(torch.int32) - e_q + (m > m_q).to(torch.int32)
@@ -99,8 +99,10 @@ def quant_e4m3_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, 
     w [..., N, K] -> (ŵ [..., N, K] float32, s [..., N/block, K/block])."""
     *lead, N, K = w.shape
     if block <= 0 or N % block or K % block:
-        raise ValueError(f"FP8 {block}x{block} blocks: weight shape {tuple(w.shape)} has a last-two dim that is "
-                         f"not a multiple of {block}")
+        raise ValueError(
+            f"FP8 {block}x{block} blocks: weight shape {tuple(w.shape)} has a last-two dim that is "
+            f"not a multiple of {block}"
+        )
     t = w.float().reshape(*lead, N // block, block, K // block, block)
     s = pow2_scale(t.abs().amax(dim=(-3, -1), keepdim=True), E4M3_MAX)
     q = cast_e4m3(t / s) * s

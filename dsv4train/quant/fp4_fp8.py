@@ -32,14 +32,15 @@ def _block_view(t: torch.Tensor, block: int, cols_per_block: int) -> torch.Tenso
     return t.reshape(*lead, N // block, block, C // cols_per_block, cols_per_block)
 
 
-def fp4_to_fp8(codes: torch.Tensor, s_sub: torch.Tensor, fp8_block: int = 128,
-               fp4_block: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fp4_to_fp8(
+    codes: torch.Tensor, s_sub: torch.Tensor, fp8_block: int = 128, fp4_block: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """codes [..., N, K] (E2M1 values), s_sub [..., N, K/fp4_block] -> (e [..., N, K] E4M3 values as float32,
     S_blk [..., N/fp8_block, K/fp8_block], ŵ = e · S_blk [..., N, K])."""
     if fp8_block % fp4_block:
         raise ValueError(f"FP4->FP8: the FP8 block {fp8_block} must be a multiple of the FP4 block {fp4_block}")
     per = fp8_block // fp4_block
-    s_blk = _block_view(s_sub, fp8_block, per).amax(dim=(-3, -1), keepdim=True) / 2.0 ** 6  # [.., n, 1, k, 1]
+    s_blk = _block_view(s_sub, fp8_block, per).amax(dim=(-3, -1), keepdim=True) / 2.0**6  # [.., n, 1, k, 1]
     ratio = _block_view(s_sub, fp8_block, per) / s_blk  # [.., n, B, k, per]
     c = _block_view(codes.float(), fp8_block, fp8_block)  # [.., n, B, k, B]
     c = c.reshape(*c.shape[:-1], per, fp4_block)
@@ -59,12 +60,15 @@ class Fp4ToFp8Report:
     def __str__(self) -> str:
         if self.lossless:
             return f"FP4->FP8 lossless (max sub-block scale ratio 2^{self.max_ratio_log2} <= 2^{self.limit_log2})"
-        return (f"FP4->FP8 lossy in {self.lossy_blocks}/{self.total_blocks} FP8 blocks: sub-block scale ratio "
-                f"reaches 2^{self.max_ratio_log2}, above the lossless limit 2^{self.limit_log2}")
+        return (
+            f"FP4->FP8 lossy in {self.lossy_blocks}/{self.total_blocks} FP8 blocks: sub-block scale ratio "
+            f"reaches 2^{self.max_ratio_log2}, above the lossless limit 2^{self.limit_log2}"
+        )
 
 
-def fp4_to_fp8_report(codes: torch.Tensor, s_sub: torch.Tensor, fp8_block: int = 128,
-                      fp4_block: int = 32) -> Fp4ToFp8Report:
+def fp4_to_fp8_report(
+    codes: torch.Tensor, s_sub: torch.Tensor, fp8_block: int = 128, fp4_block: int = 32
+) -> Fp4ToFp8Report:
     """Exactness check of `fp4_to_fp8`: compares ŵ with c · s_sub and measures the sub-block scale ratios."""
     per = fp8_block // fp4_block
     _, _, w = fp4_to_fp8(codes, s_sub, fp8_block, fp4_block)

@@ -54,12 +54,13 @@ class FP8Experts(Experts):
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                outs.append(self._linear(x_MK[start:start + n], w_ENK[e]))
+                outs.append(self._linear(x_MK[start : start + n], w_ENK[e]))
             start += n
         return torch.cat(outs) if outs else x_MK.new_zeros(0, w_ENK.shape[1])
 
-    def mlp(self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            w3: torch.Tensor) -> torch.Tensor:
+    def mlp(
+        self, xs: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+    ) -> torch.Tensor:
         """`Experts.mlp` with quantised GEMMs; `dispatch` (one process or expert-parallel) calls it."""
         counts = counts_E.tolist()
         w1, w2, w3 = self._weight(w1), self._weight(w2), self._weight(w3)

@@ -16,8 +16,10 @@ from torch import nn
 from dsv4train.config.errors import ConfigError
 from dsv4train.utils.device import accelerator_name
 
-_INSTALL = ("install transformer-engine on a CUDA host (pip install -e '.[gpu]', i.e. transformer-engine[pytorch]) "
-            "or use precision.backend=emulated")
+_INSTALL = (
+    "install transformer-engine on a CUDA host (pip install -e '.[gpu]', i.e. transformer-engine[pytorch]) "
+    "or use precision.backend=emulated"
+)
 
 
 def require_te():
@@ -26,8 +28,9 @@ def require_te():
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import Float8BlockScaling
     except ImportError as err:  # not installed, or installed without its CUDA libraries
-        raise ConfigError(f"precision.backend: te needs transformer_engine, which does not import ({err}); "
-                          f"{_INSTALL}") from err
+        raise ConfigError(
+            f"precision.backend: te needs transformer_engine, which does not import ({err}); {_INSTALL}"
+        ) from err
     if accelerator_name() is None:
         raise ConfigError(f"precision.backend: te needs a CUDA GPU and none is visible; {_INSTALL}")
     return te, Float8BlockScaling
@@ -44,13 +47,17 @@ class TELinear(nn.Linear):
         self.register_parameter("bias", None)
         if linear.bias is not None:
             raise ValueError("TELinear: biased linears are not used by DSV4Model and are not supported")
-        inner = te.Linear(self.in_features, self.out_features, bias=False, params_dtype=torch.float32,
-                          device=self.weight.device)
+        inner = te.Linear(
+            self.in_features, self.out_features, bias=False, params_dtype=torch.float32, device=self.weight.device
+        )
         inner.weight = self.weight  # share the master weight; TE reads it by name at each call
         object.__setattr__(self, "_te", inner)  # not a child: keeps the state dict and .parameters() unchanged
         self._recipe = recipe_cls()
-        self._autocast = (lambda: te.autocast(enabled=True, recipe=self._recipe)) if hasattr(te, "autocast") \
+        self._autocast = (
+            (lambda: te.autocast(enabled=True, recipe=self._recipe))
+            if hasattr(te, "autocast")
             else (lambda: te.fp8_autocast(enabled=True, fp8_recipe=self._recipe))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._te.weight is not self.weight:  # FSDP swaps in the gathered Parameter before each forward

@@ -74,8 +74,8 @@ class SavedStorage:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]  # of the first tensor saved on this storage
-    module: str             # innermost module running when it was first saved: a name of model.named_modules(),
-                            # '(model)' for the model's own forward, '(loss)' outside it, '(held output)'
+    module: str  # innermost module running when it was first saved: a name of model.named_modules(),
+    # '(model)' for the model's own forward, '(loss)' outside it, '(held output)'
     weight_copy: bool = False
 
 
@@ -114,14 +114,29 @@ class Snapshot:
 
     def rows(self) -> list[tuple[str, str, tuple, int]]:
         """(module, dtype, shape, bytes), biggest first: for reading what the formula must cover."""
-        return sorted(((s.module, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes)
-                       for s in self.storages.values()), key=lambda r: -r[3])
+        return sorted(
+            ((s.module, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes) for s in self.storages.values()),
+            key=lambda r: -r[3],
+        )
 
 
-_VIEW_NODES = ("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackward", "ExpandBackward",
-               "UnsafeViewBackward", "AliasBackward", "SelectBackward", "SliceBackward", "UnsqueezeBackward",
-               "SqueezeBackward", "AsStridedBackward", "ReshapeAliasBackward", "_ScaleGradBackward",
-               "_ToTorchTensorBackward")  # + EP's gradient scaling and DTensor.to_local(): identities
+_VIEW_NODES = (
+    "TBackward",
+    "ViewBackward",
+    "TransposeBackward",
+    "PermuteBackward",
+    "ExpandBackward",
+    "UnsafeViewBackward",
+    "AliasBackward",
+    "SelectBackward",
+    "SliceBackward",
+    "UnsqueezeBackward",
+    "SqueezeBackward",
+    "AsStridedBackward",
+    "ReshapeAliasBackward",
+    "_ScaleGradBackward",
+    "_ToTorchTensorBackward",
+)  # + EP's gradient scaling and DTensor.to_local(): identities
 
 
 def _through_views(fn):
@@ -142,8 +157,12 @@ def group_of(module: str) -> str:
     if parts[0] == "layers" and len(parts) >= 2:
         if len(parts) == 2:
             return "layers.mhc"
-        return {"attn_norm": "layers.norms", "ffn_norm": "layers.norms", "attn": "layers.attention",
-                "ffn": "layers.moe"}[parts[2]]
+        return {
+            "attn_norm": "layers.norms",
+            "ffn_norm": "layers.norms",
+            "attn": "layers.attention",
+            "ffn": "layers.moe",
+        }[parts[2]]
     if parts[0] == "mtp" and module != "mtp.0.norm":
         return "mtp"
     return "head"
@@ -194,8 +213,12 @@ class ActivationMeter:
         if t.grad_fn is None:
             from dsv4train.quant.modules import FP8Experts, FP8Linear
 
-            return not t.requires_grad and tuple(_local(t).shape) in self._param_shapes and \
-                bool(self._modules) and isinstance(self._modules[-1], (FP8Linear, FP8Experts))
+            return (
+                not t.requires_grad
+                and tuple(_local(t).shape) in self._param_shapes
+                and bool(self._modules)
+                and isinstance(self._modules[-1], (FP8Linear, FP8Experts))
+            )
         fn = _through_views(t.grad_fn)
         if fn is None or fn.name() != "ToCopyBackward0":
             return False
@@ -212,8 +235,7 @@ class ActivationMeter:
             if rec is None:
                 local = _local(t)
                 module = self._stack[-1] if self._stack else "(loss)"
-                rec = SavedStorage(key[1], local.dtype, tuple(local.shape), module,
-                                   self._is_weight_copy(t))
+                rec = SavedStorage(key[1], local.dtype, tuple(local.shape), module, self._is_weight_copy(t))
                 self._records[key] = (refs, rec)
             refs.append(weakref.ref(t))
         return t
@@ -246,8 +268,13 @@ class ActivationMeter:
         self._modules.pop()
 
     def _model_output(self, module, args, output):
-        values = output if isinstance(output, (tuple, list)) else \
-            list(vars(output).values()) if hasattr(output, "__dataclass_fields__") else [output]
+        values = (
+            output
+            if isinstance(output, (tuple, list))
+            else list(vars(output).values())
+            if hasattr(output, "__dataclass_fields__")
+            else [output]
+        )
         self._outputs += [weakref.ref(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def __enter__(self):
@@ -255,9 +282,11 @@ class ActivationMeter:
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
         reg = nn.modules.module
-        self._handles = [reg.register_module_forward_pre_hook(self._pre),
-                         reg.register_module_forward_hook(self._post, always_call=True),
-                         self.model.register_forward_hook(self._model_output)]
+        self._handles = [
+            reg.register_module_forward_pre_hook(self._pre),
+            reg.register_module_forward_hook(self._post, always_call=True),
+            self.model.register_forward_hook(self._model_output),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -269,8 +298,16 @@ class ActivationMeter:
         return False
 
 
-def measure_step(model_cfg, seq: int, rows: int, precision: str = "fp32", indexer: str = "sparse",
-                 dims=None, fp8_block: int = 32, seed: int = 0) -> Snapshot:
+def measure_step(
+    model_cfg,
+    seq: int,
+    rows: int,
+    precision: str = "fp32",
+    indexer: str = "sparse",
+    dims=None,
+    fp8_block: int = 32,
+    seed: int = 0,
+) -> Snapshot:
     """Build `model_cfg`, run one real Learner step on `rows` random rows of `seq` tokens with the CSA layers in
     `indexer` mode (fp32, bf16 autocast or emulated fp8 with bf16 autocast) under an ActivationMeter and return
     its peak. `dims` (tp/cp/ep, with a process group already up): the model is split as parallelize() does, but
@@ -301,8 +338,9 @@ def measure_step(model_cfg, seq: int, rows: int, precision: str = "fp32", indexe
             apply_expert_parallel(model, rt.mesh["ep"])
         if dims.cp > 1:
             apply_context_parallel(model, rt.seq)
-    batch = [lm_batch(torch.randint(0, model_cfg.vocab_size, (rows, seq + 1),
-                                    generator=torch.Generator().manual_seed(seed)))]
+    batch = [
+        lm_batch(torch.randint(0, model_cfg.vocab_size, (rows, seq + 1), generator=torch.Generator().manual_seed(seed)))
+    ]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     with ActivationMeter(model) as meter:

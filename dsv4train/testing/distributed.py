@@ -28,13 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, args: tuple,
-            errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, args: tuple, errors) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -45,8 +49,9 @@ def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: 
         dist.destroy_process_group()
 
 
-def run_distributed_test(fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0,
-                         attempts: int = 3) -> None:
+def run_distributed_test(
+    fn, world_size: int, args: tuple = (), backend: str = "gloo", timeout_s: float = 120.0, attempts: int = 3
+) -> None:
     """Run fn(rank, world_size, *args) on world_size spawned processes; re-raise the first failure here.
 
     The rendezvous port is picked free here but bound later by rank 0; if another process took it meanwhile
@@ -68,8 +73,13 @@ def _spawn(fn, world_size: int, args: tuple, backend: str, timeout_s: float) -> 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, timeout_s, args, errors),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(fn, world_size, free_port(), backend, timeout_s, args, errors),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
     except mp.ProcessRaisedException as e:
         details = []
         while not errors.empty():

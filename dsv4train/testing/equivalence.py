@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -97,10 +97,13 @@ class Spread:
 
     @staticmethod
     def of(ref: Trained, others: list[Trained]) -> Spread:
-        losses = [{k: max(abs(o.losses[s][k] - w[k]) for o in others) for k in LOSS_PARTS}
-                  for s, w in enumerate(ref.losses)]
-        grads = [{n: max(_max_diff(o.grads[s][n], g) for o in others) for n, g in step.items()}
-                 for s, step in enumerate(ref.grads)]
+        losses = [
+            {k: max(abs(o.losses[s][k] - w[k]) for o in others) for k in LOSS_PARTS} for s, w in enumerate(ref.losses)
+        ]
+        grads = [
+            {n: max(_max_diff(o.grads[s][n], g) for o in others) for n, g in step.items()}
+            for s, step in enumerate(ref.grads)
+        ]
         val = None if ref.val_loss is None else max(abs(o.val_loss - ref.val_loss) for o in others)
         return Spread(losses, grads, val)
 
@@ -133,12 +136,16 @@ def fixed_batches(vocab: int, rows: int, seq: int, steps: int, seed: int = 1) ->
 
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """name -> the whole gradient (gathered if it is a DTensor shard), for the parameters that have one."""
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-            for n, p in model.named_parameters() if p.grad is not None}
+    return {
+        n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
-def run_steps(model, optimizer, batches: list[dict], rt, train_cfg, grad_accum: int = 1,
-              validate: bool = False) -> Trained:
+def run_steps(
+    model, optimizer, batches: list[dict], rt, train_cfg, grad_accum: int = 1, validate: bool = False
+) -> Trained:
     """Train one step per batch (dense indexer on the first step, sparse after) on this rank's rows, split into
     `grad_accum` micro-batches, with the router-bias update; with `validate`, then the validation loss of the
     first batch."""
@@ -155,8 +162,9 @@ def run_steps(model, optimizer, batches: list[dict], rt, train_cfg, grad_accum: 
             grads.append(full_grads(model))
     val = None
     if validate:
-        val = learner.evaluate([lm_batch(rank_rows(batches[0], rt.data_rank, rt.data_ranks)["tokens"])],
-                               NextTokenLoss())["lm_loss"]
+        val = learner.evaluate(
+            [lm_batch(rank_rows(batches[0], rt.data_rank, rt.data_ranks)["tokens"])], NextTokenLoss()
+        )["lm_loss"]
     return Trained(losses, grads, counts, val)
 
 
@@ -173,27 +181,39 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def _one_process_run(build_model, make_optimizer, batches, train_cfg, validate: bool, grad_accum: int,
-                     nudge_seed: int | None) -> Trained:
+def _one_process_run(
+    build_model, make_optimizer, batches, train_cfg, validate: bool, grad_accum: int, nudge_seed: int | None
+) -> Trained:
     model = build_model()
     if nudge_seed is not None:
         nudge_one_ulp(model, nudge_seed)
     return run_steps(model, make_optimizer(model), batches, ParallelRuntime(), train_cfg, grad_accum, validate)
 
 
-def one_process_reference(build_model: Callable[[], torch.nn.Module], make_optimizer, batches: list[dict],
-                          train_cfg, grad_accum: int = 1, validate: bool = False,
-                          unquantised: Callable[[], torch.nn.Module] | None = None) -> tuple[Trained, NoiseFloor]:
+def one_process_reference(
+    build_model: Callable[[], torch.nn.Module],
+    make_optimizer,
+    batches: list[dict],
+    train_cfg,
+    grad_accum: int = 1,
+    validate: bool = False,
+    unquantised: Callable[[], torch.nn.Module] | None = None,
+) -> tuple[Trained, NoiseFloor]:
     """The one-process run of `batches` and its noise floor: three reruns (2x the micro-batches; every parameter
     nudged one ulp, two seeds) and, given `unquantised` (the same model without FP8/FP4), that model's run.
     `build_model()` gives a fresh model, the same every call. Under a process group the runs are spread over the
     ranks and gathered, so a rank trains at most ceil(runs / world) of them."""
     run = partial(_one_process_run, build_model, make_optimizer, batches, train_cfg, validate)
-    jobs = [partial(run, grad_accum, None), partial(run, 2 * grad_accum, None), partial(run, grad_accum, 1),
-            partial(run, grad_accum, 2)]
+    jobs = [
+        partial(run, grad_accum, None),
+        partial(run, 2 * grad_accum, None),
+        partial(run, grad_accum, 1),
+        partial(run, grad_accum, 2),
+    ]
     if unquantised is not None:
-        jobs.append(partial(_one_process_run, unquantised, make_optimizer, batches, train_cfg, validate,
-                            grad_accum, None))
+        jobs.append(
+            partial(_one_process_run, unquantised, make_optimizer, batches, train_cfg, validate, grad_accum, None)
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     done = {i: job() for i, job in enumerate(jobs) if i % world == rank}
     if world > 1:
@@ -222,7 +242,7 @@ def compared_values(got: Trained, want: Trained, floor: NoiseFloor) -> list[Chec
     out = []
     for step, (g, w) in enumerate(zip(got.losses, want.losses)):
         for k in LOSS_PARTS:
-            tol = floor.tolerance(abs(w[k]), lambda s: s.losses[step][k], forward_only=step == 0)
+            tol = floor.tolerance(abs(w[k]), lambda s, step=step, k=k: s.losses[step][k], forward_only=step == 0)
             out.append(Checked(f"step {step + 1}: {k}", abs(g[k] - w[k]), tol, abs(w[k])))
     if want.val_loss is not None:
         tol = floor.tolerance(abs(want.val_loss), lambda s: s.val_loss)
@@ -230,7 +250,7 @@ def compared_values(got: Trained, want: Trained, floor: NoiseFloor) -> list[Chec
     for step, (when, g_step, w_step) in enumerate(zip(("first", "last"), got.grads, want.grads)):
         for name, g in g_step.items():
             own = float(w_step[name].abs().max())
-            tol = floor.tolerance(own, lambda s: s.grads[step][name])
+            tol = floor.tolerance(own, lambda s, step=step, name=name: s.grads[step][name])
             out.append(Checked(f"{when}-step gradient of {name}", _max_diff(g, w_step[name]), tol, own))
     return out
 
@@ -239,10 +259,14 @@ def _report(checked: list[Checked], what: str, path: str) -> None:
     """One JSON line: the worst diff / tolerance and the values whose tolerance exceeds 1% of their size (those
     a 1% bug could hide in). The module docstring's suite numbers come from these lines."""
     worst = max(checked, key=lambda c: c.diff / max(c.tol, 1e-300))
-    line = {"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "precision": what,
-            "rank": dist.get_rank() if dist.is_initialized() else 0, "values": len(checked),
-            "worst": [worst.what, worst.diff / max(worst.tol, 1e-300)],
-            "tolerance_over_1pct": [c.what for c in checked if c.tol > 1e-2 * c.size]}
+    line = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
+        "precision": what,
+        "rank": dist.get_rank() if dist.is_initialized() else 0,
+        "values": len(checked),
+        "worst": [worst.what, worst.diff / max(worst.tol, 1e-300)],
+        "tolerance_over_1pct": [c.what for c in checked if c.tol > 1e-2 * c.size],
+    }
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -254,9 +278,15 @@ def assert_matches_one_process(got: Trained, want: Trained, floor: NoiseFloor, w
     checked = compared_values(got, want, floor)
     if os.environ.get("DSV4_EQUIV_REPORT"):
         _report(checked, what, os.environ["DSV4_EQUIV_REPORT"])
-    bad = [f"{c.what} differs from one process by {c.diff:.2e} = {c.diff / max(c.size, 1e-30):.2e} of its size "
-           f"{c.size:.2e} (tolerance {c.tol:.2e})" for c in checked if not c.diff <= c.tol]
-    bad += [f"step {step + 1}: expert counts differ from one process"
-            for step, (g, w, stable) in enumerate(zip(got.counts, want.counts, floor.counts_stable))
-            if stable and not torch.equal(g, w)]
+    bad = [
+        f"{c.what} differs from one process by {c.diff:.2e} = {c.diff / max(c.size, 1e-30):.2e} of its size "
+        f"{c.size:.2e} (tolerance {c.tol:.2e})"
+        for c in checked
+        if not c.diff <= c.tol
+    ]
+    bad += [
+        f"step {step + 1}: expert counts differ from one process"
+        for step, (g, w, stable) in enumerate(zip(got.counts, want.counts, floor.counts_stable))
+        if stable and not torch.equal(g, w)
+    ]
     assert not bad, f"{what or 'layout'}: {len(bad)} values differ from one process:\n  " + "\n  ".join(bad[:8])

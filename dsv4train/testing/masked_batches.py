@@ -44,8 +44,9 @@ def reference_loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tens
     out = model(batch["input_ids"], mtp_input_ids=batch["next_ids"], with_aux=True)
     n = (batch["labels"] != IGNORE).sum()
     ce = F.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
-    mtp = F.cross_entropy(out.mtp_logits.flatten(0, 1), batch["mtp_labels"].flatten(), ignore_index=IGNORE,
-                          reduction="sum")
+    mtp = F.cross_entropy(
+        out.mtp_logits.flatten(0, 1), batch["mtp_labels"].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     loss = (ce + MTP_WEIGHT * mtp) / n
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

@@ -15,7 +15,6 @@ from tqdm import tqdm
 from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.observability.trackers import Trackers
 from dsv4train.parallel.runtime import ParallelRuntime
-from dsv4train.train import checkpoint
 from dsv4train.train.learner import Learner
 from dsv4train.train.losses import NextTokenLoss, lm_batch
 from dsv4train.utils.device import rng_state
@@ -58,9 +57,15 @@ class Loop:
         return self.step == self.cfg.train.steps
 
     def trainer_state(self) -> dict:
-        """What a checkpoint needs besides model and optimizer to continue bit for bit (and to report the run)."""
-        return {"step": self.step, "nan_skips": self.learner.nan_skips, "loader": self.train_data.state_dict(),
-                "rng": rng_state(), "val_first": self.val_first, "val_last": self.val_last}
+        """What a checkpoint needs besides model, optimizer and the Learner's counters to continue bit for bit (and
+        to report the run)."""
+        return {
+            "step": self.step,
+            "loader": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "val_first": self.val_first,
+            "val_last": self.val_last,
+        }
 
     def check_preemption(self) -> None:
         """Set `stop_reason` when a preemption signal reached any rank (collective: every rank calls it at the same
@@ -125,13 +130,15 @@ class ProgressCallback(Callback):
         self.enabled, self.bar = enabled, None
 
     def on_train_start(self, loop: Loop) -> None:
-        self.bar = tqdm(total=loop.cfg.train.steps, initial=loop.step, desc="pretrain", unit="step",
-                        disable=not self.enabled)
+        self.bar = tqdm(
+            total=loop.cfg.train.steps, initial=loop.step, desc="pretrain", unit="step", disable=not self.enabled
+        )
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(lm_loss=f"{metrics['lm_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
-                             tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+        self.bar.set_postfix(
+            lm_loss=f"{metrics['lm_loss']:.3f}", lr=f"{metrics['lr']:.1e}", tok_s=f"{metrics['tokens_per_sec']:,.0f}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -156,8 +163,7 @@ class CheckpointCallback(Callback):
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
         due = self.every and loop.step % self.every == 0
         if due or loop.is_last_step or loop.stop_reason:
-            checkpoint.save(loop.ckpt_root, loop.step, loop.model, loop.optimizer, loop.trainer_state(), self.keep,
-                            loop.rt, optim=loop.cfg.optim)
+            loop.learner.save(loop.ckpt_root, loop.step, loop.trainer_state(), self.keep, optim_cfg=loop.cfg.optim)
 
 
 def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers | None) -> list[Callback]:
@@ -165,5 +171,9 @@ def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Tr
     preemption and checkpoints. Every rank runs eval, preemption and checkpoints: they are collective."""
     t = cfg.train
     main_only = [] if trackers is None else [TrackerCallback(trackers, t.log_every), ProgressCallback(t.progress_bar)]
-    return [EvalCallback(val_batches, t.eval_every), *main_only, PreemptionCallback(),
-            CheckpointCallback(t.checkpoint_every, t.keep_checkpoints)]
+    return [
+        EvalCallback(val_batches, t.eval_every),
+        *main_only,
+        PreemptionCallback(),
+        CheckpointCallback(t.checkpoint_every, t.keep_checkpoints),
+    ]

@@ -66,8 +66,9 @@ def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ckpt_root, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted((_step_of(p), p) for p in ckpt_root.iterdir()
-                  if p.is_dir() and _step_of(p) >= 0 and (p / META).exists())
+    return sorted(
+        (_step_of(p), p) for p in ckpt_root.iterdir() if p.is_dir() and _step_of(p) >= 0 and (p / META).exists()
+    )
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -86,8 +87,16 @@ def remove_partial(ckpt_root: Path) -> list[str]:
     return removed
 
 
-def save(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, keep: int,
-         rt: ParallelRuntime | None = None, optim: OptimConfig | None = None) -> Path:
+def save(
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    keep: int,
+    rt: ParallelRuntime | None = None,
+    optim: OptimConfig | None = None,
+) -> Path:
     """Write `step_<step>` (every rank calls this: DCP writes each rank's shards, rank 0 the rest). `optim`, the
     optimizer config, goes into meta.json so a resume with another optimizer can be told apart."""
     rt = rt or ParallelRuntime()
@@ -105,8 +114,13 @@ def save(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, keep
         dcp.save(state, checkpoint_id=str(tmp))
     if rt.is_main:
         torch.save(trainer_state, tmp / TRAINER_STATE)
-        meta = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": asdict(model.cfg),
-                "parallel": asdict(rt.dims), **({"optim": asdict(optim)} if optim is not None else {})}
+        meta = {
+            "step": step,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model": asdict(model.cfg),
+            "parallel": asdict(rt.dims),
+            **({"optim": asdict(optim)} if optim is not None else {}),
+        }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_dir(tmp)
         os.replace(tmp, final)
@@ -143,11 +157,16 @@ def read_meta(step_dir: Path) -> dict:
 def check_same_model(step_dir: Path, cfg: ModelConfig) -> None:
     """A resume must build the same network; anything else gets an error naming the differing fields."""
     saved, now = read_meta(step_dir)["model"], asdict(cfg)
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
-            if k not in _RESUMABLE_MODEL_FIELDS and saved.get(k) != now[k]]
+    diff = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        for k in now
+        if k not in _RESUMABLE_MODEL_FIELDS and saved.get(k) != now[k]
+    ]
     if diff:
-        raise ConfigError(f"cannot resume from {step_dir}: the model config differs ({'; '.join(diff)}). "
-                          "Use a new run.dir, or the model config the run was started with.")
+        raise ConfigError(
+            f"cannot resume from {step_dir}: the model config differs ({'; '.join(diff)}). "
+            "Use a new run.dir, or the model config the run was started with."
+        )
 
 
 def _optimizer_layout(optim: dict) -> dict:
@@ -173,10 +192,12 @@ def check_same_optimizer(step_dir: Path, cfg: OptimConfig, allow_change: bool) -
         return False
     key = "name" if before["name"] != now["name"] else "muon_split_wo_a"
     diff = f"optim.{key}: checkpoint {before[key]!r} vs now {now[key]!r}"
-    raise ConfigError(f"cannot resume from {step_dir}: it holds the state of another optimizer ({diff}). "
-                      "Resume with the optimizer the run was started with, use a new run.dir, or set "
-                      "train.allow_optimizer_change=true to load the weights, data position and RNG from it and "
-                      "start the new optimizer's state fresh.")
+    raise ConfigError(
+        f"cannot resume from {step_dir}: it holds the state of another optimizer ({diff}). "
+        "Resume with the optimizer the run was started with, use a new run.dir, or set "
+        "train.allow_optimizer_change=true to load the weights, data position and RNG from it and "
+        "start the new optimizer's state fresh."
+    )
 
 
 def _damaged(step_dir: Path, file: str, what: str) -> str:
@@ -184,10 +205,15 @@ def _damaged(step_dir: Path, file: str, what: str) -> str:
     root = step_dir.parent
     earlier = [p for n, p in step_dirs(root) if n < _step_of(step_dir)]
     aside = root / f"damaged_{step_dir.name}"  # not named step_<N>, so never resumed from nor pruned
-    then = (f"resume from the previous complete checkpoint, {earlier[-1]}" if earlier
-            else f"start again from step 0 (there is no earlier checkpoint in {root})")
-    return (f"checkpoint {step_dir} is damaged: {file} {what}. Nothing was changed. Move the folder aside "
-            f"(`mv {step_dir} {aside}`) and re-run to {then}; or restore the folder from a copy.")
+    then = (
+        f"resume from the previous complete checkpoint, {earlier[-1]}"
+        if earlier
+        else f"start again from step 0 (there is no earlier checkpoint in {root})"
+    )
+    return (
+        f"checkpoint {step_dir} is damaged: {file} {what}. Nothing was changed. Move the folder aside "
+        f"(`mv {step_dir} {aside}`) and re-run to {then}; or restore the folder from a copy."
+    )
 
 
 def verify(step_dir: Path) -> None:
@@ -212,8 +238,14 @@ def verify(step_dir: Path) -> None:
         if not file.is_file():
             raise CheckpointError(_damaged(step_dir, name, f"is missing (the index {DCP_INDEX} names it)"))
         if file.stat().st_size < size:
-            raise CheckpointError(_damaged(step_dir, name, f"is cut short: {file.stat().st_size:,} bytes, but the "
-                                                           f"index {DCP_INDEX} has data up to byte {size:,}"))
+            raise CheckpointError(
+                _damaged(
+                    step_dir,
+                    name,
+                    f"is cut short: {file.stat().st_size:,} bytes, but the "
+                    f"index {DCP_INDEX} has data up to byte {size:,}",
+                )
+            )
 
 
 def _failures(e: BaseException) -> list[BaseException]:
@@ -236,11 +268,15 @@ def _dcp_load(step_dir: Path, state: dict) -> None:
     except BaseException as e:
         if _missing_key(e) is not None:
             raise
-        bad = [c for c in _failures(e) if isinstance(c, (EOFError, pickle.UnpicklingError))
-               or "PytorchStreamReader" in str(c)]
+        bad = [
+            c
+            for c in _failures(e)
+            if isinstance(c, (EOFError, pickle.UnpicklingError)) or "PytorchStreamReader" in str(c)
+        ]
         if bad:
-            raise CheckpointError(_damaged(step_dir, "a .distcp shard", f"cannot be read "
-                                           f"({type(bad[0]).__name__}: {bad[0]})")) from None
+            raise CheckpointError(
+                _damaged(step_dir, "a .distcp shard", f"cannot be read ({type(bad[0]).__name__}: {bad[0]})")
+            ) from None
         raise
 
 
@@ -260,18 +296,22 @@ def load(step_dir: Path, model, optimizer, optimizer_state: bool | None = True) 
         if missing is None:
             raise
         if "optim." not in missing:
-            raise CheckpointError(f"cannot resume from {step_dir}: {missing} The checkpoint was written by another "
-                                  "version of dsv4train or for another model; use a new run.dir.") from None
+            raise CheckpointError(
+                f"cannot resume from {step_dir}: {missing} The checkpoint was written by another "
+                "version of dsv4train or for another model; use a new run.dir."
+            ) from None
         if optimizer_state is None:  # an old checkpoint, and train.allow_optimizer_change=true: weights only
             del state["optim"]
             _dcp_load(step_dir, state)
             with_optimizer = False
         else:
-            raise CheckpointError(f"cannot resume from {step_dir}: its optimizer state does not fit this run's "
-                                  f"optimizer ({missing}); it was written with another optim.name or "
-                                  "optim.muon_split_wo_a (or by another version of dsv4train). Resume with that "
-                                  "optimizer, use a new run.dir, or set train.allow_optimizer_change=true to start "
-                                  "the optimizer state fresh.") from None
+            raise CheckpointError(
+                f"cannot resume from {step_dir}: its optimizer state does not fit this run's "
+                f"optimizer ({missing}); it was written with another optim.name or "
+                "optim.muon_split_wo_a (or by another version of dsv4train). Resume with that "
+                "optimizer, use a new run.dir, or set train.allow_optimizer_change=true to start "
+                "the optimizer state fresh."
+            ) from None
     model.load_state_dict(state["model"])
     if with_optimizer:
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -64,8 +64,13 @@ class StepResult:
     def log(self) -> dict:
         counts = self.expert_counts.float()
         load = (counts.max(-1).values / counts.mean(-1).clamp_min(1e-9)).tolist()
-        return {"loss": self.loss, **self.metrics, "grad_norm": self.grad_norm, "expert_load_max_over_mean": load,
-                "skipped": self.skipped}
+        return {
+            "loss": self.loss,
+            **self.metrics,
+            "grad_norm": self.grad_norm,
+            "expert_load_max_over_mean": load,
+            "skipped": self.skipped,
+        }
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -100,8 +105,10 @@ class Learner:
         counted = torch.stack([count_targets(b).cpu() for b in shards])
         n_global = int(rt.sum_over_data(counted.sum().double()))
         if n_global == 0:
-            raise ValueError("the step's micro-batches hold no target tokens (every label is IGNORE): check the "
-                             "data's loss masks (a prompt longer than the sequence masks a whole row)")
+            raise ValueError(
+                "the step's micro-batches hold no target tokens (every label is IGNORE): check the "
+                "data's loss masks (a prompt longer than the sequence masks a whole row)"
+            )
         scale = self._grad_average_ranks() / n_global
         names = ("loss", *loss_fn.metric_names, *_AUX)
         if rt.pipeline is None:
@@ -114,7 +121,9 @@ class Learner:
         loss = totals.pop("loss") + sum(w * totals[k] for k, w in zip(_AUX, self._aux_weights()))
         grad_norm = float(rt.clip_grad_norm(model.parameters(), self.train.grad_clip))
         result = StepResult(loss, totals, n_global, grad_norm, counts)
-        if not (torch.isfinite(torch.tensor([loss, *totals.values()])).all() and torch.isfinite(torch.tensor(grad_norm))):
+        if not (
+            torch.isfinite(torch.tensor([loss, *totals.values()])).all() and torch.isfinite(torch.tensor(grad_norm))
+        ):
             return self._skip(result, f"step {number}: " if number is not None else "")
         self.nan_skips = 0
         self.optimizer.step()
@@ -131,10 +140,14 @@ class Learner:
             resume = checkpoint.latest(self.checkpoint_root) if self.checkpoint_root is not None else None
             raise FloatingPointError(
                 f"{where}non-finite loss or gradient ({result.reason}); {self.nan_skips} such step(s) in a row. Lower "
-                f"optim.lr, check the data, or resume from {resume}")
+                f"optim.lr, check the data, or resume from {resume}"
+            )
         if self.rt.is_main:
-            tqdm.write(f"{where}non-finite loss or gradient ({result.reason}); update skipped ({self.nan_skips} in a row, at "
-                       f"most train.max_nan_skips={t.max_nan_skips})", file=sys.stderr)
+            tqdm.write(
+                f"{where}non-finite loss or gradient ({result.reason}); update skipped ({self.nan_skips} in a row, at "
+                f"most train.max_nan_skips={t.max_nan_skips})",
+                file=sys.stderr,
+            )
         return result
 
     def _aux_weights(self) -> tuple[float, float]:
@@ -149,8 +162,9 @@ class Learner:
         """This rank's piece of every [B, S] tensor (its context-parallel shard; all of it otherwise)."""
         return {k: self.rt.seq.shard(v.to(self.device, non_blocking=True)) for k, v in batch.items()}
 
-    def _forward_backward(self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(
+        self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model on this rank: the float64 sums [loss, metrics..., n·balance, n·indexer] over its
         micro-batches, and its expert counts [n_moe_layers, E]."""
         w_bal, w_idx = self._aux_weights()
@@ -167,14 +181,17 @@ class Learner:
             counts = out.expert_counts if counts is None else counts + out.expert_counts
         return sums, counts.detach()
 
-    def _pipelined_forward_backward(self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn,
-                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipelined_forward_backward(
+        self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through this rank's pipeline stages (parallel/pp.py): the schedule calls `loss_fn` on the last
         stage's chunks, the aux losses get their gradient on the stage that computed them; the sums and counts of
         the stages are added over the pp ranks."""
         pipeline = self.rt.pipeline
-        records = [pipeline.train(batch, (batch["labels"] != IGNORE).sum(1), loss_fn, scale, self._aux_weights())
-                   for batch in shards]
+        records = [
+            pipeline.train(batch, (batch["labels"] != IGNORE).sum(1), loss_fn, scale, self._aux_weights())
+            for batch in shards
+        ]
         if pipeline.holds_last_stage:
             for rec, n in zip(records, counted):
                 _check_count(rec, n)
@@ -184,6 +201,21 @@ class Learner:
     def _local_expert_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """The rows of the global expert counts that belong to this rank's MoE layers (its stages' under pp)."""
         return counts if self.rt.pipeline is None else counts[self.rt.pipeline.moe_rows]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, ckpt_root: Path, step: int, stage_state: dict, keep: int, optim_cfg=None) -> Path:
+        """`ckpt_root/step_<step>`: model and optimizer (DCP shards, any layout loads them) and the stage's state
+        (data position, RNG, counters; the Learner adds its `nan_skips`). Every rank calls it."""
+        state = {**stage_state, "nan_skips": self.nan_skips}
+        return checkpoint.save(ckpt_root, step, self.model, self.optimizer, state, keep, self.rt, optim=optim_cfg)
+
+    def load(self, step_dir: Path, optimizer_state: bool | None = True) -> tuple[bool, dict]:
+        """Model and (see checkpoint.load) optimizer from `step_dir`; returns (optimizer state loaded, the stage's
+        state as saved)."""
+        loaded = checkpoint.load(step_dir, self.model, self.optimizer, optimizer_state=optimizer_state)
+        state = checkpoint.trainer_state(step_dir)
+        self.nan_skips = state["nan_skips"]
+        return loaded, state
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -197,8 +229,12 @@ class Learner:
                 if self.rt.pipeline is None:
                     out = self.model(batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True)
                     lo = loss_fn(out, batch)
-                    sums += torch.stack([torch.as_tensor(lo.n_targets).double().cpu(),
-                                         *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names)])
+                    sums += torch.stack(
+                        [
+                            torch.as_tensor(lo.n_targets).double().cpu(),
+                            *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names),
+                        ]
+                    )
                 else:
                     sums += self.rt.pipeline.evaluate(batch, loss_fn)
         self.model.train()
@@ -215,6 +251,8 @@ def loss_vector(lo: LossOutput, names: tuple[str, ...], balance: torch.Tensor, i
 def _check_count(lo, counted: torch.Tensor) -> None:
     """The loss function's target count must be the one the step was normalised by (its non-IGNORE labels)."""
     if int(lo.n_targets) != int(counted):
-        raise ValueError(f"the loss function reports {int(lo.n_targets)} target tokens for a micro-batch whose labels "
-                         f"hold {int(counted)}: the Learner divides by the labels' count (non-IGNORE), so a loss "
-                         "must sum over exactly those positions")
+        raise ValueError(
+            f"the loss function reports {int(lo.n_targets)} target tokens for a micro-batch whose labels "
+            f"hold {int(counted)}: the Learner divides by the labels' count (non-IGNORE), so a loss "
+            "must sum over exactly those positions"
+        )

@@ -37,8 +37,7 @@ class LossOutput:
 
 def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy over the labelled positions (fp32)."""
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -15,8 +15,7 @@ from dsv4train.models.pretrained import check_vocab_size, detect_format, load_we
 from dsv4train.train.checkpoint import load_model_from_checkpoint
 
 
-def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None,
-                    vocab_size: int | None = None) -> DSV4Model:
+def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, vocab_size: int | None = None) -> DSV4Model:
     """Model from a dsv4 folder, a transformers `save_pretrained` folder (any layout transformers writes), an
     official hub folder (bf16, or FP8 blocks + FP4 experts, dequantised; MTP kept), single-file or sharded, a
     training run directory (newest complete checkpoint) or one `checkpoints/step_<N>/` folder. Weights load in

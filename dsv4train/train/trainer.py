@@ -98,13 +98,10 @@ def _resume(loop: Loop, step_dir: Path) -> bool:
     allow = cfg.train.allow_optimizer_change
     checkpoint.check_same_model(step_dir, cfg.model)
     fits = checkpoint.check_same_optimizer(step_dir, cfg.optim, allow)
-    loaded = checkpoint.load(step_dir, loop.model, loop.optimizer,
-                             optimizer_state=fits if fits is not None else (None if allow else True))
-    state = checkpoint.trainer_state(step_dir)
+    loaded, state = loop.learner.load(step_dir, optimizer_state=fits if fits is not None else (None if allow else True))
     loop.train_data.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     loop.step = loop.start_step = state["step"]
-    loop.learner.nan_skips = state["nan_skips"]
     loop.val_first, loop.val_last = state.get("val_first"), state.get("val_last")  # absent before they were saved
     return not loaded
 
@@ -141,20 +138,33 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
         loop.step += 1
         tps = tokens_per_step / (time.perf_counter() - t0)
         mfu_now = mfu(flops_per_token, tps / loop.rt.dims.world_size, peak)  # per device
-        metrics = {**last.log(), "lr": lr, "tokens_per_sec": tps, "mfu": mfu_now,
-                   "router_bias_norm": _router_bias_norm(model, loop.rt),
-                   "muon_update_rms": optimizer.muon_update_rms()}
+        metrics = {
+            **last.log(),
+            "lr": lr,
+            "tokens_per_sec": tps,
+            "mfu": mfu_now,
+            "router_bias_norm": _router_bias_norm(model, loop.rt),
+            "muon_update_rms": optimizer.muon_update_rms(),
+        }
         for cb in callbacks:
             cb.on_step_end(loop, metrics)
 
     elapsed = time.perf_counter() - t_start
     done = loop.step - loop.start_step
-    summary = {"run_dir": str(loop.run_dir), "steps_done": loop.step, "steps_total": t.steps,
-               "resumed_from": loop.start_step, "seconds": round(elapsed, 1), "tokens": done * tokens_per_step,
-               "tokens_per_sec": round(done * tokens_per_step / max(elapsed, 1e-9)),
-               "final_train_lm_loss": None if last is None else round(last.metrics["lm_loss"], 4),
-               "val_loss_at_start": _round(loop.val_first), "val_loss_last": _round(loop.val_last),
-               "preempted_by": loop.stop_reason, "checkpoint": str(checkpoint.latest(loop.ckpt_root))}
+    summary = {
+        "run_dir": str(loop.run_dir),
+        "steps_done": loop.step,
+        "steps_total": t.steps,
+        "resumed_from": loop.start_step,
+        "seconds": round(elapsed, 1),
+        "tokens": done * tokens_per_step,
+        "tokens_per_sec": round(done * tokens_per_step / max(elapsed, 1e-9)),
+        "final_train_lm_loss": None if last is None else round(last.metrics["lm_loss"], 4),
+        "val_loss_at_start": _round(loop.val_first),
+        "val_loss_last": _round(loop.val_last),
+        "preempted_by": loop.stop_reason,
+        "checkpoint": str(checkpoint.latest(loop.ckpt_root)),
+    }
     for cb in callbacks:
         cb.on_train_end(loop, summary)
     return summary
@@ -166,31 +176,41 @@ def _round(x: float | None) -> float | None:
 
 def _router_bias_norm(model: DSV4Model, rt: ParallelRuntime) -> float:
     """L2 norm of all learned routers' biases (every pipeline stage's: squares are summed over the pp ranks)."""
-    squares = sum((b.double().square().sum().cpu() for name, b in model.named_buffers() if name.endswith("gate.bias")),
-                  torch.zeros((), dtype=torch.float64))
+    squares = sum(
+        (b.double().square().sum().cpu() for name, b in model.named_buffers() if name.endswith("gate.bias")),
+        torch.zeros((), dtype=torch.float64),
+    )
     return float(rt.sum_over_stages(squares).sqrt())
 
 
-def _print_start(cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: list[str],
-                 fresh_optimizer: bool) -> None:
+def _print_start(
+    cfg: PretrainConfig, n: int, loop: Loop, resume_from, removed: list[str], fresh_optimizer: bool
+) -> None:
     t = cfg.train
     dims = loop.rt.dims
     where = f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
-    print(f"dsv4 pretrain: model '{cfg.model.name}' ({n / 1e6:.2f}M params, {cfg.model.n_layers} layers) on "
-          f"{where}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} tokens, "
-          f"optim {cfg.optim.name}, run dir {loop.run_dir}")
+    print(
+        f"dsv4 pretrain: model '{cfg.model.name}' ({n / 1e6:.2f}M params, {cfg.model.n_layers} layers) on "
+        f"{where}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} tokens, "
+        f"optim {cfg.optim.name}, run dir {loop.run_dir}"
+    )
     if removed:
         print(f"  removed incomplete checkpoint writes: {', '.join(removed)}")
     if resume_from is not None:
         print(f"  resuming from {resume_from}")
     if fresh_optimizer:
         before = checkpoint.read_meta(resume_from).get("optim", {}).get("name", "an unrecorded optimizer")
-        print(f"WARNING: optimizer changed on resume ({before} in {resume_from.name}, optim.name={cfg.optim.name} "
-              "now) and train.allow_optimizer_change=true: the weights, data position and RNG come from the "
-              "checkpoint, the optimizer state (momentum, Adam moments, step counts) starts fresh", file=sys.stderr)
+        print(
+            f"WARNING: optimizer changed on resume ({before} in {resume_from.name}, optim.name={cfg.optim.name} "
+            "now) and train.allow_optimizer_change=true: the weights, data position and RNG come from the "
+            "checkpoint, the optimizer state (momentum, Adam moments, step counts) starts fresh",
+            file=sys.stderr,
+        )
     if resume_from is not None and loop.step >= t.steps:
-        print(f"  nothing to train: the run is already at step {loop.step} of train.steps={t.steps}; raise "
-              "train.steps to train longer")
+        print(
+            f"  nothing to train: the run is already at step {loop.step} of train.steps={t.steps}; raise "
+            "train.steps to train longer"
+        )
 
 
 def _print_summary(s: dict) -> None:

@@ -22,6 +22,9 @@ def init_distributed(device: torch.device, timeout_s: float) -> torch.device:
         return device
     device = bind_local_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(dist_backend(device), timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            dist_backend(device),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
     return device

@@ -28,7 +28,7 @@ class PreemptionFlag:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def __enter__(self) -> "PreemptionFlag":
+    def __enter__(self) -> PreemptionFlag:
         if threading.current_thread() is not threading.main_thread():
             return self  # Python delivers signals to the main thread only; its handlers stay as they are
         for s in self.SIGNALS:

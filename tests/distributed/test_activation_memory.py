@@ -15,8 +15,11 @@ pytestmark = pytest.mark.dist
 
 # (layout, seq, rows, precision, indexer): bf16 dense over tp2 (casts of the head-split weights, S×T scores);
 # fp32 sparse over cp2 (rows of 128 local tokens, top-k over the entries of both shards); bf16 dense over cp2.
-POINTS = [({"tp": 2}, 256, 2, "bf16", "dense"), ({"cp": 2}, 256, 1, "fp32", "sparse"),
-          ({"cp": 2}, 256, 2, "bf16", "dense")]
+POINTS = [
+    ({"tp": 2}, 256, 2, "bf16", "dense"),
+    ({"cp": 2}, 256, 1, "fp32", "sparse"),
+    ({"cp": 2}, 256, 2, "bf16", "dense"),
+]
 
 
 def _check(rank, world_size):
@@ -24,8 +27,17 @@ def _check(rank, world_size):
     for layout, seq, rows, precision, indexer in POINTS:
         dims = ParallelDims(**layout)
         got = measure_step(cfg, seq, rows, precision, indexer, dims).groups()
-        want = activation_bytes(cfg, ActivationCase(rows=rows, seq=seq // dims.cp, indexer=indexer, cp=dims.cp,
-                                                    tp=dims.tp, compute_bytes=4 if precision == "fp32" else 2))
+        want = activation_bytes(
+            cfg,
+            ActivationCase(
+                rows=rows,
+                seq=seq // dims.cp,
+                indexer=indexer,
+                cp=dims.cp,
+                tp=dims.tp,
+                compute_bytes=4 if precision == "fp32" else 2,
+            ),
+        )
         # 64 B per group: the 8-byte Python-number operands autograd saves (not modelled), as in test_plan.py
         for group in GROUPS:
             assert abs(want[group] - got.get(group, 0)) <= 64, (rank, layout, group, want[group], got.get(group))

@@ -40,9 +40,11 @@ def _measured(data, term: str, ep: int) -> tuple[int, float, float]:
     return t["calls"], t["min"], t["max"]
 
 
-@pytest.mark.parametrize("layout", [{"dp": 2}, {"ep": 2}, {"cp": 2}, {"dp": 4, "dp_replicate": 2},
-                                    {"dp": 2, "ep": 2, "dp_replicate": 2}],
-                         ids=["dp2", "ep2", "cp2", "hsdp_dp4_r2", "hsdp_dp2xep2_r2"])
+@pytest.mark.parametrize(
+    "layout",
+    [{"dp": 2}, {"ep": 2}, {"cp": 2}, {"dp": 4, "dp_replicate": 2}, {"dp": 2, "ep": 2, "dp_replicate": 2}],
+    ids=["dp2", "ep2", "cp2", "hsdp_dp4_r2", "hsdp_dp2xep2_r2"],
+)
 def test_measured_bytes_match_formulas(layout):
     cfg = tiny_config(n_hash_layers=1)
     data = cv.measure(layout, cfg, SEQ, ROWS, optim="muon", steps=1)
@@ -55,8 +57,9 @@ def test_measured_bytes_match_formulas(layout):
     assert fsdp
     # HSDP: one all-reduce of each unit's sharded gradient across the replicas; none without replicas
     replicas = [k for k in form if "across replicas" in k]
-    assert replicas == ([f"FSDP all-reduce across replicas, {u}" for u in ("dense", "experts")[:1 + (ep > 1)]]
-                        if r > 1 else [])
+    assert replicas == (
+        [f"FSDP all-reduce across replicas, {u}" for u in ("dense", "experts")[: 1 + (ep > 1)]] if r > 1 else []
+    )
     assert sorted(replicas) == sorted(k for k in cv.summarize(data, ep) if "across replicas" in k)
     for name in fsdp:
         calls, lo, hi = _measured(data, name, ep)
@@ -127,9 +130,13 @@ def test_tensor_parallel_bytes_match_formulas():
     v = form.pop("_vars")
     measured = cv.summarize(data, 1)
     assert sorted(k for k in form if form[k]["calls"]) == sorted(
-        k for k in measured if not k.endswith("(first step)") and measured[k]["calls"])
+        k for k in measured if not k.endswith("(first step)") and measured[k]["calls"]
+    )
     assert [k for k in form if k.startswith("TP")] == [
-        "TP all-reduce (forward)", "TP all-gather (forward)", "TP all-reduce (backward)"]
+        "TP all-reduce (forward)",
+        "TP all-gather (forward)",
+        "TP all-reduce (backward)",
+    ]
     for name, f in form.items():
         calls, lo, hi = _measured(data, name, 1)
         assert calls == f["calls"], f"{name}: {calls} calls, formula {f['calls']}"
@@ -140,11 +147,15 @@ def test_tensor_parallel_bytes_match_formulas():
     assert math.isclose(sum(muon_sent) / len(muon_sent), form["Muon owner-compute all-to-all"]["bytes"])
 
 
-@pytest.mark.parametrize("layout,rows", [
-    ({"pp": 2, "pp_microbatches": 2}, 2),
-    ({"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2}, 2),
-    ({"pp": 2, "pp_schedule": "dualpipev"}, 4),
-], ids=["1f1b", "interleaved_1f1b", "dualpipev"])
+@pytest.mark.parametrize(
+    "layout,rows",
+    [
+        ({"pp": 2, "pp_microbatches": 2}, 2),
+        ({"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2}, 2),
+        ({"pp": 2, "pp_schedule": "dualpipev"}, 4),
+    ],
+    ids=["1f1b", "interleaved_1f1b", "dualpipev"],
+)
 def test_pipeline_bytes_match_formulas(layout, rows):
     """pp2, each schedule: the streams (and MTP's next-token embedding) cross each boundary between ranks once per
     chunk each way, X = 1 (1F1B), 3 (interleaved: 4 stages alternate ranks), 2 (DualPipeV: its turn stays on the
@@ -165,7 +176,12 @@ def test_pipeline_bytes_match_formulas(layout, rows):
             assert lo == hi and math.isclose(lo, f["exact"]), f"{name}: measured {lo}..{hi} B, formula {f['exact']}"
     assert cv.p2p_totals(data)[0] == cv.p2p_totals(data)[1] > 0  # every send has its receive
     for steps in data:  # the first step adds only pipelining's handshake: one 4-byte message per neighbour each way
-        key = lambda r: (r["op"], r["in_bytes"])
+
+        def key(r):
+            return r["op"], r["in_bytes"]
+
         extra = Counter(map(key, steps[0]["records"])) - Counter(map(key, steps[1]["records"]))
         assert extra and {k for k in extra if not k[0].startswith("c10d.allgather")} <= {
-            ("c10d.send", 4), ("c10d.recv_", 4)}, extra
+            ("c10d.send", 4),
+            ("c10d.recv_", 4),
+        }, extra

@@ -27,18 +27,26 @@ def _check(rank, world_size):
     fully_shard(sharded)
     x = torch.randn(6, 8)
 
-    owners = {"FSDPState": _fsdp_state.FSDPState, "FSDPStateContext": _fsdp_state.FSDPStateContext,
-              "FSDPParamGroup": _fsdp_param_group.FSDPParamGroup}
+    owners = {
+        "FSDPState": _fsdp_state.FSDPState,
+        "FSDPStateContext": _fsdp_state.FSDPStateContext,
+        "FSDPParamGroup": _fsdp_param_group.FSDPParamGroup,
+    }
     # Instance attributes are set in __init__: check them on live objects after a forward (lazy init).
     sharded(x).sum().backward()
     sharded.zero_grad(set_to_none=True)
     state = fully_shard.state(sharded)
-    live = {"FSDPState": state, "FSDPStateContext": state._state_ctx,
-            "FSDPParamGroup": state._fsdp_param_groups[0] if state._fsdp_param_groups else None}
+    live = {
+        "FSDPState": state,
+        "FSDPStateContext": state._state_ctx,
+        "FSDPParamGroup": state._fsdp_param_groups[0] if state._fsdp_param_groups else None,
+    }
     for owner, attr in PRIVATE_NAMES:
         obj = live[owner] if live[owner] is not None else owners[owner]
-        assert hasattr(obj, attr), f"torch {torch.__version__}: {owner}.{attr} is gone; fsdp_split_backward.py " \
-                                   "needs a new way to hold back and then run FSDP's gradient reduction"
+        assert hasattr(obj, attr), (
+            f"torch {torch.__version__}: {owner}.{attr} is gone; fsdp_split_backward.py "
+            "needs a new way to hold back and then run FSDP's gradient reduction"
+        )
 
     # Behaviour: with the reduction held back during the backward and run afterwards, the gradients are the plain
     # model's (one rank: the reduce-scatter is the identity; exact up to fp32 summation order, 1e-6).

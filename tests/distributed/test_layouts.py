@@ -14,16 +14,23 @@ from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.testing.distributed import run_distributed_test
-from dsv4train.testing.equivalence import (assert_matches_one_process, build_tiny, fixed_batches,
-                                           one_process_reference, run_steps)
+from dsv4train.testing.equivalence import (
+    assert_matches_one_process,
+    build_tiny,
+    fixed_batches,
+    one_process_reference,
+    run_steps,
+)
 from dsv4train.testing.toy_configs import TINY_FP8, TINY_FP8_FP4, tiny_config
 
 pytestmark = pytest.mark.dist
 
 ROWS, SEQ, STEPS = 4, 24, 3
 
-def _check_layout(rank, world_size, layout: dict, optim: str, precisions: tuple = (None,), seq: int = SEQ,
-                  steps: int = STEPS):
+
+def _check_layout(
+    rank, world_size, layout: dict, optim: str, precisions: tuple = (None,), seq: int = SEQ, steps: int = STEPS
+):
     cfg = tiny_config(n_hash_layers=1)
     train_cfg = TrainConfig(grad_clip=0.5, bias_update_speed=1e-2)
     make_optimizer = partial(build_optimizers, cfg=OptimConfig(name=optim, lr=3e-3, muon_ns_dtype="float32"))
@@ -33,8 +40,9 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precisions: tuple 
 
     for precision in precisions:  # one process group for all of them: spawning costs more than a tiny run
         build = partial(build_tiny, precision)
-        ref, floor = one_process_reference(build, make_optimizer, batches, train_cfg,
-                                           unquantised=build_tiny if precision else None)
+        ref, floor = one_process_reference(
+            build, make_optimizer, batches, train_cfg, unquantised=build_tiny if precision else None
+        )
         rt = ParallelRuntime(ParallelDims(**layout))
         model = rt.parallelize(build())
         if layout.get("dp_replicate", 1) > 1:  # HSDP: replicated over the first mesh dim, sharded over the second
@@ -45,27 +53,34 @@ def _check_layout(rank, world_size, layout: dict, optim: str, precisions: tuple 
         assert_matches_one_process(got, ref, floor, precision.name if precision else "fp32")
 
 
-@pytest.mark.parametrize("layout,optim", [
-    ({"dp": 2}, "muon"),
-    ({"ep": 2}, "muon"),
-    ({"dp": 2}, "adamw"),
-    ({"dp": 2, "ep": 2}, "muon"),
-    ({"tp": 2}, "muon"),
-    ({"tp": 2}, "adamw"),
-    ({"dp": 2, "tp": 2}, "muon"),
-    ({"tp": 2, "ep": 2}, "muon"),
-], ids=["dp2-muon", "ep2-muon", "dp2-adamw", "dp2xep2-muon", "tp2-muon", "tp2-adamw", "dp2xtp2-muon",
-        "tp2xep2-muon"])
+@pytest.mark.parametrize(
+    "layout,optim",
+    [
+        ({"dp": 2}, "muon"),
+        ({"ep": 2}, "muon"),
+        ({"dp": 2}, "adamw"),
+        ({"dp": 2, "ep": 2}, "muon"),
+        ({"tp": 2}, "muon"),
+        ({"tp": 2}, "adamw"),
+        ({"dp": 2, "tp": 2}, "muon"),
+        ({"tp": 2, "ep": 2}, "muon"),
+    ],
+    ids=["dp2-muon", "ep2-muon", "dp2-adamw", "dp2xep2-muon", "tp2-muon", "tp2-adamw", "dp2xtp2-muon", "tp2xep2-muon"],
+)
 def test_layout_matches_one_process(layout, optim):
     run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, optim))
 
 
 # HSDP: the dp ranks as 2 replicas, each FSDP-sharded over the rest (with ep2: dense weights sharded over ep,
 # experts whole on their EP rank and only replicated).
-@pytest.mark.parametrize("layout", [
-    {"dp": 4, "dp_replicate": 2},
-    {"dp": 2, "ep": 2, "dp_replicate": 2},
-], ids=["dp4-hsdp2", "dp2xep2-hsdp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"dp": 4, "dp_replicate": 2},
+        {"dp": 2, "ep": 2, "dp_replicate": 2},
+    ],
+    ids=["dp4-hsdp2", "dp2xep2-hsdp2"],
+)
 def test_hsdp_layout_matches_one_process(layout):
     run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, "muon"))
 
@@ -73,16 +88,21 @@ def test_hsdp_layout_matches_one_process(layout):
 # Context parallelism: 32 tokens per row, so each of 2 (or 4) ranks holds 16 (8): whole windows (8) and whole
 # CSA/HCA blocks (4, 8); each rank then needs its neighbour's last window and compressor block, and the entries
 # of every rank. Dense indexer on step 1, sparse top-k after (run_steps), both cross the shards.
-@pytest.mark.parametrize("layout", [
-    {"cp": 2},
-    {"cp": 4},
-    {"cp": 2, "dp": 2},
-    {"cp": 2, "tp": 2},
-    {"cp": 2, "ep": 2},
-], ids=["cp2", "cp4", "cp2xdp2", "cp2xtp2", "cp2xep2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"cp": 2},
+        {"cp": 4},
+        {"cp": 2, "dp": 2},
+        {"cp": 2, "tp": 2},
+        {"cp": 2, "ep": 2},
+    ],
+    ids=["cp2", "cp4", "cp2xdp2", "cp2xtp2", "cp2xep2"],
+)
 def test_context_parallel_layout_matches_one_process(layout):
-    run_distributed_test(_check_layout, world_size=ParallelDims(**layout).world_size,
-                         args=(layout, "muon", (None,), 32))
+    run_distributed_test(
+        _check_layout, world_size=ParallelDims(**layout).world_size, args=(layout, "muon", (None,), 32)
+    )
 
 
 # FP8 and FP8+FP4 (the README's precision x layout claims): both precisions in one process group per layout, 2

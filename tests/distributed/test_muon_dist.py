@@ -72,8 +72,13 @@ def _run_case(mesh, specs, *, expect_local=None, expect_a2a=None, seed=0):
         for i, (p, q) in enumerate(zip(ref, ours)):
             what = f"step {step} param {i} {specs[i][:2]}"
             _assert_param_close(_full(q.detach()), p.detach(), what)
-            torch.testing.assert_close(_full(opt.state[q]["momentum_buffer"]), opt_ref.state[p]["momentum_buffer"],
-                                       rtol=0, atol=0, msg=what + " momentum")
+            torch.testing.assert_close(
+                _full(opt.state[q]["momentum_buffer"]),
+                opt_ref.state[p]["momentum_buffer"],
+                rtol=0,
+                atol=0,
+                msg=what + " momentum",
+            )
             if isinstance(q, DTensor):
                 m = opt.state[q]["momentum_buffer"]
                 assert isinstance(m, DTensor) and m.placements == q.placements
@@ -110,11 +115,17 @@ def _fsdp_pair(world_size: int, seed: int = 0):
 def _check_shard0_and_fsdp(rank: int, world_size: int) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     s0 = [Shard(0)]
-    specs = [([5, 12], s0, 1), ([16, 8], s0, 1), ([8, 16], s0, 1), ([3, 4], s0, 1),  # uneven, tall, wide, tiny
-             ([6, 6], [Replicate()], 1), ([4, 4], None, 1),  # replicated DTensor and plain tensor: local
-             ([8, 6], s0, 2), ([10, 4], s0, 2)]  # row_blocks=2: whole blocks per shard on 2 ranks, split on 4
-    opt = _run_case(mesh, specs, expect_a2a=2,
-                    expect_local={4, 5, 6, 7} if world_size == 2 else {4, 5})
+    specs = [
+        ([5, 12], s0, 1),
+        ([16, 8], s0, 1),
+        ([8, 16], s0, 1),
+        ([3, 4], s0, 1),  # uneven, tall, wide, tiny
+        ([6, 6], [Replicate()], 1),
+        ([4, 4], None, 1),  # replicated DTensor and plain tensor: local
+        ([8, 6], s0, 2),
+        ([10, 4], s0, 2),
+    ]  # row_blocks=2: whole blocks per shard on 2 ranks, split on 4
+    opt = _run_case(mesh, specs, expect_a2a=2, expect_local={4, 5, 6, 7} if world_size == 2 else {4, 5})
     if world_size == 4:  # owners spread over ranks
         assert len(set(opt.plan_summary()["owner"].values())) >= 3, opt.plan_summary()
 
@@ -142,8 +153,9 @@ def _check_shard0_and_fsdp(rank: int, world_size: int) -> None:
         opt.zero_grad()
         for (name, p), q in zip(ref.named_parameters(), net.parameters()):
             _assert_param_close(q.detach().full_tensor(), p.detach(), f"fsdp step {step} {name}")
-            torch.testing.assert_close(opt.state[q]["momentum_buffer"].full_tensor(),
-                                       opt_ref.state[p]["momentum_buffer"], rtol=0, atol=0)
+            torch.testing.assert_close(
+                opt.state[q]["momentum_buffer"].full_tensor(), opt_ref.state[p]["momentum_buffer"], rtol=0, atol=0
+            )
         torch.testing.assert_close(opt.last_update_rms, opt_ref.last_update_rms, rtol=1e-6, atol=0)
 
 
@@ -155,8 +167,12 @@ def test_shard0_and_fully_shard_match_single_process(world_size):
 def _check_tp_and_experts(rank: int, world_size: int) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     # TP style: Shard(1) (RowwiseParallel) and Shard(0) (ColwiseParallel)
-    _run_case(mesh, [([6, 10], [Shard(1)], 1), ([12, 7], [Shard(1)], 1), ([9, 5], [Shard(0)], 1)], expect_a2a=2,
-              expect_local=set())
+    _run_case(
+        mesh,
+        [([6, 10], [Shard(1)], 1), ([12, 7], [Shard(1)], 1), ([9, 5], [Shard(0)], 1)],
+        expect_a2a=2,
+        expect_local=set(),
+    )
 
     # expert stacks sharded on the expert dim hold whole experts: local NS, no all-to-all at all
     _run_case(mesh, [([4, 8, 6], [Shard(0)], 1)], expect_a2a=0, expect_local={0})
@@ -191,11 +207,14 @@ def test_tp_shard1_and_expert_stacks_match_single_process():
 
 def _check_2d_mesh(rank: int, world_size: int) -> None:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    specs = [([8, 12], [Shard(0), Shard(1)], 1), ([5, 7], [Shard(0), Shard(1)], 1),  # FSDP x TP (Rowwise)
-             ([9, 4], [Shard(0), Shard(0)], 1),  # FSDP x TP (Colwise), nested on one dim
-             ([6, 10], [Replicate(), Shard(0)], 1),  # HSDP: owner-compute inside each replica group
-             ([4, 6, 5], [Shard(0), Shard(0)], 1),  # one whole expert per rank: local
-             ([8, 6], [Replicate(), Shard(0)], 2)]  # row_blocks over 2 shards: whole blocks, local
+    specs = [
+        ([8, 12], [Shard(0), Shard(1)], 1),
+        ([5, 7], [Shard(0), Shard(1)], 1),  # FSDP x TP (Rowwise)
+        ([9, 4], [Shard(0), Shard(0)], 1),  # FSDP x TP (Colwise), nested on one dim
+        ([6, 10], [Replicate(), Shard(0)], 1),  # HSDP: owner-compute inside each replica group
+        ([4, 6, 5], [Shard(0), Shard(0)], 1),  # one whole expert per rank: local
+        ([8, 6], [Replicate(), Shard(0)], 2),
+    ]  # row_blocks over 2 shards: whole blocks, local
     opt = _run_case(mesh, specs, expect_a2a=2, expect_local={4, 5})
     summary = opt.plan_summary()
     assert len(set(summary["owner"].values())) >= 2, summary
@@ -232,8 +251,13 @@ def test_2d_mesh_matches_single_process():
 
 def _check_dcp_roundtrip(rank: int, world_size: int, path: str) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     from dsv4train.optim.combined import CombinedOptimizer
 
     gen = torch.Generator().manual_seed(5)
@@ -255,8 +279,9 @@ def _check_dcp_roundtrip(rank: int, world_size: int, path: str) -> None:
     assert isinstance(opt["muon"], DistributedMuon)
     train(net, opt, batches[:2])
     dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=path)
-    saved = {n: opt["muon"].state[p]["momentum_buffer"].full_tensor() for n, p in net.named_parameters()
-             if n != "c.weight"}
+    saved = {
+        n: opt["muon"].state[p]["momentum_buffer"].full_tensor() for n, p in net.named_parameters() if n != "c.weight"
+    }
     train(net, opt, batches[2:])
 
     net2, opt2 = build(1)  # different init: everything must come from the checkpoint
@@ -313,6 +338,5 @@ def test_owner_assignment_balances_ns_work():
         assert owners == assign_owners([(i, c, tuple(range(world))) for i, c in enumerate(costs)], [0.0] * world)
     # candidates restrict the owner; pre-existing load (local NS) is respected
     loads = [10.0, 0.0, 0.0]
-    assert assign_owners([("a", 5.0, (0, 1)), ("b", 4.0, (0, 2)), ("c", 1.0, (0,))], loads) == \
-        {"a": 1, "b": 2, "c": 0}
+    assert assign_owners([("a", 5.0, (0, 1)), ("b", 4.0, (0, 2)), ("c", 1.0, (0,))], loads) == {"a": 1, "b": 2, "c": 0}
     assert loads == [11.0, 5.0, 4.0]

@@ -48,8 +48,10 @@ def _compare(mismatches: list, what: str, got, want) -> None:
     elif not torch.equal(got.isnan(), want.isnan()) or not torch.equal(got.nan_to_num(), want.nan_to_num()):
         bad = (got.nan_to_num() != want.nan_to_num()) | (got.isnan() != want.isnan())
         i = int(bad.flatten().nonzero()[0])
-        mismatches.append(f"{what}: {int(bad.sum())} entries differ, e.g. {got.flatten()[i].item():.6g} vs "
-                          f"{want.flatten()[i].item():.6g}")
+        mismatches.append(
+            f"{what}: {int(bad.sum())} entries differ, e.g. {got.flatten()[i].item():.6g} vs "
+            f"{want.flatten()[i].item():.6g}"
+        )
 
 
 def _quantisers(mesh, mismatches: list) -> None:

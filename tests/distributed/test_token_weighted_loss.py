@@ -31,7 +31,7 @@ def _check(rank, world_size, layout: dict, accum: int):
     model = rt.parallelize(build_tiny())
     learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0), NO_EXTRAS, rt)
     b = ROWS // rt.data_ranks
-    mine = {k: v[rt.data_rank * b:(rt.data_rank + 1) * b] for k, v in batch.items()}
+    mine = {k: v[rt.data_rank * b : (rt.data_rank + 1) * b] for k, v in batch.items()}
     micro = [dict(zip(mine, vs)) for vs in zip(*(v.chunk(accum) for v in mine.values()))]
     res = learner.step(micro, NextTokenLoss(mtp_weight=MTP_WEIGHT))
 
@@ -46,11 +46,15 @@ def _check(rank, world_size, layout: dict, accum: int):
     assert relative_l2(got, {k: want_grads[k] for k in got if k in want_grads}) < 1e-5
 
 
-@pytest.mark.parametrize("layout,accum", [
-    ({"dp": 2}, 1),
-    ({"dp": 2}, 2),
-    ({"cp": 2}, 2),
-    ({"pp": 2}, 2),
-], ids=["dp2", "dp2-accum2", "cp2-accum2", "pp2-accum2"])
+@pytest.mark.parametrize(
+    "layout,accum",
+    [
+        ({"dp": 2}, 1),
+        ({"dp": 2}, 2),
+        ({"cp": 2}, 2),
+        ({"pp": 2}, 2),
+    ],
+    ids=["dp2", "dp2-accum2", "cp2-accum2", "pp2-accum2"],
+)
 def test_masked_batches_match_one_process(layout, accum):
     run_distributed_test(_check, world_size=ParallelDims(**layout).world_size, args=(layout, accum))

@@ -6,16 +6,30 @@ import pytest
 import torch
 
 from dsv4train.cli.main import main
-from dsv4train.train.losses import IGNORE, mtp_targets
 from dsv4train.config.pretrain import TrainConfig
+from dsv4train.train.losses import IGNORE, mtp_targets
 
 pytestmark = pytest.mark.e2e
 
 
 def test_demo_trains_and_validation_loss_falls(tmp_path):
     run_dir = tmp_path / "demo"
-    rc = main(["demo", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"), "--steps", "40",
-               "--max-docs", "120", "train.seq_len=128", "train.eval_every=20", "train.progress_bar=false"])
+    rc = main(
+        [
+            "demo",
+            "--run-dir",
+            str(run_dir),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--steps",
+            "40",
+            "--max-docs",
+            "120",
+            "train.seq_len=128",
+            "train.eval_every=20",
+            "train.progress_bar=false",
+        ]
+    )
     assert rc == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_loss_last"] < summary["val_loss_at_start"] - 1.0

@@ -25,8 +25,16 @@ from dsv4train.train.trainer import pretrain
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["model=toy", "train.seq_len=32", "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
-        "train.dense_indexer_steps=1", "optim.warmup_steps=1", "train.progress_bar=false"]
+FAST = [
+    "model=toy",
+    "train.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.eval_every=4",
+    "train.eval_batches=1",
+    "train.dense_indexer_steps=1",
+    "optim.warmup_steps=1",
+    "train.progress_bar=false",
+]
 # Runs `dsv4 <args>` after a fault-injection hook, in one Python process (argv[1:] are the dsv4 arguments).
 WITH_HOOK = "import os, signal, sys\n{hook}\nfrom dsv4train.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
 SIGTERM_IN_SET_UP = """
@@ -62,8 +70,22 @@ dcp.save = save
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "sample"
-    assert data_main(["prepare", "--input", str(REPO / "data" / "sample"), "--vocab-size", "512", "--name", "sample",
-                      "--out", str(out)]) == 0
+    assert (
+        data_main(
+            [
+                "prepare",
+                "--input",
+                str(REPO / "data" / "sample"),
+                "--vocab-size",
+                "512",
+                "--name",
+                "sample",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -78,8 +100,14 @@ def _in_process(run_dir, data_dir, *extra) -> dict:
 
 def _dsv4_with_hook(hook: str, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", WITH_HOOK.format(hook=hook), *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", WITH_HOOK.format(hook=hook), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 def _steps(run_dir: Path) -> list[str]:
@@ -98,8 +126,14 @@ def _requeued_by_the_sbatch(summary: dict) -> bool:
 
 def test_pretrain_bad_override_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "dsv4train.cli", "pretrain", "train.stepz=3",
-                        f"run.dir={tmp_path / 'r'}"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsv4train.cli", "pretrain", "train.stepz=3", f"run.dir={tmp_path / 'r'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Key 'stepz' not in 'TrainConfig'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -141,8 +175,15 @@ def _one_rank_signalled(rank: int, world_size: int, run_dir: str, data_dir: str)
         return out
 
     Learner.step = step
-    summary = _in_process(run_dir, data_dir, "parallel.dp=2", "train.micro_batch_size=1", "train.steps=5",
-                          "train.checkpoint_every=0", "parallel.timeout_s=60")
+    summary = _in_process(
+        run_dir,
+        data_dir,
+        "parallel.dp=2",
+        "train.micro_batch_size=1",
+        "train.steps=5",
+        "train.checkpoint_every=0",
+        "parallel.timeout_s=60",
+    )
     assert len(calls) == 2, f"rank {rank} took {len(calls)} steps"
     assert summary["steps_done"] == 2
     assert summary["preempted_by"] == ("SIGUSR1 on another rank" if rank == 0 else "SIGUSR1")
@@ -191,8 +232,14 @@ def test_a_cut_short_checkpoint_is_named_and_can_be_set_aside(tmp_path, data_dir
         f.truncate(shard.stat().st_size // 3)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "dsv4train.cli", "pretrain", *_overrides(run, data_dir, *args)],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsv4train.cli", "pretrain", *_overrides(run, data_dir, *args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"checkpoint {root / 'step_2'} is damaged: __0_0.distcp is cut short" in r.stderr
     assert f"previous complete checkpoint, {root / 'step_1'}" in r.stderr
@@ -268,8 +315,9 @@ def test_nan_policy_skip_drops_the_step_and_training_goes_on(tmp_path, data_dir,
     assert all(torch.equal(s2["model"][k], s3["model"][k]) for k in s2["model"])  # weights and router biases
     assert all(torch.equal(a, b) for a, b in zip(_tensors(s2["optim"]["state"]), _tensors(s3["optim"]["state"])))
     assert not all(torch.equal(s3["model"][k], s4["model"][k]) for k in s3["model"])  # step 4 trained again
-    assert [torch.load(root / f"step_{n}" / "trainer_state.pt", weights_only=False)["nan_skips"]
-            for n in (2, 3, 4)] == [0, 1, 0]
+    assert [
+        torch.load(root / f"step_{n}" / "trainer_state.pt", weights_only=False)["nan_skips"] for n in (2, 3, 4)
+    ] == [0, 1, 0]
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -281,8 +329,17 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def test_demo_run_again_on_a_finished_run(tmp_path, data_dir, capsys):
-    args = ["demo", "--run-dir", str(tmp_path / "demo"), "--data-dir", str(data_dir), "--steps", "3",
-            *[o for o in FAST if not o.startswith("model=")], "train.eval_every=3"]
+    args = [
+        "demo",
+        "--run-dir",
+        str(tmp_path / "demo"),
+        "--data-dir",
+        str(data_dir),
+        "--steps",
+        "3",
+        *[o for o in FAST if not o.startswith("model=")],
+        "train.eval_every=3",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0  # was: a TypeError (no step-0 validation loss after a resume)

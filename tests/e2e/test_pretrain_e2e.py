@@ -16,23 +16,50 @@ from dsv4train.config.hydra_entry import CONF_DIR, compose_pretrain
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["model=toy", "train.seq_len=64", "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=2",
-        "train.dense_indexer_steps=2", "optim.warmup_steps=2", "train.progress_bar=false"]
+FAST = [
+    "model=toy",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.dense_indexer_steps=2",
+    "optim.warmup_steps=2",
+    "train.progress_bar=false",
+]
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "sample"
-    r = _dsv4(["data", "prepare", "--input", str(REPO / "data" / "sample"), "--vocab-size", "512",
-               "--name", "sample", "--out", str(out)])
+    r = _dsv4(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(REPO / "data" / "sample"),
+            "--vocab-size",
+            "512",
+            "--name",
+            "sample",
+            "--out",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     return out
 
 
 def _dsv4(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "dsv4train.cli", *args], capture_output=True, text=True,
-                          cwd=kw.pop("cwd", REPO), env=env, timeout=kw.pop("timeout", 600), **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dsv4train.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=kw.pop("cwd", REPO),
+        env=env,
+        timeout=kw.pop("timeout", 600),
+        **kw,
+    )
 
 
 def _pretrain(run_dir, data_dir, *overrides, **kw):
@@ -61,15 +88,17 @@ def test_every_yaml_composes():
 
 
 def test_model_yamls_match_the_flavor_registry():
-    import yaml
     from dataclasses import asdict
+
+    import yaml
 
     from dsv4train.models.flavors import flavor_names, get_flavor
 
     for name in flavor_names():
         on_disk = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text())
-        assert on_disk == asdict(get_flavor(name)), \
+        assert on_disk == asdict(get_flavor(name)), (
             "regenerate: python -m dsv4train.models.flavors dsv4train/conf/model"
+        )
 
 
 def test_bad_overrides_name_the_key(tmp_path):
@@ -120,9 +149,22 @@ def test_resume_after_kill_9_is_bitwise(tmp_path, data_dir):
     assert _pretrain(straight, data_dir, *common).returncode == 0
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4train.cli", "pretrain", *FAST, *common,
-                             f"run.dir={resumed}", f"data.dir={data_dir}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsv4train.cli",
+            "pretrain",
+            *FAST,
+            *common,
+            f"run.dir={resumed}",
+            f"data.dir={data_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (resumed / "checkpoints" / "step_4").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
@@ -143,9 +185,24 @@ def test_resume_after_kill_9_is_bitwise(tmp_path, data_dir):
 def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path, data_dir):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4train.cli", "pretrain", *FAST, "train.steps=100000",
-                             "train.checkpoint_every=0", f"run.dir={run}", f"data.dir={data_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsv4train.cli",
+            "pretrain",
+            *FAST,
+            "train.steps=100000",
+            "train.checkpoint_every=0",
+            f"run.dir={run}",
+            f"data.dir={data_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline
@@ -178,8 +235,15 @@ def test_unwritable_run_dir_and_missing_data_are_named(tmp_path, data_dir):
 
 
 def test_nan_stop_policy_stops_with_a_message(tmp_path, data_dir):
-    r = _pretrain(tmp_path / "run", data_dir, "train.steps=5", "train.nan_policy=stop", "optim.lr=1e30",
-                  "optim.min_lr=0", "optim.name=adamw")
+    r = _pretrain(
+        tmp_path / "run",
+        data_dir,
+        "train.steps=5",
+        "train.nan_policy=stop",
+        "optim.lr=1e30",
+        "optim.min_lr=0",
+        "optim.name=adamw",
+    )
     assert r.returncode == 1 and "non-finite" in r.stderr
 
 
@@ -235,8 +299,8 @@ def _wandb_history(wandb_dir) -> dict[int, dict[str, float]]:
         if block - pos % block < 7:  # a block tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        body, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        body, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind == 1:
             records.append(body)
         elif kind in (2, 3):

@@ -14,9 +14,18 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["model=toy", "train.seq_len=32", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3",
-          "train.eval_every=2", "train.eval_batches=1", "train.dense_indexer_steps=1", "optim.warmup_steps=1",
-          "train.progress_bar=false"]
+COMMON = [
+    "model=toy",
+    "train.seq_len=32",
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=3",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.dense_indexer_steps=1",
+    "optim.warmup_steps=1",
+    "train.progress_bar=false",
+]
 
 
 def _env():
@@ -35,24 +44,72 @@ def _losses(run_dir: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "sample"
-    r = subprocess.run([sys.executable, "-m", "dsv4train.cli", "data", "prepare", "--input", str(REPO / "data" / "sample"),
-                        "--vocab-size", "512", "--name", "sample", "--out", str(out)], capture_output=True, text=True,
-                       env=_env(), cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv4train.cli",
+            "data",
+            "prepare",
+            "--input",
+            str(REPO / "data" / "sample"),
+            "--vocab-size",
+            "512",
+            "--name",
+            "sample",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
 
 def _one_process(run_dir, data_dir, rows):
-    return subprocess.run([sys.executable, "-m", "dsv4train.cli", "pretrain", *COMMON, f"data.dir={data_dir}",
-                           f"train.micro_batch_size={rows}", f"run.dir={run_dir}"],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv4train.cli",
+            "pretrain",
+            *COMMON,
+            f"data.dir={data_dir}",
+            f"train.micro_batch_size={rows}",
+            f"run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=600,
+    )
 
 
 def _torchrun(nproc: int, run_dir, data_dir, *overrides):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv4train.cli", "pretrain",
-                           *COMMON, *overrides, f"data.dir={data_dir}", f"run.dir={run_dir}"], capture_output=True,
-                          text=True, env=_env(), cwd=REPO, timeout=900)
+    return subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "dsv4train.cli",
+            "pretrain",
+            *COMMON,
+            *overrides,
+            f"data.dir={data_dir}",
+            f"run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")

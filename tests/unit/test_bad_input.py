@@ -28,6 +28,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 # ---- every numeric config field is range checked ---------------------------------------------------------------
 
+
 def _valid(cls):
     """A valid instance's fields (the toy flavor for the model, the defaults otherwise)."""
     return dataclasses.asdict(get_flavor("toy")) if cls is ModelConfig else dataclasses.asdict(cls())
@@ -51,18 +52,21 @@ def test_every_numeric_field_refuses_negative_and_non_finite_values(cls, section
             assert repr(bad) in str(info.value) or str(bad) in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("init_std", -1.0, "model.init_std: must be in (0, 1], got -1.0"),
-    ("init_std", 0.0, "model.init_std: must be in (0, 1], got 0.0"),
-    ("rope_theta", 1.0, "model.rope_theta: must be > 1, got 1.0"),  # log(1) = 0: YaRN's range divides by it
-    ("compress_rope_theta", 0.5, "model.compress_rope_theta: must be > 1, got 0.5"),
-    ("norm_eps", 0.0, "model.norm_eps: must be in (0, 1), got 0.0"),
-    ("hc_eps", 1.0, "model.hc_eps: must be in (0, 1), got 1.0"),
-    ("rope_factor", 0.5, "model.rope_factor: must be >= 1, got 0.5"),
-    ("beta_fast", 1, "model.beta_fast: (1) must exceed beta_slow (1): YaRN blends between the two"),
-    ("route_scale", 0.0, "model.route_scale: must be > 0, got 0.0"),
-    ("n_shared_experts", 2, "model.n_shared_experts: must be in [0, 1], got 2"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("init_std", -1.0, "model.init_std: must be in (0, 1], got -1.0"),
+        ("init_std", 0.0, "model.init_std: must be in (0, 1], got 0.0"),
+        ("rope_theta", 1.0, "model.rope_theta: must be > 1, got 1.0"),  # log(1) = 0: YaRN's range divides by it
+        ("compress_rope_theta", 0.5, "model.compress_rope_theta: must be > 1, got 0.5"),
+        ("norm_eps", 0.0, "model.norm_eps: must be in (0, 1), got 0.0"),
+        ("hc_eps", 1.0, "model.hc_eps: must be in (0, 1), got 1.0"),
+        ("rope_factor", 0.5, "model.rope_factor: must be >= 1, got 0.5"),
+        ("beta_fast", 1, "model.beta_fast: (1) must exceed beta_slow (1): YaRN blends between the two"),
+        ("route_scale", 0.0, "model.route_scale: must be > 0, got 0.0"),
+        ("n_shared_experts", 2, "model.n_shared_experts: must be in [0, 1], got 2"),
+    ],
+)
 def test_model_ranges_name_the_key_and_the_range(key, value, message):
     with pytest.raises(ConfigError) as info:
         get_flavor("toy", **{key: value})
@@ -70,8 +74,17 @@ def test_model_ranges_name_the_key_and_the_range(key, value, message):
 
 
 def test_edge_values_that_mean_something_are_accepted():
-    get_flavor("toy", swiglu_limit=0.0, original_seq_len=0, n_shared_experts=0, hc_init_std=0.0, n_mtp_layers=0,
-               n_hash_layers=0, init_std=1.0, rope_factor=1.0)
+    get_flavor(
+        "toy",
+        swiglu_limit=0.0,
+        original_seq_len=0,
+        n_shared_experts=0,
+        hc_init_std=0.0,
+        n_mtp_layers=0,
+        n_hash_layers=0,
+        init_std=1.0,
+        rope_factor=1.0,
+    )
     TrainConfig(checkpoint_every=0, dense_indexer_steps=0, max_nan_skips=0, mtp_weight=0.0, bias_update_speed=0.0)
     OptimConfig(min_lr=0.0, weight_decay=0.0, warmup_steps=0, decay_fraction=0.0, adam_beta1=0.0, lr=1e30)
     for name in flavor_names():
@@ -86,6 +99,7 @@ def test_optim_cross_check_still_names_min_lr():
 
 # ---- the CLI: one paragraph and status 2 for the user's mistakes, a traceback for bugs ---------------------------
 
+
 def test_demo_steps_zero_is_an_argument_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--steps", "0", "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")])
@@ -94,15 +108,27 @@ def test_demo_steps_zero_is_an_argument_error(capsys, tmp_path):
     assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.stepz=3", "dsv4 demo: Could not override 'train.stepz'. Key 'stepz' not in 'TrainConfig'. To append "
-                      "to your config use +train.stepz=3.\n"),
-    ("train.steps=many", "dsv4 demo: Error merging override train.steps=many. Value 'many' of type 'str' could not "
-                         "be converted to Integer.\n"),
-    ("model.init_std=-1", "dsv4 demo: model.init_std: must be in (0, 1], got -1.0\n"),
-    ("model=nope", "dsv4 demo: In 'pretrain': Could not find 'model/nope'. Available options in 'model': 1b, "
-                   "flash, pro, small, tiny, toy.\n"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "train.stepz=3",
+            "dsv4 demo: Could not override 'train.stepz'. Key 'stepz' not in 'TrainConfig'. To append "
+            "to your config use +train.stepz=3.\n",
+        ),
+        (
+            "train.steps=many",
+            "dsv4 demo: Error merging override train.steps=many. Value 'many' of type 'str' could not "
+            "be converted to Integer.\n",
+        ),
+        ("model.init_std=-1", "dsv4 demo: model.init_std: must be in (0, 1], got -1.0\n"),
+        (
+            "model=nope",
+            "dsv4 demo: In 'pretrain': Could not find 'model/nope'. Available options in 'model': 1b, "
+            "flash, pro, small, tiny, toy.\n",
+        ),
+    ],
+)
 def test_demo_bad_override_is_one_paragraph_before_any_work(capsys, tmp_path, override, expected):
     rc = main(["demo", "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d"), override])
     out = capsys.readouterr()
@@ -119,6 +145,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 # ---- `data prepare --append` on a damaged manifest ---------------------------------------------------------------
 
+
 @pytest.fixture
 def prepared(tmp_path):
     out = tmp_path / "prepared"
@@ -130,14 +157,19 @@ def _folder_state(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda text: text[: len(text) // 2], "is not valid JSON ("),
-    (lambda text: "", "is not valid JSON (Expecting value at line 1, column 1)"),
-    (lambda text: "[1, 2]", "holds a JSON list, not an object"),
-    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "datasets"}),
-     "is missing or has a wrong type for 'datasets' (want dict)"),
-    (lambda text: json.dumps({**json.loads(text), "eos_id": "1"}), "'eos_id' (want int)"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda text: text[: len(text) // 2], "is not valid JSON ("),
+        (lambda text: "", "is not valid JSON (Expecting value at line 1, column 1)"),
+        (lambda text: "[1, 2]", "holds a JSON list, not an object"),
+        (
+            lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "datasets"}),
+            "is missing or has a wrong type for 'datasets' (want dict)",
+        ),
+        (lambda text: json.dumps({**json.loads(text), "eos_id": "1"}), "'eos_id' (want int)"),
+    ],
+)
 def test_append_to_a_damaged_manifest_names_it_and_writes_nothing(capsys, prepared, damage, expected):
     manifest = prepared / "manifest.json"
     manifest.write_text(damage(manifest.read_text()))
@@ -149,6 +181,7 @@ def test_append_to_a_damaged_manifest_names_it_and_writes_nothing(capsys, prepar
 
 
 # ---- damaged checkpoints ------------------------------------------------------------------------------------------
+
 
 def _model_and_optimizer(name="muon", seed=0):
     model = DSV4Model(tiny_config())
@@ -198,13 +231,16 @@ def test_a_cut_short_shard_names_the_folder_the_file_and_the_way_out(two_checkpo
     assert _mtimes(root / "step_2") == before  # nothing changed
 
 
-@pytest.mark.parametrize("name, damage, expected", [
-    ("__0_0.distcp", "delete", "__0_0.distcp is missing (the index .metadata names it)"),
-    (".metadata", "half", ".metadata cannot be read"),
-    (".metadata", "delete", ".metadata is missing"),
-    ("meta.json", "garbage", "meta.json cannot be read"),
-    ("trainer_state.pt", "half", "trainer_state.pt cannot be read"),
-])
+@pytest.mark.parametrize(
+    "name, damage, expected",
+    [
+        ("__0_0.distcp", "delete", "__0_0.distcp is missing (the index .metadata names it)"),
+        (".metadata", "half", ".metadata cannot be read"),
+        (".metadata", "delete", ".metadata is missing"),
+        ("meta.json", "garbage", "meta.json cannot be read"),
+        ("trainer_state.pt", "half", "trainer_state.pt cannot be read"),
+    ],
+)
 def test_other_damage_is_named_too(two_checkpoints, name, damage, expected):
     root, _ = two_checkpoints
     path = root / "step_2" / name
@@ -242,6 +278,7 @@ def test_only_complete_step_folders_are_resumed_and_partial_writes_are_removed(t
 
 
 # ---- a resume with another optimizer -----------------------------------------------------------------------------
+
 
 def test_another_optimizer_is_refused_with_the_way_out(two_checkpoints):
     root, _ = two_checkpoints

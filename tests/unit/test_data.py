@@ -122,9 +122,15 @@ def test_given_tokenizer_and_append_with_another_is_refused(prepared, tmp_path, 
     hf.mkdir()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=280, special_tokens=["<pad>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
+    tok.train_from_iterator(
+        LINES,
+        trainers.BpeTrainer(
+            vocab_size=280,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
     assert _prepare("--input", jsonl, "--text-key", "body", "--tokenizer", hf, "--out", tmp_path / "hf_out") == 0
@@ -137,8 +143,12 @@ def test_given_tokenizer_and_append_with_another_is_refused(prepared, tmp_path, 
     assert _prepare(*given_file, "--out", tmp_path / "no_eos") == 2
     assert "end-of-document" in capsys.readouterr().err and not (tmp_path / "no_eos").exists()
     before = {p.name: p.read_bytes() for p in prepared.iterdir()}
-    assert _prepare("--input", jsonl, "--text-key", "body", "--tokenizer", hf, "--name", "x", "--append",
-                    "--out", prepared) == 2
+    assert (
+        _prepare(
+            "--input", jsonl, "--text-key", "body", "--tokenizer", hf, "--name", "x", "--append", "--out", prepared
+        )
+        == 2
+    )
     assert "differs" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
 
@@ -210,10 +220,14 @@ def test_truncated_or_corrupt_files_are_named(prepared, tmp_path):
 
 
 def test_data_config_errors_name_the_field():
-    for kwargs, key in (({"sources": ["a"], "weights": [1.0, 2.0]}, "data.weights"),
-                        ({"sources": ["a"], "weights": [0.0]}, "data.weights"),
-                        ({"sources": ["a", "a"]}, "data.sources"), ({"val_fraction": 0.0}, "data.val_fraction"),
-                        ({"seed": -1}, "data.seed"), ({"dir": ""}, "data.dir")):
+    for kwargs, key in (
+        ({"sources": ["a"], "weights": [1.0, 2.0]}, "data.weights"),
+        ({"sources": ["a"], "weights": [0.0]}, "data.weights"),
+        ({"sources": ["a", "a"]}, "data.sources"),
+        ({"val_fraction": 0.0}, "data.val_fraction"),
+        ({"seed": -1}, "data.seed"),
+        ({"dir": ""}, "data.dir"),
+    ):
         with pytest.raises(ConfigError, match=key):
             DataConfig(**kwargs)
     assert DataConfig(sources=["a", "b"], weights=[1, 3]).weights == [1.0, 3.0]

@@ -33,8 +33,9 @@ def test_counts_equal_meta_model(name):
     assert counts.total_with_mtp == n_params + n_buffers
     assert counts.router_buffers == n_buffers
     assert counts.mtp == sum(p.numel() for p in model.mtp.parameters()) + sum(b.numel() for b in model.mtp.buffers())
-    assert counts.breakdown["indexer"] == sum(p.numel() for k, p in named.items() if ".attn.indexer." in k
-                                              and not k.startswith("mtp."))
+    assert counts.breakdown["indexer"] == sum(
+        p.numel() for k, p in named.items() if ".attn.indexer." in k and not k.startswith("mtp.")
+    )
     # active: the main model minus embedding, minus the routed experts a token does not visit
     E, k = cfg.n_routed_experts, cfg.n_activated_experts
     main = {n: p.numel() for n, p in named.items() if not n.startswith(("mtp.", "embed."))}
@@ -50,10 +51,13 @@ def test_released_sizes_match_the_arch_ref_count():
     assert pro.breakdown["indexer"] / 30 == pytest.approx(16.71e6, rel=1e-3)
 
 
-@pytest.mark.parametrize("flavor, total, active, total_unit", [
-    ("flash", 284e9, 13e9, 1e9),    # "284B total, 13B activated"
-    ("pro", 1.6e12, 49e9, 0.1e12),  # "1.6T total, 49B activated"
-])
+@pytest.mark.parametrize(
+    "flavor, total, active, total_unit",
+    [
+        ("flash", 284e9, 13e9, 1e9),  # "284B total, 13B activated"
+        ("pro", 1.6e12, 49e9, 0.1e12),  # "1.6T total, 49B activated"
+    ],
+)
 def test_published_headlines_at_their_precision(flavor, total, active, total_unit):
     """The report rounds to the last digit shown; ours must round to the same figure."""
     counts = flops.param_counts(get_flavor(flavor))
@@ -109,10 +113,13 @@ def test_kv_bytes_per_token():
     assert flops.v32_kv_cache_bytes(1) == 48068
 
 
-@pytest.mark.parametrize("flavor, flops_band, kv_band", [
-    ("pro", (0.24, 0.30), (0.09, 0.115)),   # report: 27% / 10%
-    ("flash", (0.08, 0.13), (0.06, 0.08)),  # report: 10% / 7% (ours 12.1%, see docs/efficiency.md)
-])
+@pytest.mark.parametrize(
+    "flavor, flops_band, kv_band",
+    [
+        ("pro", (0.24, 0.30), (0.09, 0.115)),  # report: 27% / 10%
+        ("flash", (0.08, 0.13), (0.06, 0.08)),  # report: 10% / 7% (ours 12.1%, see docs/efficiency.md)
+    ],
+)
 def test_v32_comparison_at_1m(flavor, flops_band, kv_band):
     c = flops.compare_with_v32(get_flavor(flavor), 1 << 20)
     assert flops_band[0] < c.flops_ratio < flops_band[1]
@@ -131,11 +138,14 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
     assert data["flavors"]["pro"]["params"]["total"] == flops.param_counts(get_flavor("pro")).total
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["efficiency", "--flavor", "flash", "nope"], "'nope'"),
-    (["speed"], "'speed'"),
-    ([], "required"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["efficiency", "--flavor", "flash", "nope"], "'nope'"),
+        (["speed"], "'speed'"),
+        ([], "required"),
+    ],
+)
 def test_cli_errors_return_2(argv, needle, capsys):
     assert bench_main(argv) == 2
     assert needle in capsys.readouterr().err

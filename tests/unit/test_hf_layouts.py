@@ -31,17 +31,28 @@ from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
 CFG = tiny_config(["swa", "csa", "hca"], indexer_mode="sparse", hc_mult=2, n_hash_layers=1)
 # FP8 weights that span several 128x128 blocks with partial last blocks (wq_b [192, 32], e_proj [160, 160]) and
 # FP4 experts whose input dims (160, 64) are whole 1x32 blocks
-HUB_CFG = tiny_config(["swa", "csa", "hca"], indexer_mode="sparse", dim=160, n_heads=6, moe_inter_dim=64,
-                      hc_mult=2, n_hash_layers=1)
+HUB_CFG = tiny_config(
+    ["swa", "csa", "hca"], indexer_mode="sparse", dim=160, n_heads=6, moe_inter_dim=64, hc_mult=2, n_hash_layers=1
+)
 # transformers vs ours on the same fp32 weights: the same maths in a different operation order (Sinkhorn, the
 # softmax with sinks, the grouped output projection); measured 1.7e-7 to 2.6e-7 relative (~2 float32 ulps)
 HF_REL_TOL = 2e-6
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_NIBBLE = E2M1 + tuple(-v for v in E2M1)  # bit 3 is the sign
-FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
-                "attn.indexer.wq_b.weight", "shared_experts.w1.weight", "shared_experts.w2.weight",
-                "shared_experts.w3.weight", "e_proj.weight", "h_proj.weight")
+FP8_SUFFIXES = (
+    "attn.wq_a.weight",
+    "attn.wq_b.weight",
+    "attn.wkv.weight",
+    "attn.wo_a.weight",
+    "attn.wo_b.weight",
+    "attn.indexer.wq_b.weight",
+    "shared_experts.w1.weight",
+    "shared_experts.w2.weight",
+    "shared_experts.w3.weight",
+    "e_proj.weight",
+    "h_proj.weight",
+)
 
 
 def _model(cfg: ModelConfig, seed: int = 0) -> DSV4Model:
@@ -80,6 +91,7 @@ def _model_from(cfg: ModelConfig, sd: dict) -> DSV4Model:
 
 
 # ---- the official hub layout, written here from arch ref §7.1 / §11.1 ----
+
 
 def _hub_precision(key: str) -> str:
     """The instruct checkpoint's storage of a tensor (arch ref §7.1)."""
@@ -141,8 +153,11 @@ def _official_tensors(model: DSV4Model, mode: str):
     tensors, expected, quantised = {}, {}, {}
     for key, value in model.state_dict().items():
         stacked = key.endswith((".ffn.experts.w1", ".ffn.experts.w2", ".ffn.experts.w3"))
-        items = ([(f"{key[:-3]}.{j}.{key[-2:]}.weight", value[j]) for j in range(value.shape[0])] if stacked
-                 else [(key, value)])
+        items = (
+            [(f"{key[:-3]}.{j}.{key[-2:]}.weight", value[j]) for j in range(value.shape[0])]
+            if stacked
+            else [(key, value)]
+        )
         outs = []
         for name, v in items:
             kind = _hub_precision(name)
@@ -167,27 +182,62 @@ def _hub_config_json(cfg: ModelConfig, quantised: bool) -> dict:
     num_hash_layers, qk_rope_head_dim, rope_scaling, quantization_config + expert_dtype."""
     ratio = {"swa": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}
     out = {
-        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": 1, "head_dim": cfg.head_dim, "qk_rope_head_dim": cfg.rope_head_dim,
-        "q_lora_rank": cfg.q_lora_rank, "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank,
-        "sliding_window": cfg.window_size, "compress_ratios": [ratio[t] for t in cfg.layer_types] + [0],
-        "compress_rope_theta": cfg.compress_rope_theta, "rope_theta": cfg.rope_theta,
-        "rope_scaling": {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
-                         "beta_slow": cfg.beta_slow, "original_max_position_embeddings": cfg.original_seq_len},
-        "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk,
-        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": 1,
-        "num_experts_per_tok": cfg.n_activated_experts, "moe_intermediate_size": cfg.moe_inter_dim,
-        "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True,
-        "routed_scaling_factor": cfg.route_scale, "num_hash_layers": cfg.n_hash_layers,
-        "swiglu_limit": cfg.swiglu_limit, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
-        "hc_eps": cfg.hc_eps, "rms_norm_eps": cfg.norm_eps, "num_nextn_predict_layers": 1,
-        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False, "bos_token_id": 0,
-        "eos_token_id": 1, "torch_dtype": "bfloat16"}
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": 1,
+        "head_dim": cfg.head_dim,
+        "qk_rope_head_dim": cfg.rope_head_dim,
+        "q_lora_rank": cfg.q_lora_rank,
+        "o_groups": cfg.o_groups,
+        "o_lora_rank": cfg.o_lora_rank,
+        "sliding_window": cfg.window_size,
+        "compress_ratios": [ratio[t] for t in cfg.layer_types] + [0],
+        "compress_rope_theta": cfg.compress_rope_theta,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": cfg.rope_factor,
+            "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow,
+            "original_max_position_embeddings": cfg.original_seq_len,
+        },
+        "index_n_heads": cfg.index_n_heads,
+        "index_head_dim": cfg.index_head_dim,
+        "index_topk": cfg.index_topk,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": cfg.n_activated_experts,
+        "moe_intermediate_size": cfg.moe_inter_dim,
+        "scoring_func": "sqrtsoftplus",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": cfg.route_scale,
+        "num_hash_layers": cfg.n_hash_layers,
+        "swiglu_limit": cfg.swiglu_limit,
+        "hc_mult": cfg.hc_mult,
+        "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+        "hc_eps": cfg.hc_eps,
+        "rms_norm_eps": cfg.norm_eps,
+        "num_nextn_predict_layers": 1,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "torch_dtype": "bfloat16",
+    }
     if quantised:
         out["expert_dtype"] = "fp4"
-        out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+        out["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "scale_fmt": "ue8m0",
+            "weight_block_size": [128, 128],
+        }
     return out
 
 
@@ -215,6 +265,7 @@ def _hub_folder(folder, model, mode="fp8_fp4", n_shards=1, edit=None):
 
 
 # ---- transformers' own layouts ----
+
 
 def _transformers_fresh(model: DSV4Model):
     """A DeepseekV4ForCausalLM built in memory (not loaded from disk) holding our model's weights."""
@@ -272,6 +323,7 @@ def test_randomly_initialised_transformers_model_loads_with_its_logits(tmp_path)
 
 
 # ---- the official hub layout ----
+
 
 @pytest.mark.parametrize("n_shards", [1, 3], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("mode", ["bf16", "fp8_fp4"])
@@ -332,12 +384,39 @@ def test_official_hub_config_json_reads_like_transformers_reads_it():
 # ---- a model of a shape no other test uses, round trip ----
 
 ODD = ModelConfig(
-    name="odd", vocab_size=317, dim=96, layer_types=["hca", "swa", "csa", "csa", "hca"], n_heads=3, head_dim=48,
-    rope_head_dim=12, q_lora_rank=40, o_groups=3, o_lora_rank=24, window_size=6, csa_ratio=4, hca_ratio=6,
-    rope_theta=5000.0, compress_rope_theta=20000.0, rope_factor=2.0, original_seq_len=32, index_n_heads=3,
-    index_head_dim=24, index_topk=2, indexer_mode="sparse", n_routed_experts=6, n_activated_experts=3,
-    moe_inter_dim=40, route_scale=2.0, n_hash_layers=2, swiglu_limit=7.0, hc_mult=3, hc_sinkhorn_iters=5,
-    norm_eps=1e-5, n_mtp_layers=1, max_seq_len=64)
+    name="odd",
+    vocab_size=317,
+    dim=96,
+    layer_types=["hca", "swa", "csa", "csa", "hca"],
+    n_heads=3,
+    head_dim=48,
+    rope_head_dim=12,
+    q_lora_rank=40,
+    o_groups=3,
+    o_lora_rank=24,
+    window_size=6,
+    csa_ratio=4,
+    hca_ratio=6,
+    rope_theta=5000.0,
+    compress_rope_theta=20000.0,
+    rope_factor=2.0,
+    original_seq_len=32,
+    index_n_heads=3,
+    index_head_dim=24,
+    index_topk=2,
+    indexer_mode="sparse",
+    n_routed_experts=6,
+    n_activated_experts=3,
+    moe_inter_dim=40,
+    route_scale=2.0,
+    n_hash_layers=2,
+    swiglu_limit=7.0,
+    hc_mult=3,
+    hc_sinkhorn_iters=5,
+    norm_eps=1e-5,
+    n_mtp_layers=1,
+    max_seq_len=64,
+)
 
 
 def test_odd_config_round_trips_through_transformers_and_convert(tmp_path):
@@ -359,6 +438,7 @@ def test_odd_config_round_trips_through_transformers_and_convert(tmp_path):
 
 # ---- bad inputs name the problem ----
 
+
 def _drop_scale(tensors):
     del tensors["layers.0.attn.wq_a.scale"]
 
@@ -378,15 +458,31 @@ def _drop_expert(tensors):
             del tensors[f"layers.2.ffn.experts.1.{w}.{suffix}"]
 
 
-@pytest.mark.parametrize("edit, error, match", [
-    (_drop_scale, CheckpointLayoutError, r"layers\.0\.attn\.wq_a\.weight: stored as torch\.float8_e4m3fn.*no "
-                                         r"block scale"),
-    (_wrong_fp4_scale, CheckpointLayoutError, r"layers\.1\.ffn\.experts\.2\.w2\.weight: packed FP4 .* needs a "
-                                              r"scale of shape \(160, 2\).*got \(160, 4\)"),
-    (_wrong_fp8_scale, CheckpointLayoutError, r"layers\.1\.attn\.wq_b\.weight: FP8 weight of shape \(192, 32\) "
-                                              r"needs a scale of shape \(2, 1\).*got \(1, 1\)"),
-    (_drop_expert, KeyError, r"layers\.2\.ffn\.experts\.w[123]: .*lacks experts \[1\]"),
-], ids=["fp8-without-scale", "fp4-wrong-scale", "fp8-wrong-scale", "missing-expert"])
+@pytest.mark.parametrize(
+    "edit, error, match",
+    [
+        (
+            _drop_scale,
+            CheckpointLayoutError,
+            r"layers\.0\.attn\.wq_a\.weight: stored as torch\.float8_e4m3fn.*no "
+            r"block scale",
+        ),
+        (
+            _wrong_fp4_scale,
+            CheckpointLayoutError,
+            r"layers\.1\.ffn\.experts\.2\.w2\.weight: packed FP4 .* needs a "
+            r"scale of shape \(160, 2\).*got \(160, 4\)",
+        ),
+        (
+            _wrong_fp8_scale,
+            CheckpointLayoutError,
+            r"layers\.1\.attn\.wq_b\.weight: FP8 weight of shape \(192, 32\) "
+            r"needs a scale of shape \(2, 1\).*got \(1, 1\)",
+        ),
+        (_drop_expert, KeyError, r"layers\.2\.ffn\.experts\.w[123]: .*lacks experts \[1\]"),
+    ],
+    ids=["fp8-without-scale", "fp4-wrong-scale", "fp8-wrong-scale", "missing-expert"],
+)
 def test_tensor_in_an_unexpected_layout_is_named(tmp_path, capsys, edit, error, match):
     _hub_folder(tmp_path / "hub", _model(HUB_CFG), edit=edit)
     with pytest.raises(error, match=match):

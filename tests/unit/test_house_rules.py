@@ -27,23 +27,37 @@ def _sources():
 
 def test_device_specific_calls_only_in_utils_device():
     pattern = re.compile(r"\.cuda\(|[\"']nccl[\"']|torch\.cuda\.")
-    bad = [f"{rel}:{i}" for rel, text in _sources() if rel not in DEVICE_OK
-           for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{rel}:{i}"
+        for rel, text in _sources()
+        if rel not in DEVICE_OK
+        for i, line in enumerate(text.splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, f"device-specific calls outside utils/device.py: {bad}"
 
 
 def test_models_import_no_distributed_or_ray():
     pattern = re.compile(r"^\s*(from|import)\s+(torch\.distributed|ray)\b")
-    bad = [f"{rel}:{i}" for rel, text in _sources() if rel.startswith("models/")
-           for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{rel}:{i}"
+        for rel, text in _sources()
+        if rel.startswith("models/")
+        for i, line in enumerate(text.splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, f"models/ must stay plain PyTorch: {bad}"
 
 
 def test_mesh_and_dtensor_only_in_parallel():
     pattern = re.compile(r"DeviceMesh|DTensor|fully_shard|torch\.distributed\.pipelining|init_device_mesh")
-    bad = [f"{rel}:{i}" for rel, text in _sources()
-           if not rel.startswith(DIST_OK_DIRS) and rel not in DIST_OK
-           for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{rel}:{i}"
+        for rel, text in _sources()
+        if not rel.startswith(DIST_OK_DIRS) and rel not in DIST_OK
+        for i, line in enumerate(text.splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, f"parallelism belongs in dsv4train/parallel/: {bad}"
 
 
@@ -52,8 +66,12 @@ def test_no_method_replacement():
     `sum_over_head_shards`), not by binding a new `forward` to an instance: a patched method hides what the module
     does from its class, and a reader of the class finds code that does not run."""
     pattern = re.compile(r"\bMethodType\b|\.forward\s*=(?!=)")
-    bad = [f"{rel}:{i}: {line.strip()}" for rel, text in _sources()
-           for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{rel}:{i}: {line.strip()}"
+        for rel, text in _sources()
+        for i, line in enumerate(text.splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, f"method replacement in dsv4train/ (give the module a seam instead): {bad}"
 
 
@@ -62,8 +80,13 @@ def test_the_test_command_collects_every_test_file():
     would drop its tests silently, as tests/dist once did."""
     tests = PKG.parent / "tests"
     files = {p.relative_to(tests.parent).as_posix() for p in tests.rglob("test_*.py")}
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                         cwd=tests.parent, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=tests.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     collected = {line.split("::", 1)[0] for line in out.stdout.splitlines() if "::" in line}
     assert files - collected == set(), f"test files pytest does not collect: {sorted(files - collected)}"
@@ -114,19 +137,28 @@ def test_models_import_nothing_above_them():
 def test_the_import_walk_sees_every_kind_of_import():
     """The rule above can fail: top-level, in-function, `from` and relative imports of a forbidden module are all
     found, and a sibling whose name merely starts the same (`dsv4train.trainer`) is not."""
-    source = ("import ray\n"
-              "def f():\n    from dsv4train.train.checkpoint import load\n"
-              "from .. import parallel\n"
-              "from ..cli.main import main\n"
-              "import torch.distributed as dist\n"
-              "from dsv4train import trainer, config\n")
+    source = (
+        "import ray\n"
+        "def f():\n    from dsv4train.train.checkpoint import load\n"
+        "from .. import parallel\n"
+        "from ..cli.main import main\n"
+        "import torch.distributed as dist\n"
+        "from dsv4train import trainer, config\n"
+    )
     found = {(line, m) for line, m in _imported_modules(ast.parse(source), "dsv4train.models") if _forbidden(m)}
-    assert found == {(1, "ray"), (3, "dsv4train.train.checkpoint"), (3, "dsv4train.train.checkpoint.load"),
-                     (4, "dsv4train.parallel"), (5, "dsv4train.cli.main"), (5, "dsv4train.cli.main.main"),
-                     (6, "torch.distributed")}, found
+    assert found == {
+        (1, "ray"),
+        (3, "dsv4train.train.checkpoint"),
+        (3, "dsv4train.train.checkpoint.load"),
+        (4, "dsv4train.parallel"),
+        (5, "dsv4train.cli.main"),
+        (5, "dsv4train.cli.main.main"),
+        (6, "torch.distributed"),
+    }, found
 
 
 # ---- configs are read, never written after load ----------------------------------------------------------------
+
 
 def _config_dataclasses() -> list[type]:
     """Every dataclass defined in a module of dsv4train.config (imported ones are counted where they are defined)."""
@@ -135,8 +167,11 @@ def _config_dataclasses() -> list[type]:
     found = []
     for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
         module = importlib.import_module(info.name)
-        found += [obj for obj in vars(module).values()
-                  if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
+        found += [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
+        ]
     return found
 
 
@@ -146,8 +181,17 @@ def test_every_config_dataclass_is_frozen():
     defaults and every field assigned (frozen dataclasses refuse even an assignment of the same value)."""
     classes = _config_dataclasses()
     names = {cls.__name__ for cls in classes}
-    assert {"ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "PrecisionConfig", "ParallelConfig",
-            "TrackerConfig", "RunConfig", "PretrainConfig"} <= names, names
+    assert {
+        "ModelConfig",
+        "DataConfig",
+        "OptimConfig",
+        "TrainConfig",
+        "PrecisionConfig",
+        "ParallelConfig",
+        "TrackerConfig",
+        "RunConfig",
+        "PretrainConfig",
+    } <= names, names
     writable = []
     for cls in classes:
         config = cls()
@@ -157,14 +201,22 @@ def test_every_config_dataclass_is_frozen():
                 writable.append(f"{cls.__module__}.{cls.__name__}.{f.name}")
             except dataclasses.FrozenInstanceError:
                 pass
-    assert not writable, f"config fields that can be assigned after construction (use @dataclass(frozen=True)): " \
-                         f"{writable}"
+    assert not writable, (
+        f"config fields that can be assigned after construction (use @dataclass(frozen=True)): {writable}"
+    )
 
 
-@pytest.mark.parametrize("section, key, value", [
-    (None, "seed", 1), ("train", "steps", 1), ("run", "dir", "elsewhere"), ("model", "indexer_mode", "dense"),
-    ("parallel", "dp", 2), ("data", "dir", "other"),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        (None, "seed", 1),
+        ("train", "steps", 1),
+        ("run", "dir", "elsewhere"),
+        ("model", "indexer_mode", "dense"),
+        ("parallel", "dp", 2),
+        ("data", "dir", "other"),
+    ],
+)
 def test_a_composed_config_refuses_assignment(section, key, value):
     """What `dsv4 pretrain` runs (Hydra composes YAML onto the schemas, OmegaConf.to_object builds the dataclasses)
     is frozen all the way down; a changed copy is made with dataclasses.replace."""

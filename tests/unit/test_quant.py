@@ -13,8 +13,7 @@ from dsv4train.config.pretrain import PrecisionConfig
 from dsv4train.models.model import DSV4Model
 from dsv4train.models.moe import Experts
 from dsv4train.quant import apply_precision, describe_precision
-from dsv4train.quant.formats import (cast_e4m3, pow2_scale, quant_e2m1, quant_e4m3_blocks, quant_e4m3_rows,
-                                     round_e2m1)
+from dsv4train.quant.formats import cast_e4m3, pow2_scale, quant_e2m1, quant_e4m3_blocks, quant_e4m3_rows, round_e2m1
 from dsv4train.quant.fp4_fp8 import fp4_to_fp8, fp4_to_fp8_report
 from dsv4train.quant.linear import fp4_fake_quant, fp4_weight, fp8_linear
 from dsv4train.quant.modules import FP8Experts
@@ -30,7 +29,7 @@ def e4m3_grid() -> list[tuple[float, int]]:
         for m in range(8):
             if e == 15 and m == 7:
                 continue
-            out.append(((m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7), m))
+            out.append(((m / 8) * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7), m))
     return out
 
 
@@ -51,7 +50,7 @@ def ref_round(x: float, grid: list[tuple[float, int]]) -> float:
 
 
 def ref_scale(amax: float, qmax: float) -> float:
-    amax = max(amax, qmax * 2.0 ** -126)
+    amax = max(amax, qmax * 2.0**-126)
     return 2.0 ** math.ceil(math.log2(amax / qmax))
 
 
@@ -66,9 +65,9 @@ def probe_values(grid) -> torch.Tensor:
     """Grid points, exact midpoints (ties), points just either side of them, beyond the max, both signs."""
     vals = [v for v, _ in grid]
     mids = [(a + b) / 2 for a, b in zip(vals[:-1], vals[1:])]
-    eps = [m * (1 + 2 ** -20) for m in mids] + [m * (1 - 2 ** -20) for m in mids]
+    eps = [m * (1 + 2**-20) for m in mids] + [m * (1 - 2**-20) for m in mids]
     top = vals[-1]
-    extra = [top * 1.03, top * 1.1, top * 2, top * 1e6, 2.0 ** -12]
+    extra = [top * 1.03, top * 1.1, top * 2, top * 1e6, 2.0**-12]
     xs = torch.tensor(vals + mids + eps + extra, dtype=torch.float64).float()
     return torch.cat([xs, -xs])
 
@@ -80,9 +79,9 @@ def test_cast_e4m3_matches_bruteforce_rne_with_saturation_and_subnormals():
     got = cast_e4m3(xs).double()
     want = torch.tensor([ref_round(float(x), grid) for x in xs], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert float(cast_e4m3(torch.tensor(2.0 ** -9))) == 2.0 ** -9  # smallest subnormal
-    assert float(cast_e4m3(torch.tensor(2.0 ** -10))) == 0.0  # tie with 0 -> even (0)
-    assert float(cast_e4m3(torch.tensor(3 * 2.0 ** -10))) == 2.0 ** -8  # tie 1.5·2^-9 -> 2·2^-9 (even)
+    assert float(cast_e4m3(torch.tensor(2.0**-9))) == 2.0**-9  # smallest subnormal
+    assert float(cast_e4m3(torch.tensor(2.0**-10))) == 0.0  # tie with 0 -> even (0)
+    assert float(cast_e4m3(torch.tensor(3 * 2.0**-10))) == 2.0**-8  # tie 1.5·2^-9 -> 2·2^-9 (even)
 
 
 def test_round_e2m1_matches_bruteforce_ties_to_even_mantissa():
@@ -103,7 +102,7 @@ def test_nan_and_inf_elementwise():
 
 # ----------------------------------------------------------------------------- scales and blocks
 def test_pow2_scale_rule_exact_at_powers_and_floored_at_zero():
-    amax = [448.0 * 2.0 ** k for k in range(-20, 20)] + [448.0 * 2.0 ** k * 1.0001 for k in range(-20, 20)]
+    amax = [448.0 * 2.0**k for k in range(-20, 20)] + [448.0 * 2.0**k * 1.0001 for k in range(-20, 20)]
     amax += [0.0, 1e-30, 1e-45, 3.0e38, 1.0, 447.99]
     got = pow2_scale(torch.tensor(amax), 448.0).double().tolist()
     want = [ref_scale(float(torch.tensor(a)), 448.0) for a in amax]
@@ -111,7 +110,7 @@ def test_pow2_scale_rule_exact_at_powers_and_floored_at_zero():
     for s in got:
         assert math.frexp(s)[0] == 0.5  # a power of two
     fp4 = pow2_scale(torch.tensor([0.0, 6.0, 6.5, 3.0, 12.0]), 6.0).tolist()
-    assert fp4 == [2.0 ** -126, 1.0, 2.0, 0.5, 2.0]
+    assert fp4 == [2.0**-126, 1.0, 2.0, 0.5, 2.0]
 
 
 @pytest.mark.parametrize("block", [4, 16])
@@ -124,9 +123,9 @@ def test_activation_tiles_match_reference(block):
     assert s.shape == (5, 4)
     for r in range(5):
         for t in range(4):
-            tile = x[r, t * block:(t + 1) * block].double().tolist()
+            tile = x[r, t * block : (t + 1) * block].double().tolist()
             want = ref_quant_tile(tile, 448.0, e4m3_grid())
-            assert q[r, t * block:(t + 1) * block].double().tolist() == want
+            assert q[r, t * block : (t + 1) * block].double().tolist() == want
     assert q[1, :block].eq(0).all()
 
 
@@ -141,9 +140,9 @@ def test_weight_blocks_match_reference_and_nonfinite_poisons_only_its_block():
     for e in range(2):
         for i in range(2):
             for j in range(3):
-                blk = w[e, i * B:(i + 1) * B, j * B:(j + 1) * B]
+                blk = w[e, i * B : (i + 1) * B, j * B : (j + 1) * B]
                 want = ref_quant_tile(blk.double().flatten().tolist(), 448.0, e4m3_grid())
-                got = q[e, i * B:(i + 1) * B, j * B:(j + 1) * B].double().flatten().tolist()
+                got = q[e, i * B : (i + 1) * B, j * B : (j + 1) * B].double().flatten().tolist()
                 assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(got, want))
     assert torch.isnan(q[1, 4:8, 4:8]).all() and torch.isnan(q[0, :4, :4]).all()
     assert torch.isfinite(q[0, 4:, :]).all() and torch.isfinite(q[1, :4, :]).all()
@@ -154,12 +153,12 @@ def test_fp4_blocks_match_reference():
     w = torch.randn(6, 64) * torch.logspace(-3, 2, 64)
     w[0, :32] = 0.0
     codes, s = quant_e2m1(w, 32)
-    assert s[0, 0] == 2.0 ** -126  # amax floored at 6·2^-126
+    assert s[0, 0] == 2.0**-126  # amax floored at 6·2^-126
     for r in range(6):
         for b in range(2):
-            tile = w[r, b * 32:(b + 1) * 32].double().tolist()
+            tile = w[r, b * 32 : (b + 1) * 32].double().tolist()
             want = ref_quant_tile(tile, 6.0, e2m1_grid())
-            assert (codes[r, b * 32:(b + 1) * 32] * s[r, b]).double().tolist() == want
+            assert (codes[r, b * 32 : (b + 1) * 32] * s[r, b]).double().tolist() == want
 
 
 def test_non_multiple_block_is_an_error():
@@ -188,12 +187,12 @@ def test_fp4_to_fp8_is_lossless_within_the_scale_ratio_limit():
 def test_fp4_to_fp8_report_flags_too_wide_scale_ratio():
     w = torch.full((64, 64), 0.25)  # one 64x64 FP8 block of two 1x32 sub-blocks per row
     w[:, ::32] = 3.0  # sub-block scale 0.5: codes 6 and 0.5 (the smallest nonzero code)
-    w[:, 32:] *= 2.0 ** -16  # second sub-block 2^16 smaller than the first: past the 2^14 limit
+    w[:, 32:] *= 2.0**-16  # second sub-block 2^16 smaller than the first: past the 2^14 limit
     codes, s_sub = quant_e2m1(w, 32)
     rep = fp4_to_fp8_report(codes, s_sub, 64, 32)
     assert not rep.lossless and rep.lossy_blocks == 1 and rep.max_ratio_log2 == 16
     assert "lossy" in str(rep)
-    w[:, 32:] *= 2.0 ** 3  # ratio 2^13: lossless again
+    w[:, 32:] *= 2.0**3  # ratio 2^13: lossless again
     codes, s_sub = quant_e2m1(w, 32)
     assert fp4_to_fp8_report(codes, s_sub, 64, 32).lossless
 
@@ -211,7 +210,10 @@ def test_fp8_linear_forward_and_grads_use_quantized_operands():
     torch.testing.assert_close(y, qx @ qw.t(), rtol=0, atol=0)
     dy2 = dy.reshape(-1, 48)
     torch.testing.assert_close(x.grad, (quant_e4m3_rows(dy2, B)[0] @ qw).reshape(x.shape), rtol=0, atol=0)
-    pad = lambda t: torch.nn.functional.pad(t, (0, 11))  # 21 -> 32 tokens
+
+    def pad(t):  # 21 -> 32 tokens
+        return torch.nn.functional.pad(t, (0, 11))
+
     dw = quant_e4m3_rows(pad(dy2.t()), B)[0] @ quant_e4m3_rows(pad(x.detach().reshape(-1, 32).t()), B)[0].t()
     torch.testing.assert_close(w.grad, dw, rtol=0, atol=0)
     # and they are FP8-close to the exact gradients
@@ -258,11 +260,11 @@ def round_to_grid64(x: torch.Tensor, grid) -> torch.Tensor:
 
 def pow2_scale64(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """2^k with k the smallest integer such that amax <= qmax·2^k (amax floored at qmax·2^-126)."""
-    amax = amax.double().clamp_min(qmax * 2.0 ** -126)
+    amax = amax.double().clamp_min(qmax * 2.0**-126)
     k = torch.ceil(torch.log2(amax / qmax))
     k = torch.where(qmax * 2.0 ** (k - 1) >= amax, k - 1, k)  # exact, whatever log2 rounded to
-    k = torch.where(qmax * 2.0 ** k < amax, k + 1, k)
-    return 2.0 ** k
+    k = torch.where(qmax * 2.0**k < amax, k + 1, k)
+    return 2.0**k
 
 
 def tiles64(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -289,7 +291,7 @@ def fp4_carried64(w: torch.Tensor, fp8_block: int, fp4_block: int) -> tuple[torc
     t = w.double().reshape(*lead, N // fp8_block, fp8_block, K // fp8_block, per, fp4_block)
     s_sub = pow2_scale64(t.abs().amax(-1, keepdim=True), 6.0)
     fp4 = round_to_grid64(t / s_sub, E2M1) * s_sub
-    s_blk = s_sub.amax(dim=(-4, -2), keepdim=True) / 2.0 ** 6
+    s_blk = s_sub.amax(dim=(-4, -2), keepdim=True) / 2.0**6
     e = round_to_grid64(fp4 / s_blk, E4M3)
     return (e * s_blk).reshape(w.shape), fp4.reshape(w.shape)
 
@@ -353,7 +355,7 @@ def _expert_case(seed: int = 5):
     with torch.no_grad():
         for p in ex.parameters():
             k = torch.randint(-6, 2, p.shape[:-1] + (p.shape[-1] // 32, 1)).float()
-            p.copy_(torch.randn_like(p) * 0.2 * (2.0 ** k).repeat_interleave(32, -1).reshape(p.shape))
+            p.copy_(torch.randn_like(p) * 0.2 * (2.0**k).repeat_interleave(32, -1).reshape(p.shape))
     N = 40
     x = torch.randn(N, 128) * 2
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(N)])
@@ -369,8 +371,7 @@ class MatmulOperands(TorchFunctionMode):
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
-                    F.linear):
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, F.linear):
             a, b = args[0], args[1]
             self.calls.append((a.detach().clone(), (b.t() if func is F.linear else b).detach().clone()))
         return func(*args, **(kwargs or {}))
@@ -425,8 +426,13 @@ def test_fp4_experts_gemms_see_e2m1_weights_and_e4m3_activations(fp8_block):
     used = []
     for act_MK, w_KN in seen.calls:
         w_NK = w_KN.t().double()
-        match = [key for key, (s, codes) in fp4_forms.items() if codes.shape[0] == w_NK.shape[0]
-                 and codes.numel() == w_NK.numel() and torch.equal(w_NK.reshape(codes.shape) / s, codes)]
+        match = [
+            key
+            for key, (s, codes) in fp4_forms.items()
+            if codes.shape[0] == w_NK.shape[0]
+            and codes.numel() == w_NK.numel()
+            and torch.equal(w_NK.reshape(codes.shape) / s, codes)
+        ]
         assert len(match) == 1, "a GEMM weight operand is not the FP4 form (E2M1 x 1x32 pow2 scales) of an expert"
         s, codes = fp4_forms[match[0]]
         assert torch.isin(codes.abs(), grid).all()
@@ -461,8 +467,13 @@ def test_apply_precision_keeps_state_dict_and_parameters():
     kinds = describe_precision(m)
     assert kinds["layers.0.attn.wq_a"] == "fp8" and kinds["layers.1.attn.indexer.wq_b"] == "fp8"
     assert kinds["layers.0.ffn.experts"] == "fp8+fp4" and kinds["mtp.0.e_proj"] == "fp8"
-    for high in ("head", "layers.0.attn.wo_a", "layers.1.attn.compressor.wkv", "layers.1.attn.indexer.weights_proj",
-                 "layers.1.attn.indexer.compressor.wgate"):
+    for high in (
+        "head",
+        "layers.0.attn.wo_a",
+        "layers.1.attn.compressor.wkv",
+        "layers.1.attn.indexer.weights_proj",
+        "layers.1.attn.indexer.compressor.wgate",
+    ):
         assert high not in kinds
     assert type(m.layers[0].ffn.gate).__name__ == "Gate" and isinstance(m.layers[0].ffn.experts, Experts)
 
@@ -470,8 +481,18 @@ def test_apply_precision_keeps_state_dict_and_parameters():
 # The GEMMs arch ref §7.1 lists as FP8 (E4M3 operands); everything else stays high precision. wo_a is on the
 # list too, but DSV4Model applies it through its weight in an einsum and dsv4train keeps it high precision, as
 # the reference does after dequantising it to BF16 (see quant/apply.py); it is never called as a module.
-SPEC_FP8_GEMMS = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b", "shared_experts.w1",
-                  "shared_experts.w2", "shared_experts.w3", "e_proj", "h_proj")
+SPEC_FP8_GEMMS = (
+    "attn.wq_a",
+    "attn.wq_b",
+    "attn.wkv",
+    "attn.wo_b",
+    "attn.indexer.wq_b",
+    "shared_experts.w1",
+    "shared_experts.w2",
+    "shared_experts.w3",
+    "e_proj",
+    "h_proj",
+)
 
 
 @pytest.mark.parametrize("cfg", [FP8_16, FP8_FP4_16])
@@ -485,8 +506,10 @@ def test_quantized_model_runs_exactly_the_listed_gemms_in_fp8(cfg):
     fp4 = cfg.fp4_block if cfg.fp4_experts else None
     mods = {n: mod for n, mod in m.named_modules() if isinstance(mod, (torch.nn.Linear, Experts))}
     calls = []
-    hooks = [mod.register_forward_hook(lambda mod, args, out, name=n: calls.append((name, args, out)))
-             for n, mod in mods.items()]
+    hooks = [
+        mod.register_forward_hook(lambda mod, args, out, name=n: calls.append((name, args, out)))
+        for n, mod in mods.items()
+    ]
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         m(ids, with_aux=True)
@@ -509,8 +532,11 @@ def test_quantized_model_runs_exactly_the_listed_gemms_in_fp8(cfg):
 
 def test_bad_block_names_the_layer():
     m = _tiny_model()
-    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq_a: in_features 64 is not a multiple of the FP8 "
-                                         r"block 128; use precision\.fp8_block=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.attn\.wq_a: in_features 64 is not a multiple of the FP8 "
+        r"block 128; use precision\.fp8_block=32",
+    ):
         apply_precision(m, PrecisionConfig(fp8=True))
     m2 = _tiny_model()  # moe_inter_dim 48: experts fit 16, not 32
     with pytest.raises(ValueError, match=r"layers\.0\.ffn\.experts\.w1/w2/w3: moe_inter_dim 48 .*fp8_block=16"):
@@ -526,20 +552,25 @@ def test_a_block_that_tensor_parallelism_would_cut_names_the_layer():
     from dsv4train.parallel.tp import apply_tensor_parallel
 
     m = apply_precision(_tiny_model(), PrecisionConfig(fp8=True, fp8_block=16, fp4_block=4))
-    with pytest.raises(ConfigError, match=r"layers\.0\.ffn\.shared_experts\.w1: parallel\.tp=2 leaves 24 of its 48 "
-                                          r"output channels .* precision\.fp8_block=8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"layers\.0\.ffn\.shared_experts\.w1: parallel\.tp=2 leaves 24 of its 48 "
+        r"output channels .* precision\.fp8_block=8",
+    ):
         apply_tensor_parallel(m, SimpleNamespace(size=lambda: 2))
 
 
 def test_te_backend_without_transformer_engine_says_what_to_do():
     try:
         import transformer_engine.pytorch  # noqa: F401
+
         pytest.skip("transformer_engine is installed")
     except ImportError:
         pass
     m = _tiny_model()
-    with pytest.raises(ConfigError,
-                       match=r"precision\.backend: te needs transformer_engine.*precision\.backend=emulated"):
+    with pytest.raises(
+        ConfigError, match=r"precision\.backend: te needs transformer_engine.*precision\.backend=emulated"
+    ):
         apply_precision(m, PrecisionConfig(fp8=True, backend="te"))
     assert describe_precision(m) == {}  # nothing was touched
 
@@ -548,6 +579,7 @@ def test_te_backend_without_transformer_engine_says_what_to_do():
 def test_te_backend_on_gpu_matches_emulated():
     pytest.importorskip("transformer_engine.pytorch")
     from dsv4train.utils.device import accelerator_name
+
     if accelerator_name() is None:
         pytest.skip("needs CUDA")
     from dsv4train.quant.modules import FP8Linear
@@ -583,14 +615,25 @@ def test_precision_yamls_compose():
 
     cfg, _ = compose_pretrain(["precision=fp8_fp4", "precision.fp8_block=32"])
     p = cfg.precision
-    assert (p.name, p.fp8, p.fp4_experts, p.backend, p.fp8_block, p.fp4_block) == ("fp8_fp4", True, True,
-                                                                                     "emulated", 32, 32)
+    assert (p.name, p.fp8, p.fp4_experts, p.backend, p.fp8_block, p.fp4_block) == (
+        "fp8_fp4",
+        True,
+        True,
+        "emulated",
+        32,
+        32,
+    )
     assert compose_pretrain(["precision=fp8"])[0].precision.fp8_block == 128
 
 
 # ----------------------------------------------------------------------------- training
-def train_losses(precision: PrecisionConfig | None, dtype: torch.dtype = torch.bfloat16, steps: int = 20, seq: int = 32,
-                 batch: int = 2) -> list[float]:
+def train_losses(
+    precision: PrecisionConfig | None,
+    dtype: torch.dtype = torch.bfloat16,
+    steps: int = 20,
+    seq: int = 32,
+    batch: int = 2,
+) -> list[float]:
     """The toy flavor trained with the real Learner step (Muon + AdamW, lr 3e-3) on 2 fixed random batches, under
     autocast to `dtype` (bf16, as precision=bf16/fp8/fp8_fp4 run) or in fp32."""
     from dsv4train.config.optim import OptimConfig
@@ -615,7 +658,7 @@ def train_losses(precision: PrecisionConfig | None, dtype: torch.dtype = torch.b
 
 @pytest.mark.slow
 def test_fp8_and_fp4_training_tracks_bf16():
-    """20 steps of the toy flavor: fp8 / fp8_fp4 (block 32, bf16 autocast, as conf/precision has them) vs bf16
+    """20 steps of the toy flavor: fp8 / fp8_fp4 (block 32, bf16 autocast, as dsv4train/conf/precision has them) vs bf16
     autocast without quantisation, and bf16 vs fp32 for scale. The measured max |Δloss| over the steps is in
     docs/precision.md; the bound here leaves ~2x headroom."""
     threads = torch.get_num_threads()
@@ -624,12 +667,15 @@ def test_fp8_and_fp4_training_tracks_bf16():
         fp32 = train_losses(None, torch.float32)
         bf16 = train_losses(None)
         fp8 = train_losses(PrecisionConfig(name="fp8", compute_dtype="bfloat16", fp8=True, fp8_block=32))
-        fp4 = train_losses(PrecisionConfig(name="fp8_fp4", compute_dtype="bfloat16", fp8=True, fp4_experts=True,
-                                           fp8_block=32))
+        fp4 = train_losses(
+            PrecisionConfig(name="fp8_fp4", compute_dtype="bfloat16", fp8=True, fp4_experts=True, fp8_block=32)
+        )
     finally:
         torch.set_num_threads(threads)
     d16, d8, d4 = (max(abs(a - b) for a, b in zip(ref, run)) for ref, run in ((fp32, bf16), (bf16, fp8), (bf16, fp4)))
-    print(f"bf16 loss {bf16[0]:.4f} -> {bf16[-1]:.4f}; max |dloss| bf16 vs fp32 {d16:.4f}, fp8 vs bf16 {d8:.4f}, "
-          f"fp8_fp4 vs bf16 {d4:.4f}")
+    print(
+        f"bf16 loss {bf16[0]:.4f} -> {bf16[-1]:.4f}; max |dloss| bf16 vs fp32 {d16:.4f}, fp8 vs bf16 {d8:.4f}, "
+        f"fp8_fp4 vs bf16 {d4:.4f}"
+    )
     assert bf16[-1] < bf16[0] - 0.5  # it trains
     assert d8 < 0.05 and d4 < 0.05, (d8, d4)

@@ -38,8 +38,13 @@ def test_pretrain_1b_8gpu():
     dims = ParallelDims.from_config(cfg.parallel)
     assert cfg.model.name == "1b" and dims.world_size == 8 and cfg.precision.compute_dtype == "bfloat16"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "NNODES", "NPROC"))}
-    r = subprocess.run(["bash", str(recipe / "launch.sh"), "train.steps=5"], capture_output=True, text=True,
-                       env={**env, "DSV4_DRY_RUN": "1", "TORCHRUN": "torchrun"}, cwd=REPO)
+    r = subprocess.run(
+        ["bash", str(recipe / "launch.sh"), "train.steps=5"],
+        capture_output=True,
+        text=True,
+        env={**env, "DSV4_DRY_RUN": "1", "TORCHRUN": "torchrun"},
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert "--nproc_per_node 8 --standalone" in r.stdout
     assert f"pretrain --config-dir {recipe} --config-name config train.steps=5" in r.stdout
@@ -48,5 +53,6 @@ def test_pretrain_1b_8gpu():
 
     plan = make_plan(cfg, gpu_memory_gb=80)
     assert plan.to_json()["fits"] and plan.peak.total / 1e9 < 0.9 * 80
-    assert f"{plan.peak.total / 1e9:.2f} GB" in (recipe / "README.md").read_text(), \
+    assert f"{plan.peak.total / 1e9:.2f} GB" in (recipe / "README.md").read_text(), (
         "README quotes an outdated `dsv4 plan` number: re-run it and paste"
+    )
