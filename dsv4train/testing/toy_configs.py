@@ -43,3 +43,16 @@ def tiny_config(layer_types=("swa", "csa", "hca", "csa"), **overrides) -> ModelC
 # per FP8 block (V4 has four 32s in 128).
 TINY_FP8 = PrecisionConfig(name="fp8", fp8=True, fp8_block=8, fp4_block=4)
 TINY_FP8_FP4 = PrecisionConfig(name="fp8_fp4", fp8=True, fp4_experts=True, fp8_block=8, fp4_block=4)
+
+# `dsv4 pretrain` overrides that make a toy run take seconds: short rows, small batches, early evaluation and the
+# dense-to-sparse indexer switch inside the first steps (the end-to-end tests' runs).
+FAST_PRETRAIN_OVERRIDES = (
+    "model=toy",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.dense_indexer_steps=2",
+    "optim.warmup_steps=2",
+    "train.progress_bar=false",
+)

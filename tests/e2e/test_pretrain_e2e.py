@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from dsv4train.config.hydra_entry import CONF_DIR, compose_pretrain
+from dsv4train.testing.toy_configs import FAST_PRETRAIN_OVERRIDES
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-FAST = [
-    "model=toy",
-    "train.seq_len=64",
-    "train.micro_batch_size=2",
-    "train.eval_every=4",
-    "train.eval_batches=2",
-    "train.dense_indexer_steps=2",
-    "optim.warmup_steps=2",
-    "train.progress_bar=false",
-]
+FAST = list(FAST_PRETRAIN_OVERRIDES)
 
 
 @pytest.fixture(scope="session")

@@ -21,19 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from dsv4train.testing.toy_configs import FAST_PRETRAIN_OVERRIDES
+
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-FAST = [
-    "model=toy",
-    "train=toy",
-    "train.seq_len=64",
-    "train.micro_batch_size=2",
-    "train.eval_every=4",
-    "train.eval_batches=2",
-    "train.dense_indexer_steps=2",
-    "optim.warmup_steps=2",
-    "train.progress_bar=false",
-]
+FAST = [*FAST_PRETRAIN_OVERRIDES[:1], "train=toy", *FAST_PRETRAIN_OVERRIDES[1:]]
 
 
 def _run(cmd: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
