@@ -218,10 +218,6 @@ class _TaggedRuntime(ParallelRuntime):
     def _tag(self, phase, term=None):
         return self.mode.tagged(phase, term) if self.mode is not None else contextlib.nullcontext()
 
-    def mean_over_data(self, t):
-        with self._tag("metrics"):
-            return super().mean_over_data(t)
-
     def sum_over_data(self, t):
         with self._tag("metrics"):
             return super().sum_over_data(t)

@@ -162,6 +162,13 @@ class MicroBatchRecord:
     n_targets: int = 0
 
 
+def _last_stage_output(outs: tuple) -> ModelOutput:
+    """The last stage's (logits[, MTP logits]) as the ModelOutput a loss function takes; its aux losses are the
+    stages' own (attached by `_AddAuxGrad`), so they are zero here."""
+    zero = outs[0].new_zeros(())
+    return ModelOutput(outs[0], outs[1] if len(outs) > 1 else None, zero, zero, zero)
+
+
 _SCHEDULES = {"1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B, "dualpipev": ScheduleDualPipeV}
 assert _SCHEDULES.keys() == PP_SCHEDULES.keys(), "a schedule of config.pretrain.PP_SCHEDULES has no class here"
 
@@ -192,12 +199,15 @@ class Pipeline:
     def holds_last_stage(self) -> bool:
         return any(s.part.last for s in self.specs)
 
+    def _part_moe_rows(self, part: LayerSlice) -> list[int]:
+        """Rows of the model's expert-count tensor ([n_layers + n_mtp, E]) of one stage's MoE layers (MTP last)."""
+        cfg = self.model.cfg
+        return list(part.layers) + ([cfg.n_layers] if part.last and cfg.n_mtp_layers else [])
+
     @property
     def moe_rows(self) -> list[int]:
-        """Rows of the model's expert-count tensor ([n_layers + n_mtp, E]) that belong to this rank's MoE layers."""
-        cfg = self.model.cfg
-        rows = sorted(i for s in self.specs for i in s.part.layers)
-        return rows + ([cfg.n_layers] if self.holds_last_stage and cfg.n_mtp_layers else [])
+        """The rows of all this rank's stages, in order."""
+        return sorted(i for s in self.specs for i in self._part_moe_rows(s.part))
 
     # ------------------------------------------------------------------ what the schedule calls
     def _stage_forward(self, chunk: int, *acts, input_ids: torch.Tensor, rows: torch.Tensor):
@@ -207,13 +217,13 @@ class Pipeline:
         outs, auxes = self.model(input_ids, part=part, acts=acts[1:] if part.first else acts)
         if not (self.model.training and torch.is_grad_enabled()):
             return outs
-        cfg = self.model.cfg
         balance, indexer = aux_losses(auxes, outs[0])
         n = self._row_targets[rows].sum()
         rec = self._record
         rec.sums[-2:] += torch.stack([n * balance.detach(), n * indexer.detach()]).double().cpu()
-        moe_rows = list(part.layers) + ([cfg.n_layers] if part.last and cfg.n_mtp_layers else [])
-        rec.counts[moe_rows] += torch.stack([a.moe.counts_E for a in auxes]).to(rec.counts.device, rec.counts.dtype)
+        rec.counts[self._part_moe_rows(part)] += torch.stack([a.moe.counts_E for a in auxes]).to(
+            rec.counts.device, rec.counts.dtype
+        )
         aux = self._scale * n * (self._aux_weights[0] * balance + self._aux_weights[1] * indexer)
         if aux.requires_grad:
             outs = (_AddAuxGrad.apply(outs[0], aux), *outs[1:])
@@ -222,14 +232,10 @@ class Pipeline:
     def _loss(self, outputs: tuple, rows: torch.Tensor) -> torch.Tensor:
         """The schedule's loss on the last stage: the Learner's loss function on this chunk's rows."""
         chunk = {k: v[rows] for k, v in self._batch.items()}
-        zero = outputs[0].new_zeros(())
-        out = ModelOutput(outputs[0], outputs[1] if len(outputs) > 1 else None, zero, zero, zero)
-        lo = self._loss_fn(out, chunk)
+        lo = self._loss_fn(_last_stage_output(outputs), chunk)
         rec = self._record
         rec.n_targets += int(lo.n_targets)
-        rec.sums[:-2] += (
-            torch.stack([lo.loss_sum.detach(), *(lo.metrics[k] for k in self._loss_fn.metric_names)]).double().cpu()
-        )
+        rec.sums[:-2] += lo.sums(self._loss_fn.metric_names)
         return lo.loss_sum * self._scale
 
     # ------------------------------------------------------------------ building the schedule
@@ -307,12 +313,12 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor], loss_fn) -> dict[str, torch.Tensor]:
         """Forward only, the whole micro-batch at once, stage after stage with plain send/recv (the schedules run
-        backward actions even in their eval mode, DualPipeV fails there). Returns [n targets, the loss function's
-        metric sums] (float64) where the last stage is held, zeros elsewhere: sum it over the pp group."""
+        backward actions even in their eval mode, DualPipeV fails there). Returns [n targets, loss sum, the loss
+        function's metric sums] (float64) where the last stage is held, zeros elsewhere: sum it over the pp group."""
         owner = {s: r for r in range(self.dims.pp) for s in rank_stages(self.dims, r)}
         me = dist.get_rank(self.group)
         ids, acts = batch["input_ids"], None
-        result = torch.zeros(1 + len(loss_fn.metric_names), dtype=torch.float64)
+        result = torch.zeros(2 + len(loss_fn.metric_names), dtype=torch.float64)
         for k, spec in sorted(enumerate(self.specs), key=lambda ks: ks[1].index):
             part = spec.part
             if part.first:
@@ -325,14 +331,8 @@ class Pipeline:
                     dist.recv(t, group_src=owner[spec.index - 1], group=self.group)
             outs = self._stage_forward(k, *acts, input_ids=ids, rows=torch.arange(ids.shape[0]))
             if part.last:
-                zero = outs[0].new_zeros(())
-                lo = loss_fn(ModelOutput(outs[0], outs[1] if len(outs) > 1 else None, zero, zero, zero), batch)
-                result = torch.stack(
-                    [
-                        torch.as_tensor(lo.n_targets).double().cpu(),
-                        *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names),
-                    ]
-                )
+                lo = loss_fn(_last_stage_output(outs), batch)
+                result = lo.counted_sums(loss_fn.metric_names)
             elif owner[spec.index + 1] != me:
                 for t in outs:
                     dist.send(t.contiguous(), group_dst=owner[spec.index + 1], group=self.group)

@@ -100,12 +100,6 @@ class ParallelRuntime:
         dist.all_reduce(out, op=op, group=group)
         return out.to(t.device)
 
-    def mean_over_data(self, t: torch.Tensor) -> torch.Tensor:
-        """Average of a per-rank value over the ranks that hold different data."""
-        if not self.distributed:
-            return t
-        return self._all_reduce(t, group=self._data_group()) / (self.dims.dp * self.dims.cp * self.dims.ep)
-
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the data ranks of a per-rank count (cp ranks each count their share of one batch)."""
         if not self.distributed:

@@ -40,7 +40,7 @@ from dsv4train.models.model import DSV4Model, ModelOutput
 from dsv4train.models.moe import update_router_bias
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train import checkpoint
-from dsv4train.train.losses import IGNORE, LossOutput, count_targets
+from dsv4train.train.losses import LossOutput, row_targets
 
 Batch = dict[str, torch.Tensor]  # whole rows [B, S] per key, see train/losses.py
 
@@ -102,7 +102,8 @@ class Learner:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         shards = [self._shard(b) for b in micro_batches]
-        counted = torch.stack([count_targets(b).cpu() for b in shards])
+        rows_counted = [row_targets(b) for b in shards]
+        counted = torch.stack([r.sum().cpu() for r in rows_counted])
         n_global = int(rt.sum_over_data(counted.sum().double()))
         if n_global == 0:
             raise ValueError(
@@ -114,7 +115,7 @@ class Learner:
         if rt.pipeline is None:
             sums, counts = self._forward_backward(shards, counted, loss_fn, scale)
         else:
-            sums, counts = self._pipelined_forward_backward(shards, counted, loss_fn, scale)
+            sums, counts = self._pipelined_forward_backward(shards, rows_counted, counted, loss_fn, scale)
         # one all-reduce of the sums [loss, metrics..., balance, indexer] and one of the counts, over the data ranks
         totals = dict(zip(names, (rt.sum_over_data(sums) / n_global).tolist()))
         counts = rt.sum_over_data(counts)
@@ -158,6 +159,11 @@ class Learner:
         d = self.rt.dims
         return d.dp * d.cp * d.ep
 
+    def _forward(self, batch: Batch) -> ModelOutput:
+        """The whole model on one micro-batch (the MTP block reads `next_ids`), under the run's autocast."""
+        with autocast(self.device, self.dtype):
+            return self.model(batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True)
+
     def _shard(self, batch: Batch) -> Batch:
         """This rank's piece of every [B, S] tensor (its context-parallel shard; all of it otherwise)."""
         return {k: self.rt.seq.shard(v.to(self.device, non_blocking=True)) for k, v in batch.items()}
@@ -171,26 +177,31 @@ class Learner:
         sums = torch.zeros(3 + len(loss_fn.metric_names), dtype=torch.float64)
         counts = None
         for batch, n in zip(shards, counted):
-            with autocast(self.device, self.dtype):
-                out = self.model(batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True)
+            out = self._forward(batch)
             lo = loss_fn(out, batch)
             _check_count(lo, n)
             aux = n * (w_bal * out.balance_loss + w_idx * out.indexer_loss)
             ((lo.loss_sum + aux) * scale).backward()
-            sums += loss_vector(lo, loss_fn.metric_names, n * out.balance_loss, n * out.indexer_loss)
+            n_aux = torch.stack([n * out.balance_loss, n * out.indexer_loss]).detach().double().cpu()
+            sums += torch.cat([lo.sums(loss_fn.metric_names), n_aux])
             counts = out.expert_counts if counts is None else counts + out.expert_counts
         return sums, counts.detach()
 
     def _pipelined_forward_backward(
-        self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn, scale: float
+        self,
+        shards: list[Batch],
+        rows_counted: list[torch.Tensor],
+        counted: torch.Tensor,
+        loss_fn: LossFn,
+        scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through this rank's pipeline stages (parallel/pp.py): the schedule calls `loss_fn` on the last
         stage's chunks, the aux losses get their gradient on the stage that computed them; the sums and counts of
         the stages are added over the pp ranks."""
         pipeline = self.rt.pipeline
         records = [
-            pipeline.train(batch, (batch["labels"] != IGNORE).sum(1), loss_fn, scale, self._aux_weights())
-            for batch in shards
+            pipeline.train(batch, rows, loss_fn, scale, self._aux_weights())
+            for batch, rows in zip(shards, rows_counted)
         ]
         if pipeline.holds_last_stage:
             for rec, n in zip(records, counted):
@@ -223,29 +234,17 @@ class Learner:
         """The loss function's metrics over `batches` (this rank's rows of them), each Σ / N over the global
         batch, as in training."""
         self.model.eval()
-        sums = torch.zeros(1 + len(loss_fn.metric_names), dtype=torch.float64)  # [n, metrics...]
+        sums = torch.zeros(2 + len(loss_fn.metric_names), dtype=torch.float64)  # [n, loss, metrics...]
         for batch in map(self._shard, batches):
-            with autocast(self.device, self.dtype):
-                if self.rt.pipeline is None:
-                    out = self.model(batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True)
-                    lo = loss_fn(out, batch)
-                    sums += torch.stack(
-                        [
-                            torch.as_tensor(lo.n_targets).double().cpu(),
-                            *(lo.metrics[k].double().cpu() for k in loss_fn.metric_names),
-                        ]
-                    )
-                else:
+            if self.rt.pipeline is None:
+                lo = loss_fn(self._forward(batch), batch)
+                sums += lo.counted_sums(loss_fn.metric_names)
+            else:
+                with autocast(self.device, self.dtype):
                     sums += self.rt.pipeline.evaluate(batch, loss_fn)
         self.model.train()
-        n, *values = self.rt.sum_over_data(self.rt.sum_over_stages(sums)).tolist()
+        n, _, *values = self.rt.sum_over_data(self.rt.sum_over_stages(sums)).tolist()
         return dict(zip(loss_fn.metric_names, (v / n for v in values)))
-
-
-def loss_vector(lo: LossOutput, names: tuple[str, ...], balance: torch.Tensor, indexer: torch.Tensor) -> torch.Tensor:
-    """[loss, metrics in `names` order, balance, indexer] of one micro-batch (or chunk), float64 on the CPU."""
-    parts = [lo.loss_sum, *(lo.metrics[k] for k in names), balance, indexer]
-    return torch.stack([torch.as_tensor(v).detach().double().cpu() for v in parts])
 
 
 def _check_count(lo, counted: torch.Tensor) -> None:

@@ -34,15 +34,30 @@ class LossOutput:
     n_targets: torch.Tensor
     metrics: dict[str, torch.Tensor]
 
+    def sums(self, metric_names: tuple[str, ...]) -> torch.Tensor:
+        """[loss_sum, metrics in `metric_names` order] as float64 on the CPU (detached): what is reduced over ranks."""
+        return torch.stack(
+            [v.detach().double().cpu() for v in (self.loss_sum, *(self.metrics[k] for k in metric_names))]
+        )
+
+    def counted_sums(self, metric_names: tuple[str, ...]) -> torch.Tensor:
+        """[n_targets, loss_sum, metrics...] as float64 on the CPU: an evaluation's per-batch contribution."""
+        return torch.cat([torch.tensor([float(self.n_targets)], dtype=torch.float64), self.sums(metric_names)])
+
 
 def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy over the labelled positions (fp32)."""
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+def row_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens of each row [B]: its non-IGNORE labels."""
+    return (batch["labels"] != IGNORE).sum(1)
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Target tokens of a micro-batch: its non-IGNORE labels."""
-    return (batch["labels"] != IGNORE).sum()
+    return row_targets(batch).sum()
 
 
 def mtp_targets(labels_BS: torch.Tensor) -> torch.Tensor:
