@@ -12,6 +12,7 @@ from torch import nn
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.attention_core import CompressedKeys, hybrid_attention
 from dsv4train.models.compressor import Compressor, visible_entries
+from dsv4train.models.documents import Documents
 from dsv4train.models.indexer import Indexer, kl_loss, select_topk
 from dsv4train.models.norms import RMSNorm, unweighted_rms_norm
 from dsv4train.models.rope import apply_rope, inv_freq, rope_cos_sin
@@ -68,11 +69,17 @@ class Attention(nn.Module):
         """Output groups this process projects: wo_a holds o_lora_rank rows per group (all, or its TP shard)."""
         return local_shard(self.wo_a.weight).shape[0] // self.o_lora_rank
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, AttentionAux]:
+    def forward(self, x_BSD: torch.Tensor, docs: Documents | None = None) -> tuple[torch.Tensor, AttentionAux]:
+        """docs: the documents of packed rows (models/documents.py); None = one document per row."""
         B, S, _ = x_BSD.shape
         H, c = self.local_heads, self.head_dim
-        start = self.seq.offset(S)
-        positions = torch.arange(start, start + S, device=x_BSD.device)
+        if docs is None:
+            start = self.seq.offset(S)
+            positions = torch.arange(start, start + S, device=x_BSD.device)
+        elif self.seq.shards > 1:
+            raise ValueError("packed documents (positions=...) are not supported under context parallelism: use cp=1")
+        else:
+            positions = docs.positions_BS
         cos, sin = rope_cos_sin(self.freqs, positions)
         cos_h, sin_h = cos.unsqueeze(-2), sin.unsqueeze(-2)
 
@@ -83,23 +90,35 @@ class Attention(nn.Module):
 
         comp, index_scores = None, None
         if self.layer_type != "swa":
-            n_visible = visible_entries(positions, self.ratio)
-            comp = CompressedKeys(self.compressor(x_BSD, self.freqs, self.seq), n_visible)
+            comp = self._compressed_keys(x_BSD, positions, docs)
             if self.layer_type == "csa" and comp.kv_BTC.shape[1] > 0:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self._want_kl()):
-                    index_scores = self.indexer.scores(x_BSD, qlat_BSR, cos, sin, self.freqs, self.seq)
+                    index_scores = self.indexer.scores(x_BSD, qlat_BSR, cos, sin, self.freqs, self.seq, docs)
                 if self.indexer_mode == "sparse":
-                    comp.topk_BSK = select_topk(index_scores, n_visible, self.indexer.topk)
+                    comp.topk_BSK = select_topk(index_scores, comp.hidden(), self.indexer.topk)
 
         kv_ext_BXC = self.seq.with_previous(kv_BSC, self.window)  # the W keys before ours: zeros, or the last shard's
         o_BSHC, p_comp = hybrid_attention(
-            q_BSHC, kv_ext_BXC, local_shard(self.attn_sink), self.window, comp, sees_previous=self.seq.has_previous
+            q_BSHC,
+            kv_ext_BXC,
+            local_shard(self.attn_sink),
+            self.window,
+            comp,
+            sees_previous=self.seq.has_previous,
+            first_key_BS=None if docs is None else docs.first_token_BS,
         )
         o_BSHC = apply_rope(o_BSHC, cos_h, sin_h, inverse=True)
         aux = AttentionAux()
         if index_scores is not None and index_scores.requires_grad:
             aux.indexer_loss = self._indexer_loss(p_comp, index_scores, comp)
         return self._project_out(o_BSHC), aux
+
+    def _compressed_keys(self, x_BSD: torch.Tensor, positions: torch.Tensor, docs: Documents | None) -> CompressedKeys:
+        entries_BTC = self.compressor(x_BSD, self.freqs, self.seq, docs)
+        if docs is None:
+            return CompressedKeys(entries_BTC, visible_entries(positions, self.ratio))
+        blocks = docs.blocks(self.ratio)
+        return CompressedKeys(entries_BTC, blocks.end_visible_BS, first_visible_BS=blocks.first_visible_BS)
 
     def _want_kl(self) -> bool:
         return self.training and self.indexer_kl
@@ -116,10 +135,8 @@ class Attention(nn.Module):
     def _indexer_loss(self, p_comp: torch.Tensor, scores_BST: torch.Tensor, comp: CompressedKeys) -> torch.Tensor:
         if self.sum_over_head_shards is not None:  # the teacher is the mass of ALL heads, not only the local ones
             p_comp = self.sum_over_head_shards(p_comp.detach().sum(2, keepdim=True))
-        T = scores_BST.shape[-1]
         if comp.topk_BSK is None:
-            valid = (torch.arange(T, device=scores_BST.device) < comp.n_visible_S.unsqueeze(-1)).expand_as(scores_BST)
-            return kl_loss(p_comp, scores_BST, valid, self.seq)
+            return kl_loss(p_comp, scores_BST, ~comp.hidden().expand_as(scores_BST), self.seq)
         idx = comp.topk_BSK
         student = torch.gather(scores_BST, -1, idx.clamp_min(0))
         return kl_loss(p_comp, student, idx >= 0, self.seq)

@@ -6,7 +6,9 @@ never builds an S x S tensor; the dense compressed part does build S x S/ratio s
 - compressed, dense: all T = S // ratio entries with the causal rule entry i visible iff i < (t+1) // ratio
   (scores [B, S, H, T]; T is S/4 or S/128: O(S^2/ratio), which is why CSA switches to the sparse mode).
 - compressed, sparse: the k entries picked by the indexer, gathered per query (scores [B, S, H, k]).
-The three score blocks and the sink column share one fp32 softmax; the sink column is then dropped."""
+The three score blocks and the sink column share one fp32 softmax; the sink column is then dropped.
+Rows packed with several documents (models/documents.py) add a per-query lower bound on both parts: the window's
+keys from the query's document start on, the compressed entries from its document's first entry on."""
 
 from __future__ import annotations
 
@@ -21,8 +23,17 @@ class CompressedKeys:
     """Compressed entries for one layer: either all of them with a causal limit, or gathered top-k."""
 
     kv_BTC: torch.Tensor
-    n_visible_S: torch.Tensor  # entries each query may see: floor((t+1)/ratio)
+    n_visible_S: torch.Tensor  # one past the last entry each query may see: floor((t+1)/ratio); [S] or [B, S]
     topk_BSK: torch.Tensor | None = None  # indexer picks (-1 = none); None = dense
+    first_visible_BS: torch.Tensor | None = None  # packed documents: the first entry each query may see
+
+    def hidden(self) -> torch.Tensor:
+        """Which entries each query may not use: [S, T], or [B, S, T] with packed documents."""
+        entry_T = torch.arange(self.kv_BTC.shape[1], device=self.kv_BTC.device)
+        hidden = entry_T >= self.n_visible_S.unsqueeze(-1)
+        if self.first_visible_BS is not None:
+            hidden = hidden | (entry_T < self.first_visible_BS.unsqueeze(-1))
+        return hidden
 
 
 def _window_blocks(kv_ext_BXC: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
@@ -46,6 +57,16 @@ def _window_mask(nb: int, window: int, device: torch.device, sees_previous: bool
     return torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf"))
 
 
+def _other_document_keys(first_key_BS: torch.Tensor, nb: int, window: int) -> torch.Tensor:
+    """[B, nb, W, 2W] bool: key j of query block b (row position (b-1)W + j) lies before the query's document."""
+    B, S = first_key_BS.shape
+    first_BNW = F.pad(first_key_BS, (0, nb * window - S)).view(B, nb, window, 1)
+    key_pos_N1K = (torch.arange(nb, device=first_key_BS.device).view(nb, 1, 1) - 1) * window + torch.arange(
+        2 * window, device=first_key_BS.device
+    )
+    return key_pos_N1K < first_BNW
+
+
 def hybrid_attention(
     q_BSHC: torch.Tensor,
     kv_ext_BXC: torch.Tensor,
@@ -53,12 +74,13 @@ def hybrid_attention(
     window: int,
     comp: CompressedKeys | None,
     sees_previous: bool = False,
+    first_key_BS: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (output [B, S, H, C], probabilities on the compressed keys [B, S, H, T or k] or None).
 
     kv_ext_BXC: [B, W + S, C], the W keys before the queries then their own S keys. At the start of a sequence
     the first W are padding and hidden; under context parallelism they are the previous shard's last W keys and
-    `sees_previous` is True."""
+    `sees_previous` is True. first_key_BS (packed documents): the first row position each query may see."""
     B, S, H, C = q_BSHC.shape
     scale = C**-0.5
     keys_BNKC, nb = _window_blocks(kv_ext_BXC, window)
@@ -66,6 +88,8 @@ def hybrid_attention(
     win = torch.matmul(q_blk, keys_BNKC.transpose(-1, -2)) * scale  # [B, nb, W*H, 2W]
     mask = _window_mask(nb, window, q_BSHC.device, sees_previous)
     win = win.view(B, nb, window, H, 2 * window) + mask.view(nb, window, 1, 2 * window).to(win.dtype)
+    if first_key_BS is not None:
+        win = win.masked_fill(_other_document_keys(first_key_BS, nb, window).unsqueeze(3), float("-inf"))
     parts = [win.view(B, nb * window, H, 2 * window)[:, :S]]
 
     gathered = None
@@ -73,8 +97,7 @@ def hybrid_attention(
         T = comp.kv_BTC.shape[1]
         if comp.topk_BSK is None:
             cs = torch.matmul(q_BSHC.reshape(B, S * H, C), comp.kv_BTC.transpose(-1, -2)).view(B, S, H, T) * scale
-            hidden = torch.arange(T, device=cs.device) >= comp.n_visible_S.unsqueeze(-1)  # [S, T]
-            cs = cs.masked_fill(hidden.unsqueeze(1), float("-inf"))
+            cs = cs.masked_fill(comp.hidden().unsqueeze(-2), float("-inf"))
         else:
             idx = comp.topk_BSK
             k = idx.shape[-1]

@@ -9,6 +9,7 @@ from torch import nn
 
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.attention import Attention
+from dsv4train.models.documents import Documents
 from dsv4train.models.mhc import hc_collapse, hc_expand, hc_weights
 from dsv4train.models.moe import MoE, MoEAux
 from dsv4train.models.norms import RMSNorm
@@ -50,9 +51,11 @@ class Block(nn.Module):
             c.norm_eps,
         )
 
-    def forward(self, x_BSND: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, BlockAux]:
+    def forward(
+        self, x_BSND: torch.Tensor, input_ids: torch.Tensor | None, docs: Documents | None = None
+    ) -> tuple[torch.Tensor, BlockAux]:
         pre, post, comb = self._weights(x_BSND, "hc_attn")
-        a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)))
+        a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)), docs)
         x_BSND = hc_expand(x_BSND, a_BSD, post, comb)
         pre, post, comb = self._weights(x_BSND, "hc_ffn")
         f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids)

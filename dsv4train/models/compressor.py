@@ -5,13 +5,15 @@ CSA (overlap=True): projections are 2*c wide; entry i pools 2*ratio slots: the F
 previous block's tokens and the SECOND half `[..., c:]` of its own block's tokens (the reference layout).
 Entry 0's previous-block slots are empty (value 0, gate -inf) at the start of a sequence; on a later shard of a
 context-parallel sequence they hold the previous shard's last block. A tail shorter than `ratio` is dropped.
-Each shard pools its own blocks; the entries of all shards are then gathered (models/sequence.py)."""
+Each shard pools its own blocks; the entries of all shards are then gathered (models/sequence.py).
+In a row packed with several documents the blocks are laid out per document (models/documents.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dsv4train.models.documents import Documents, gather_tokens
 from dsv4train.models.norms import RMSNorm
 from dsv4train.models.rope import apply_rope, rope_cos_sin
 from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
@@ -28,35 +30,51 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps)
 
     def forward(
-        self, x_BSD: torch.Tensor, freqs: tuple[float, ...], seq: WholeSequence = WHOLE_SEQUENCE
+        self,
+        x_BSD: torch.Tensor,
+        freqs: tuple[float, ...],
+        seq: WholeSequence = WHOLE_SEQUENCE,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         """[B, S, d] -> compressed entries [B, S // ratio, head_dim], normalised and rotated at position ratio*i
         (of the whole sequence: under context parallelism S is this shard's length and the entries of every
-        shard are returned)."""
+        shard are returned). With packed documents: each document's complete blocks, document after document,
+        rotated at their position inside the document."""
         B, S, _ = x_BSD.shape
-        T, m, c = S // self.ratio, self.ratio, self.head_dim
+        m, c = self.ratio, self.head_dim
+        T = S // m if docs is None else docs.blocks(m).token_index_BTM.shape[1]
         if T == 0:
             return x_BSD.new_zeros(B, 0, c)
-        x = x_BSD[:, : T * m]
+        if docs is None:
+            x = x_BSD[:, : T * m]
+            block_T = torch.arange(T, device=x_BSD.device)
+            opens_document_BT = (block_T == 0) & (not seq.has_previous)  # [T]: the same for every row
+            positions_BT = (block_T + seq.offset(T)) * m
+        else:
+            blocks = docs.blocks(m)
+            x = gather_tokens(x_BSD, blocks.token_index_BTM)
+            opens_document_BT, positions_BT = blocks.first_in_document_BT, blocks.position_BT
         kv = self.wkv(x).view(B, T, m, -1)
         gate = self.wgate(x).view(B, T, m, -1) + self.ape.to(x.dtype)
         if self.overlap:
-            kv, gate = self._with_previous_block(kv, gate, seq)
+            kv, gate = self._with_previous_block(kv, gate, seq, opens_document_BT)
         weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
         pooled = self.norm((kv * weights).sum(dim=2))
-        cos, sin = rope_cos_sin(freqs, (torch.arange(T, device=x.device) + seq.offset(T)) * m)
+        cos, sin = rope_cos_sin(freqs, positions_BT)
         return seq.gather(apply_rope(pooled, cos, sin))
 
-    def _with_previous_block(self, kv_BTMW: torch.Tensor, gate_BTMW: torch.Tensor, seq: WholeSequence):
-        """CSA: block i's 2m slots are the first half of block i-1's projections, then the second half of its own."""
+    def _with_previous_block(
+        self, kv_BTMW: torch.Tensor, gate_BTMW: torch.Tensor, seq: WholeSequence, opens_document_BT: torch.Tensor
+    ):
+        """CSA: block i's 2m slots are the first half of block i-1's projections, then the second half of its own.
+        A block that opens a document (or the sequence) has no previous block: those slots get no weight."""
         B, T, m, _ = kv_BTMW.shape
         c = self.head_dim
         first_half = torch.cat((kv_BTMW[..., :c], gate_BTMW[..., :c].to(kv_BTMW.dtype)), -1).view(B, T * m, 2 * c)
         prev_BTMX = seq.with_previous(first_half, m)[:, : T * m].view(B, T, m, 2 * c)
-        empty = torch.zeros(T, 1, 1, device=kv_BTMW.device)
-        if not seq.has_previous:
-            empty[0] = float("-inf")  # the first block has no previous block: its slots get no weight
-        prev_gate = prev_BTMX[..., c:].to(gate_BTMW.dtype) + empty
+        opens_BT11 = opens_document_BT[..., None, None]  # [T, 1, 1] or [B, T, 1, 1]
+        empty_BT11 = torch.zeros(opens_BT11.shape, device=kv_BTMW.device).masked_fill(opens_BT11, float("-inf"))
+        prev_gate = prev_BTMX[..., c:].to(gate_BTMW.dtype) + empty_BT11
         return (
             torch.cat((prev_BTMX[..., :c], kv_BTMW[..., c:]), dim=2),
             torch.cat((prev_gate, gate_BTMW[..., c:]), dim=2),

@@ -12,6 +12,7 @@ from torch import nn
 
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.compressor import Compressor
+from dsv4train.models.documents import Documents
 from dsv4train.models.rope import apply_rope
 from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 
@@ -32,11 +33,13 @@ class Indexer(nn.Module):
         sin: torch.Tensor,
         freqs: tuple[float, ...],
         seq: WholeSequence = WHOLE_SEQUENCE,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
-        """Index scores [B, S, T] over all compressed entries (future ones included; the caller masks)."""
+        """Index scores [B, S, T] over all compressed entries (future ones and, in packed rows, other documents'
+        included; the caller masks)."""
         x_BSD, qlat_BSR = x_BSD.detach(), qlat_BSR.detach()
         B, S, _ = x_BSD.shape
-        keys_BTK = self.compressor(x_BSD, freqs, seq)
+        keys_BTK = self.compressor(x_BSD, freqs, seq, docs)
         q_BSHK = self.wq_b(qlat_BSR).view(B, S, self.n_heads, self.head_dim)
         q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
         # one [B, S·H, K] x [B, K, T] batched GEMM: matmul's broadcast of the keys over S would copy them per query
@@ -45,13 +48,19 @@ class Indexer(nn.Module):
         return torch.einsum("bsht,bsh->bst", F.relu(logits_BSHT) * self.head_dim**-0.5, w_BSH)
 
 
-def select_topk(scores_BST: torch.Tensor, n_visible_S: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k visible entries per query; picks past the causal limit become -1. Returns [B, S, min(k, T)]."""
+def select_topk(scores_BST: torch.Tensor, hidden_ST: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k visible entries per query; picks of hidden entries (past the causal limit, or another document's)
+    become -1. hidden_ST: [S, T] or [B, S, T]. Returns [B, S, min(k, T)].
+
+    Ties are broken as `torch.topk` breaks them (unspecified, as in transformers and the reference code). With few
+    index heads they are common (a score is exactly 0 whenever every head's ReLU is), and then a packed document
+    may pick a different one of two equal entries than the document alone; nothing else about the picks depends
+    on where the document sits in its row."""
     T = scores_BST.shape[-1]
-    future = torch.arange(T, device=scores_BST.device) >= n_visible_S.unsqueeze(-1)
-    masked = scores_BST.detach().masked_fill(future, float("-inf"))
+    masked = scores_BST.detach().masked_fill(hidden_ST, float("-inf"))
     idx = masked.topk(min(k, T), dim=-1).indices
-    return torch.where(idx >= n_visible_S.view(1, -1, 1), torch.full_like(idx, -1), idx)
+    picked_hidden = hidden_ST.expand_as(scores_BST).gather(-1, idx)
+    return torch.where(picked_hidden, torch.full_like(idx, -1), idx)
 
 
 def kl_loss(

@@ -12,6 +12,7 @@ from torch import nn
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.attention import Attention
 from dsv4train.models.block import Block, BlockAux, HCHead
+from dsv4train.models.documents import Documents
 from dsv4train.models.mhc import hc_head
 from dsv4train.models.moe import Gate, build_hash_table
 from dsv4train.models.mtp import MTPBlock
@@ -23,6 +24,14 @@ def _owner(name: str) -> str:
     """Name of the module that owns parameter `name` (last path component), '' at the root."""
     parts = name.split(".")
     return parts[-2] if len(parts) > 1 else ""
+
+
+def _within_documents(mtp_input_ids: torch.Tensor, input_ids: torch.Tensor, docs: Documents | None) -> torch.Tensor:
+    """MTP's token t+1 at position t, with a document's last position given its own token (the dummy a row's last
+    position gets) so that nothing of the next document enters."""
+    if docs is None:
+        return mtp_input_ids
+    return torch.where(docs.last_in_document_BS, input_ids, mtp_input_ids)
 
 
 @dataclass
@@ -73,13 +82,18 @@ class DSV4Model(nn.Module):
         with_aux: bool = False,
         part: LayerSlice | None = None,
         acts: tuple = (),
+        positions: torch.Tensor | None = None,
     ):
         """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
-        the modules of its slices (the others set to None), as a pipeline stage does."""
+        the modules of its slices (the others set to None), as a pipeline stage does. `positions` [B, S]: rows
+        packed with several documents, each token's position inside its document (0 starts one; see
+        models/documents.py); None = one document per row. With `positions`, the MTP input at each document's last
+        token is that token itself, whatever `mtp_input_ids` holds there (nothing of the next document enters)."""
+        docs = None if positions is None else Documents.from_positions(positions, input_ids)
         if part is not None:
-            return self.forward_part(part, acts, input_ids)
+            return self.forward_part(part, acts, input_ids, docs)
         x_BSND = self.embed_streams(input_ids)
-        x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers)
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers, docs)
         logits = self.final(x_BSND)
         if not with_aux:
             return logits
@@ -93,13 +107,16 @@ class DSV4Model(nn.Module):
                 )
             if mtp_input_ids is None:  # token t+1 at position t; the last position gets a dummy
                 mtp_input_ids = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
-            mtp_logits, aux = self.mtp_logits(x_BSND, self.embed(mtp_input_ids))
+            next_BSD = self.embed(_within_documents(mtp_input_ids, input_ids, docs))
+            mtp_logits, aux = self.mtp_logits(x_BSND, next_BSD, docs)
             auxes.append(aux)
         balance, indexer = aux_losses(auxes, logits)
         counts = torch.stack([a.moe.counts_E for a in auxes])
         return ModelOutput(logits, mtp_logits, balance, indexer, counts)
 
-    def forward_part(self, part: LayerSlice, acts: tuple, input_ids: torch.Tensor) -> tuple[tuple, list[BlockAux]]:
+    def forward_part(
+        self, part: LayerSlice, acts: tuple, input_ids: torch.Tensor, docs: Documents | None = None
+    ) -> tuple[tuple, list[BlockAux]]:
         """One slice of the forward. acts: (next token ids,) for the first slice (with MTP; else ()), otherwise
         what the previous slice returned: (streams[, next-token embedding]). Returns what the next slice takes
         (streams [B, S, N, d] in fp32[, the next-token embedding]) or, for the last slice, (logits[, MTP logits])
@@ -107,15 +124,15 @@ class DSV4Model(nn.Module):
         with_mtp = self.cfg.n_mtp_layers > 0
         if part.first:
             x_BSND = self.embed_streams(input_ids)
-            next_BSD = self.embed(acts[0]) if with_mtp else None
+            next_BSD = self.embed(_within_documents(acts[0], input_ids, docs)) if with_mtp else None
         else:
             x_BSND, next_BSD = acts[0], (acts[1] if with_mtp else None)
-        x_BSND, auxes = self.run_layers(x_BSND, input_ids, [self.layers[i] for i in part.layers])
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, [self.layers[i] for i in part.layers], docs)
         if not part.last:
             return (x_BSND.float(), *([next_BSD.float()] if with_mtp else [])), auxes
         outs = [self.final(x_BSND).float()]
         if with_mtp:
-            mtp_logits, aux = self.mtp_logits(x_BSND, next_BSD)
+            mtp_logits, aux = self.mtp_logits(x_BSND, next_BSD, docs)
             outs.append(mtp_logits.float())
             auxes.append(aux)
         return tuple(outs), auxes
@@ -133,10 +150,12 @@ class DSV4Model(nn.Module):
         return emb_BSD.unsqueeze(-2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
 
     @staticmethod
-    def run_layers(x_BSND: torch.Tensor, input_ids: torch.Tensor, layers) -> tuple[torch.Tensor, list[BlockAux]]:
+    def run_layers(
+        x_BSND: torch.Tensor, input_ids: torch.Tensor, layers, docs: Documents | None = None
+    ) -> tuple[torch.Tensor, list[BlockAux]]:
         auxes: list[BlockAux] = []
         for layer in layers:
-            x_BSND, aux = layer(x_BSND, input_ids)
+            x_BSND, aux = layer(x_BSND, input_ids, docs)
             auxes.append(aux)
         return x_BSND, auxes
 
@@ -146,8 +165,10 @@ class DSV4Model(nn.Module):
         y = hc_head(x_BSND, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps, cfg.norm_eps)
         return self.head(self.norm(y))
 
-    def mtp_logits(self, x_BSND: torch.Tensor, next_emb_BSD: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
-        h, aux = self.mtp[0].forward_mtp(x_BSND, next_emb_BSD)
+    def mtp_logits(
+        self, x_BSND: torch.Tensor, next_emb_BSD: torch.Tensor, docs: Documents | None = None
+    ) -> tuple[torch.Tensor, BlockAux]:
+        h, aux = self.mtp[0].forward_mtp(x_BSND, next_emb_BSD, docs)
         return self.head(h), aux
 
     # ------------------------------------------------------------------ switches

@@ -9,6 +9,7 @@ from torch import nn
 
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.block import Block, BlockAux, HCHead
+from dsv4train.models.documents import Documents
 from dsv4train.models.mhc import hc_head
 from dsv4train.models.norms import RMSNorm
 
@@ -23,10 +24,12 @@ class MTPBlock(Block):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         HCHead.add_params(self, cfg.hc_mult, cfg.dim)
 
-    def forward_mtp(self, streams_BSND: torch.Tensor, next_emb_BSD: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
+    def forward_mtp(
+        self, streams_BSND: torch.Tensor, next_emb_BSD: torch.Tensor, docs: Documents | None = None
+    ) -> tuple[torch.Tensor, BlockAux]:
         """Returns the normalised hidden state [B, S, d] to feed the shared head, and the block's aux."""
         x = self.h_proj(self.hnorm(streams_BSND)) + self.e_proj(self.enorm(next_emb_BSD)).unsqueeze(-2)
-        x, aux = self(x, None)
+        x, aux = self(x, None, docs)
         c = self.cfg
         y = hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
         return self.norm(y), aux

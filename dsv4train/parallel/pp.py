@@ -214,7 +214,13 @@ class Pipeline:
         """Stage `specs[chunk]` on one pipeline chunk (its `rows` of the micro-batch): through the model's root
         call, so FSDP's hooks run; in training its aux losses are recorded and attached for their gradient."""
         part = self.specs[chunk].part
-        outs, auxes = self.model(input_ids, part=part, acts=acts[1:] if part.first else acts)
+        positions = self._batch.get("positions")  # packed documents: each token's position in its document
+        outs, auxes = self.model(
+            input_ids,
+            part=part,
+            acts=acts[1:] if part.first else acts,
+            positions=None if positions is None else positions[rows],
+        )
         if not (self.model.training and torch.is_grad_enabled()):
             return outs
         balance, indexer = aux_losses(auxes, outs[0])
@@ -318,6 +324,7 @@ class Pipeline:
         owner = {s: r for r in range(self.dims.pp) for s in rank_stages(self.dims, r)}
         me = dist.get_rank(self.group)
         ids, acts = batch["input_ids"], None
+        self._batch = batch
         result = torch.zeros(2 + len(loss_fn.metric_names), dtype=torch.float64)
         for k, spec in sorted(enumerate(self.specs), key=lambda ks: ks[1].index):
             part = spec.part
@@ -337,4 +344,5 @@ class Pipeline:
                 for t in outs:
                     dist.send(t.contiguous(), group_dst=owner[spec.index + 1], group=self.group)
             acts = outs
+        self._batch = {}
         return result

@@ -18,10 +18,14 @@ IGNORE = -100  # the HF / PyTorch convention for "no target here"
 MTP_WEIGHT = 0.3
 
 
-def masked_rows(vocab: int, rows: int, seq: int, seed: int = 3) -> dict[str, torch.Tensor]:
+def masked_rows(vocab: int, rows: int, seq: int, seed: int = 3, packed: bool = False) -> dict[str, torch.Tensor]:
     """A global batch of whole rows with very different target counts: row 0 all of them, row 1 a 'prompt' of
     3/4 of the row masked, row 2 every other position masked, row 3 only its last 3 positions kept, and so on
-    cyclically. Keys as train/losses.py documents them (input_ids, labels, next_ids, mtp_labels)."""
+    cyclically. Keys as train/losses.py documents them (input_ids, labels, next_ids, mtp_labels).
+
+    packed: each row also holds several documents (`positions`, models/documents.py), of lengths that cut windows
+    and compression blocks (row r: documents of 5 + r, 11 and the rest of the row). The targets stay as above:
+    the model's masking, not the labels, is what keeps the documents apart here."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (rows, seq + 1), generator=g)
     keep = torch.ones(rows, seq, dtype=torch.bool)
@@ -35,13 +39,17 @@ def masked_rows(vocab: int, rows: int, seq: int, seed: int = 3) -> dict[str, tor
             keep[r, :-3] = False
     labels = torch.where(keep, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
     mtp_labels = torch.cat((labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)), dim=1)
-    return {"input_ids": tokens[:, :-1], "labels": labels, "next_ids": tokens[:, 1:], "mtp_labels": mtp_labels}
+    batch = {"input_ids": tokens[:, :-1], "labels": labels, "next_ids": tokens[:, 1:], "mtp_labels": mtp_labels}
+    if packed:
+        lengths = [(5 + r % 4, 11, seq - 16 - r % 4) for r in range(rows)]
+        batch["positions"] = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    return batch
 
 
 def reference_loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """({lm_loss, mtp_loss, loss}, {name: grad}) of the convention on the whole batch, by hand."""
     model.zero_grad(set_to_none=True)
-    out = model(batch["input_ids"], mtp_input_ids=batch["next_ids"], with_aux=True)
+    out = model(batch["input_ids"], mtp_input_ids=batch["next_ids"], with_aux=True, positions=batch.get("positions"))
     n = (batch["labels"] != IGNORE).sum()
     ce = F.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
     mtp = F.cross_entropy(

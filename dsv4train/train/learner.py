@@ -160,9 +160,12 @@ class Learner:
         return d.dp * d.cp * d.ep
 
     def _forward(self, batch: Batch) -> ModelOutput:
-        """The whole model on one micro-batch (the MTP block reads `next_ids`), under the run's autocast."""
+        """The whole model on one micro-batch (the MTP block reads `next_ids`; packed documents give `positions`),
+        under the run's autocast."""
         with autocast(self.device, self.dtype):
-            return self.model(batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True)
+            return self.model(
+                batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True, positions=batch.get("positions")
+            )
 
     def _shard(self, batch: Batch) -> Batch:
         """This rank's piece of every [B, S] tensor (its context-parallel shard; all of it otherwise)."""

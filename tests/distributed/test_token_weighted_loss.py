@@ -23,8 +23,8 @@ ROWS, SEQ = 4, 32  # 32 tokens: whole windows and compression blocks on each of 
 NO_EXTRAS = TrainConfig(grad_clip=1e9, balance_loss_weight=0.0, indexer_loss_weight=0.0, bias_update_speed=0.0)
 
 
-def _check(rank, world_size, layout: dict, accum: int):
-    batch = masked_rows(build_tiny().cfg.vocab_size, ROWS, SEQ)
+def _check(rank, world_size, layout: dict, accum: int, packed: bool = False):
+    batch = masked_rows(build_tiny().cfg.vocab_size, ROWS, SEQ, packed=packed)
     want_losses, want_grads = reference_loss_and_grads(build_tiny(), batch)
 
     rt = ParallelRuntime(ParallelDims(**layout))
@@ -58,3 +58,14 @@ def _check(rank, world_size, layout: dict, accum: int):
 )
 def test_masked_batches_match_one_process(layout, accum):
     run_distributed_test(_check, world_size=ParallelDims(**layout).world_size, args=(layout, accum))
+
+
+@pytest.mark.parametrize(
+    "layout,accum",
+    [({"dp": 2, "ep": 2}, 1), ({"pp": 2}, 2)],
+    ids=["dp2xep2", "pp2-accum2"],
+)
+def test_packed_documents_match_one_process(layout, accum):
+    """SFT's rows: several documents per row (`positions`), under the data x expert layout SFT runs in and under the
+    pipeline (whose stages each get their chunk's positions)."""
+    run_distributed_test(_check, world_size=ParallelDims(**layout).world_size, args=(layout, accum, True))
