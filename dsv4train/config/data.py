@@ -15,6 +15,7 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)  # blend weights for `sources`; empty = by token count
     val_fraction: float = 0.02  # share of each dataset's documents held out for validation (a fixed pick)
     seed: int = 1234  # document order (independent of the model seed and of the validation pick)
+    document_mask: bool = False  # attention and targets stay inside each document of a packed row (positions restart)
 
     def __post_init__(self) -> None:
         # tuples and ints from Python callers, normalised once while constructing (the dataclass is frozen)

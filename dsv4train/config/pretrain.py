@@ -193,6 +193,11 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         require(
+            not (self.data.document_mask and self.parallel.cp > 1),
+            "data.document_mask",
+            "is not supported with context parallelism yet (parallel.cp > 1): set one of them back",
+        )
+        require(
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq_len",
             f"({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",

@@ -16,7 +16,7 @@ from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.observability.trackers import Trackers
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train.learner import Learner
-from dsv4train.train.losses import NextTokenLoss, lm_batch
+from dsv4train.train.losses import NextTokenLoss
 from dsv4train.utils.device import rng_state
 from dsv4train.utils.signals import PreemptionFlag
 
@@ -94,7 +94,8 @@ class EvalCallback(Callback):
     """Validation loss at the start of a fresh run, every `every` steps and at the last step."""
 
     def __init__(self, val_batches: list[dict], every: int):
-        self.val_batches, self.every = [lm_batch(b["tokens"]) for b in val_batches], every
+        """val_batches: micro-batches with the keys of train/losses.py (labels, ...), the same at every evaluation."""
+        self.val_batches, self.every = val_batches, every
 
     def _evaluate(self, loop: Loop) -> float:
         return loop.learner.evaluate(self.val_batches, NextTokenLoss())["lm_loss"]
@@ -126,12 +127,12 @@ class TrackerCallback(Callback):
 
 
 class ProgressCallback(Callback):
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
+    def __init__(self, enabled: bool, desc: str = "pretrain"):
+        self.enabled, self.desc, self.bar = enabled, desc, None
 
     def on_train_start(self, loop: Loop) -> None:
         self.bar = tqdm(
-            total=loop.cfg.train.steps, initial=loop.step, desc="pretrain", unit="step", disable=not self.enabled
+            total=loop.cfg.train.steps, initial=loop.step, desc=self.desc, unit="step", disable=not self.enabled
         )
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
@@ -166,11 +167,16 @@ class CheckpointCallback(Callback):
             loop.learner.save(loop.ckpt_root, loop.step, loop.trainer_state(), self.keep, optim_cfg=loop.cfg.optim)
 
 
-def default_callbacks(cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers | None) -> list[Callback]:
+def default_callbacks(
+    cfg: PretrainConfig, val_batches: list[dict], trackers: Trackers | None, desc: str = "pretrain"
+) -> list[Callback]:
     """Evaluation, then (on the main rank, the one with `trackers`) tracking and the progress bar, then
-    preemption and checkpoints. Every rank runs eval, preemption and checkpoints: they are collective."""
+    preemption and checkpoints. Every rank runs eval, preemption and checkpoints: they are collective. `cfg` is a
+    PretrainConfig or an SFTConfig (both have `train` and `optim`)."""
     t = cfg.train
-    main_only = [] if trackers is None else [TrackerCallback(trackers, t.log_every), ProgressCallback(t.progress_bar)]
+    main_only = (
+        [] if trackers is None else [TrackerCallback(trackers, t.log_every), ProgressCallback(t.progress_bar, desc)]
+    )
     return [
         EvalCallback(val_batches, t.eval_every),
         *main_only,

@@ -65,10 +65,35 @@ def mtp_targets(labels_BS: torch.Tensor) -> torch.Tensor:
     return torch.cat((labels_BS[:, 1:], torch.full_like(labels_BS[:, :1], IGNORE)), dim=1)
 
 
-def lm_batch(rows_BS1: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A pre-training micro-batch from packed rows of seq+1 tokens: every position has a target."""
+def lm_batch(rows_BS1: torch.Tensor, doc_start_BS1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A pre-training micro-batch from packed rows of seq+1 tokens: every position has a target.
+
+    With `doc_start_BS1` (the loader's mask of document starts; `data.document_mask=true`) the documents of a row
+    are kept apart: `positions` restart at each document (and at the row's first token, which may continue a
+    document of the previous row), and no target crosses into the next document, so a document's last token
+    (its EOS) has no next-token target and the two last positions no MTP target."""
     labels = rows_BS1[:, 1:]
-    return {"input_ids": rows_BS1[:, :-1], "labels": labels, "next_ids": labels, "mtp_labels": mtp_targets(labels)}
+    batch = {"input_ids": rows_BS1[:, :-1], "labels": labels, "next_ids": labels, "mtp_labels": mtp_targets(labels)}
+    if doc_start_BS1 is None:
+        return batch
+    starts_next_BS = doc_start_BS1[:, 1:]  # token t+1 opens a document
+    ignore = torch.full_like(labels, IGNORE)
+    batch["labels"] = torch.where(starts_next_BS, ignore, labels)
+    batch["mtp_labels"] = torch.where(starts_next_BS, ignore, mtp_targets(batch["labels"]))
+    batch["positions"] = positions_from_starts(doc_start_BS1[:, :-1])
+    return batch
+
+
+def training_batch(rows: dict[str, torch.Tensor], document_mask: bool) -> dict[str, torch.Tensor]:
+    """The micro-batch of one loader batch ({"tokens", "doc_start"}), documents kept apart or not."""
+    return lm_batch(rows["tokens"], rows["doc_start"] if document_mask else None)
+
+
+def positions_from_starts(starts_BS: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document, from a mask of document starts (column 0 always starts one)."""
+    t_S = torch.arange(starts_BS.shape[1], device=starts_BS.device)
+    first_BS = torch.where(starts_BS, t_S, torch.zeros_like(t_S)).cummax(1).values
+    return t_S - first_BS
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dsv4train.quant import apply_precision
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, Loop, default_callbacks
 from dsv4train.train.learner import Learner
-from dsv4train.train.losses import NextTokenLoss, lm_batch
+from dsv4train.train.losses import NextTokenLoss, training_batch
 from dsv4train.utils.device import pick_device, seed_everything, set_rng_state
 from dsv4train.utils.dist import env_world_size, init_distributed
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
@@ -51,7 +51,7 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
     dims.validate(env_world_size(), cfg.model, t.seq_len, t.micro_batch_size)  # before any process-group work
     device = init_distributed(pick_device(t.device), cfg.parallel.timeout_s)
     rt = ParallelRuntime(dims, device)
-    run_dir = open_run_dir(_same_run_dir(cfg, rt))  # the resolved run dir lives here, the config keeps the asked one
+    run_dir = open_run_dir(same_run_dir(cfg, rt))  # the resolved run dir lives here, the config keeps the asked one
     dtype = torch.bfloat16 if cfg.precision.compute_dtype == "bfloat16" else torch.float32
     seed_everything(cfg.seed)
 
@@ -71,32 +71,43 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
     removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []  # .tmp_* of a killed write
     rt.barrier()
     resume_from = checkpoint.latest(loop.ckpt_root)  # complete step_<N> folders only
-    fresh_optimizer = resume_from is not None and _resume(loop, resume_from)
+    fresh_optimizer = resume_from is not None and resume(loop, resume_from)
     config_dict = asdict(cfg)
     if rt.is_main:
         write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
         _print_start(cfg, n_params, loop, resume_from, removed, fresh_optimizer)
 
     trackers = build_trackers(cfg.tracker, run_dir, config_dict) if rt.is_main else None
-    callbacks = default_callbacks(cfg, val_data.val_batches(t.eval_batches), trackers)
-    try:
-        summary = _train(loop, callbacks)
-    finally:
-        for cb in callbacks:
-            cb.close()
+    val_batches = [training_batch(b, cfg.data.document_mask) for b in val_data.val_batches(t.eval_batches)]
+    callbacks = default_callbacks(cfg, val_batches, trackers)
+    summary = run_and_summarise(
+        loop, callbacks, lambda: training_batch(train_data.next_batch(), cfg.data.document_mask)
+    )
     if rt.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
     return summary
 
 
-def _resume(loop: Loop, step_dir: Path) -> bool:
+def run_and_summarise(loop: Loop, callbacks: list[Callback], next_micro_batch, extra_summary: dict | None = None):
+    """The steps, the callbacks closed whatever happens, and summary.json (with `extra_summary`) in the run dir."""
+    try:
+        summary = run_steps(loop, callbacks, next_micro_batch)
+    finally:
+        for cb in callbacks:
+            cb.close()
+    summary.update(extra_summary or {})
+    if loop.rt.is_main:
+        (loop.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def resume(loop: Loop, step_dir: Path) -> bool:
     """Load `step_dir` into the loop (weights, optimizer state, data position, RNG, counters) after checking it was
     written for this model and optimizer. Returns True when the optimizer state starts fresh instead (another
     optimizer and train.allow_optimizer_change=true)."""
     cfg = loop.cfg
     allow = cfg.train.allow_optimizer_change
-    checkpoint.check_same_model(step_dir, cfg.model)
+    checkpoint.check_same_model(step_dir, loop.model.cfg)
     fits = checkpoint.check_same_optimizer(step_dir, cfg.optim, allow)
     loaded, state = loop.learner.load(step_dir, optimizer_state=fits if fits is not None else (None if allow else True))
     loop.train_data.load_state_dict(state["loader"])
@@ -106,7 +117,7 @@ def _resume(loop: Loop, step_dir: Path) -> bool:
     return not loaded
 
 
-def _same_run_dir(cfg: PretrainConfig, rt: ParallelRuntime) -> str:
+def same_run_dir(cfg, rt: ParallelRuntime) -> str:
     """Rank 0's run.dir for every rank. A default run.dir holds the launch time, which processes started a second
     apart resolve differently; the empty folder Hydra made for such a rank is removed."""
     chosen = rt.from_main(cfg.run.dir)
@@ -116,11 +127,13 @@ def _same_run_dir(cfg: PretrainConfig, rt: ParallelRuntime) -> str:
     return chosen
 
 
-def _train(loop: Loop, callbacks: list[Callback]) -> dict:
+def run_steps(loop: Loop, callbacks: list[Callback], next_micro_batch) -> dict:
+    """The training steps from `loop.step` to train.steps (or a stop): `next_micro_batch()` gives each micro-batch
+    (this rank's rows, the keys of train/losses.py). Pre-training and SFT run the same steps."""
     cfg, model, optimizer = loop.cfg, loop.model, loop.optimizer
     t = cfg.train
     peak = measured_matmul_peak(loop.learner.device, loop.learner.dtype)
-    flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
+    flops_per_token = train_flops_per_token(model.cfg, t.seq_len)
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * loop.rt.data_ranks
     loop.check_preemption()  # a signal during set-up: no step, no evaluation, just the summary
     for cb in callbacks:
@@ -131,7 +144,7 @@ def _train(loop: Loop, callbacks: list[Callback]) -> dict:
         model.set_indexer_mode("dense" if loop.step < t.dense_indexer_steps else "sparse")
         lr = lr_at(loop.step, cfg.optim, t.steps)
         optimizer.set_lr(lr)
-        batches = [lm_batch(loop.train_data.next_batch()["tokens"]) for _ in range(t.grad_accum)]
+        batches = [next_micro_batch() for _ in range(t.grad_accum)]
         t0 = time.perf_counter()
         loss_fn = NextTokenLoss(mtp_weight_at(loop.step, cfg.optim, t.steps, t.mtp_weight, t.mtp_weight_decay))
         last = loop.learner.step(batches, loss_fn, number=loop.step + 1)
