@@ -26,13 +26,13 @@ from tqdm import tqdm
 from dsv4train.config.errors import ConfigError
 from dsv4train.data.corpus import stdlib_documents
 from dsv4train.data.indexed import write_documents
-from dsv4train.data.tokenizer import BOS, EOS, train_tokenizer
+from dsv4train.data.tokenizer import BOS, EOS, RESERVED_TOKENS, find_tokenizer_json, load_tokenizer, train_tokenizer
 from dsv4train.utils.json_files import read_json_object
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 TABLE_SUFFIXES = (".jsonl", ".parquet")
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
-MIN_VOCAB = 256 + 3  # the byte alphabet and BOS/EOS/PAD
+MIN_VOCAB = 256 + len(RESERVED_TOKENS)  # the byte alphabet and the reserved special tokens (data/tokenizer.py)
 
 
 @dataclass
@@ -140,14 +140,8 @@ def _special_id(tok: Tokenizer, path: Path, which: str, v4_token: str) -> int | 
 
 
 def _load_tokenizer(given: Path) -> tuple[Tokenizer, Path]:
-    """A tokenizer.json, or the one inside an HF tokenizer folder."""
-    path = given / TOKENIZER if given.is_dir() else given
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} does not exist")
-    try:
-        return Tokenizer.from_file(str(path)), path
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise ConfigError(f"tokenizer {path} cannot be read by `tokenizers` ({e})") from None
+    """A tokenizer.json, or the one inside an HF tokenizer folder, and its path."""
+    return load_tokenizer(given), find_tokenizer_json(given)
 
 
 def _given_tokenizer(given: Path) -> _Tok:

@@ -196,7 +196,7 @@ def test_a_failed_write_leaves_the_folder_as_it_was(prepared, tmp_path, monkeypa
         _prepare("--input", SAMPLE, "--name", "more", "--append", "--out", folder)
     assert sorted(p.name for p in folder.iterdir()) == before
     with pytest.raises(KeyboardInterrupt):
-        _prepare("--input", SAMPLE, "--vocab-size", 260, "--out", tmp_path / "new")
+        _prepare("--input", SAMPLE, "--vocab-size", 265, "--out", tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
