@@ -4,7 +4,8 @@ import math
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid. The message starts with the dotted key, e.g. `model.o_groups: ...`."""
+    """A configuration value (or the data or checkpoint it names) is invalid. The message starts with the dotted key,
+    e.g. `model.o_groups: ...`, or names the file and what is wrong with it."""
 
 
 def require(ok: bool, key: str, msg: str) -> None:

@@ -184,8 +184,8 @@ class PackedLoader:
 
 
 def rank_rows(batch: dict, rank: int, n_ranks: int) -> dict:
-    """Rows [rank·b, (rank+1)·b) of a batch of n_ranks·b rows."""
-    b = batch["tokens"].shape[0] // n_ranks
+    """Rows [rank·b, (rank+1)·b) of a batch of n_ranks·b rows (every value a tensor of rows)."""
+    b = next(iter(batch.values())).shape[0] // n_ranks
     return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
 
 
