@@ -8,6 +8,7 @@ import sys
 COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
     "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
+    "sft": ("dsv4train.cli.sft", "sft_main", "init=MODEL data.train=[FILE] [overrides]: supervised fine-tuning"),
     "bench": ("dsv4train.cli.bench", "bench_main", "efficiency [--flavor ...]: params, FLOPs, KV cache vs V3.2"),
     "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
     "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),
@@ -24,7 +25,6 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
 }
 
 PENDING = {
-    "sft": "post-training is not built yet",
     "grpo": "post-training is not built yet",
     "distill": "post-training is not built yet",
     "pipeline": "post-training is not built yet",

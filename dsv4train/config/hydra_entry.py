@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dsv4train.config.pretrain import PretrainConfig
+from dsv4train.config.sft import SFTConfig
 
 # The YAML groups ship inside the package (pyproject's package-data), so an installed wheel finds them from any
 # working directory; a wheel is unpacked on disk, so a plain path is what Hydra's config_dir needs.
@@ -18,6 +19,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def register_schemas() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=writable_schema(PretrainConfig))
+    ConfigStore.instance().store(name="sft_schema", node=writable_schema(SFTConfig))
 
 
 def writable_schema(config_class: type) -> DictConfig:
@@ -37,7 +39,7 @@ def _clear_readonly(node: DictConfig) -> None:
             _clear_readonly(child)
 
 
-def to_config(cfg: DictConfig, run_dir: str | None = None) -> PretrainConfig:
+def to_config(cfg: DictConfig, run_dir: str | None = None) -> PretrainConfig | SFTConfig:
     """Typed config from a composed DictConfig; `run_dir` replaces run.dir (Hydra's per-job output dir)."""
     if run_dir is not None:
         cfg.run.dir = run_dir
@@ -47,11 +49,16 @@ def to_config(cfg: DictConfig, run_dir: str | None = None) -> PretrainConfig:
 def compose_pretrain(overrides: list[str] | None = None) -> tuple[PretrainConfig, str]:
     """Compose dsv4train/conf/pretrain.yaml with overrides outside a Hydra app (tests, `dsv4 demo`); returns the
     typed config and its resolved YAML."""
+    return compose_config("pretrain", overrides)
+
+
+def compose_config(config_name: str, overrides: list[str] | None = None) -> tuple[PretrainConfig | SFTConfig, str]:
+    """Compose dsv4train/conf/<config_name>.yaml (pretrain, sft) with overrides outside a Hydra app."""
     from hydra import compose, initialize_config_dir
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="pretrain"):
-        cfg = compose(config_name="pretrain", overrides=list(overrides or []))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
     run_dir = cfg.run.dir
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     return to_config(cfg, run_dir), resolved

@@ -1,0 +1,171 @@
+"""`dsv4 sft` end to end, in subprocesses as a user runs it: a run directory like pre-training's, the loss on the
+assistant's tokens only, bad records counted with their line numbers, a tokenizer without the chat tokens grown
+and said so, resume by running the same command again, and refusals that name the problem."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dsv4train.data.chat import EOS
+from dsv4train.data.tasks.records import domain_records
+from dsv4train.data.tokenizer import BOS, train_tokenizer
+from dsv4train.models.model import DSV4Model
+from dsv4train.models.pretrained import save_dsv4
+from dsv4train.testing.toy_configs import tiny_config
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+FAST = [
+    "train.steps=4",
+    "train.seq_len=128",
+    "train.micro_batch_size=2",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.checkpoint_every=2",
+    "train.progress_bar=false",
+    "optim.warmup_steps=1",
+]
+
+
+def _dsv4(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dsv4train.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
+
+
+def _records(n: int) -> list[dict]:
+    return [*domain_records("math", "train", n, seed=0), *domain_records("code", "train", n // 4, seed=0)]
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _base(folder: Path, tokenizer: Tokenizer) -> Path:
+    """A dsv4 folder of a small randomly initialised model, its tokenizer.json beside the weights."""
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), max_seq_len=128)
+    model = DSV4Model(cfg)
+    model.init_weights(0)
+    save_dsv4(model, folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """Good records, with four bad ones at known lines: unknown role (2), not JSON (4), empty assistant turn (7), an
+    unknown key (9)."""
+    good = [json.dumps(r) for r in _records(40)]
+    bad = {
+        2: json.dumps({"messages": [{"role": "robot", "content": "hi"}], "domain": "math", "mode": "chat"}),
+        4: "{not json",
+        7: json.dumps(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "mode": "chat"}
+        ),
+        9: json.dumps({**_records(1)[0], "colour": "blue"}),
+    }
+    lines = list(good)
+    for line_number in sorted(bad):
+        lines.insert(line_number - 1, bad[line_number])
+    return _write_jsonl(tmp_path_factory.mktemp("sft") / "train.jsonl", lines)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer() -> Tokenizer:
+    docs = [json.dumps(r) for r in _records(40)]
+    return train_tokenizer(docs, 512)
+
+
+def test_sft_run_directory_summary_and_resume(tmp_path, records, chat_tokenizer):
+    base = _base(tmp_path / "base", chat_tokenizer)
+    run = tmp_path / "run"
+    r = _dsv4(["sft", f"init={base}", f"data.train=[{records}]", f"run.dir={run}", *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.resolved.yaml", "metrics.jsonl", "summary.json", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_done"] == 4
+    data = summary["data"]
+    assert data["train_files"]["records"] == len(_records(40)) + 4
+    assert data["train_files"]["bad"] == 4
+    assert [b.split(":")[0].rsplit(" ", 1)[-1] for b in data["train_files"]["first_bad"]] == ["2", "4", "7", "9"]
+    assert data["train_samples"] + data["val_samples"] + data["train_too_long"]["dropped"] + data["val_too_long"][
+        "dropped"
+    ] == len(_records(40))
+    assert "every chat special token" in summary["tokenizer"]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps if "loss" in s)
+
+    # the run directory is a model load_pretrained accepts
+    from dsv4train.train.pretrained import load_pretrained
+
+    assert load_pretrained(run).cfg.vocab_size == chat_tokenizer.get_vocab_size()
+
+    # the same command with more steps resumes from step 4
+    r = _dsv4(["sft", f"init={base}", f"data.train=[{records}]", f"run.dir={run}", *FAST, "train.steps=6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "step_4" in r.stdout
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == 4
+
+
+def test_on_bad_record_error_names_the_line(tmp_path, records, chat_tokenizer):
+    base = _base(tmp_path / "base", chat_tokenizer)
+    r = _dsv4(
+        ["sft", f"init={base}", f"data.train=[{records}]", f"run.dir={tmp_path / 'run'}", "data.on_bad_record=error"]
+    )
+    assert r.returncode == 2
+    assert f"{records} line 2" in r.stderr and "robot" in r.stderr
+
+
+def test_tokenizer_without_chat_tokens_is_grown_and_said_so(tmp_path, records):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([json.dumps(r) for r in _records(20)], trainer=trainer)
+    old = tok.get_vocab_size()
+    base = _base(tmp_path / "base", tok)
+    run = tmp_path / "run"
+    r = _dsv4(["sft", f"init={base}", f"data.train=[{records}]", f"run.dir={run}", *FAST, "train.steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"model vocabulary {old} -> {old + 6}" in r.stdout
+    saved = Tokenizer.from_file(str(run / "tokenizer.json"))
+    assert saved.token_to_id("<｜Assistant｜>") >= old
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_a_model", "vocab"])
+def test_bad_init_is_refused_before_any_work(tmp_path, records, chat_tokenizer, problem):
+    if problem == "missing":
+        init, want = tmp_path / "nowhere", "no such file or folder"
+    elif problem == "not_a_model":
+        (tmp_path / "junk").mkdir()
+        chat_tokenizer.save(str(tmp_path / "junk" / "tokenizer.json"))
+        init, want = tmp_path / "junk", "junk"
+    else:  # a model with fewer rows than the tokenizer has ids (and the tokenizer has the chat tokens)
+        cfg = tiny_config(vocab_size=256)
+        model = DSV4Model(cfg)
+        model.init_weights(0)
+        init = save_dsv4(model, tmp_path / "small")
+        chat_tokenizer.save(str(init / "tokenizer.json"))
+        want = "do not belong together"
+    run = tmp_path / "run"
+    r = _dsv4(["sft", f"init={init}", f"data.train=[{records}]", f"run.dir={run}", *FAST])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert want in r.stderr
+    assert not (run / "checkpoints").exists()
+
+
+def test_missing_init_is_named(tmp_path, records):
+    r = _dsv4(["sft", f"data.train=[{records}]", f"run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2
+    assert "init: required" in r.stderr
