@@ -52,15 +52,25 @@ def select_topk(scores_BST: torch.Tensor, hidden_ST: torch.Tensor, k: int) -> to
     """Top-k visible entries per query; picks of hidden entries (past the causal limit, or another document's)
     become -1. hidden_ST: [S, T] or [B, S, T]. Returns [B, S, min(k, T)].
 
-    Ties are broken as `torch.topk` breaks them (unspecified, as in transformers and the reference code). With few
-    index heads they are common (a score is exactly 0 whenever every head's ReLU is), and then a packed document
-    may pick a different one of two equal entries than the document alone; nothing else about the picks depends
-    on where the document sits in its row."""
+    Equal scores go to the earlier entry. Ties are common: a score is exactly 0 whenever every index head's ReLU is,
+    and `torch.topk` orders ties as it likes, so a query's picks would depend on how many entries follow (a longer
+    padded row, a packed row). With the rule, a document picks the same entries alone, packed or padded. One topk
+    over int64 keys does it: the score's order-preserving integer in the high 32 bits, T-1-index in the low ones."""
     T = scores_BST.shape[-1]
-    masked = scores_BST.detach().masked_fill(hidden_ST, float("-inf"))
-    idx = masked.topk(min(k, T), dim=-1).indices
+    masked = scores_BST.detach().float().masked_fill(hidden_ST, float("-inf")) + 0.0  # -0.0 ties with 0.0
+    idx = _ordered_keys(masked).topk(min(k, T), dim=-1).indices
     picked_hidden = hidden_ST.expand_as(scores_BST).gather(-1, idx)
     return torch.where(picked_hidden, torch.full_like(idx, -1), idx)
+
+
+def _ordered_keys(scores_BST: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of (score, -index): fp32 bits made monotone (negative floats count down), shifted up
+    32 bits, plus T-1-index."""
+    bits = scores_BST.contiguous().view(torch.int32).long()
+    monotone = torch.where(bits >= 0, bits, -1 - (bits + 2**31))
+    T = scores_BST.shape[-1]
+    later_first = T - 1 - torch.arange(T, device=scores_BST.device)
+    return monotone * 2**32 + later_first
 
 
 def kl_loss(
