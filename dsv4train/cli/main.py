@@ -9,6 +9,11 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
     "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
     "sft": ("dsv4train.cli.sft", "sft_main", "init=MODEL data.train=[FILE] [overrides]: supervised fine-tuning"),
+    "eval": (
+        "dsv4train.cli.eval",
+        "eval_main",
+        "MODEL [--tasks math,code] [--mode chat|think] [--n N] [--samples K]: accuracy",
+    ),
     "bench": ("dsv4train.cli.bench", "bench_main", "efficiency [--flavor ...]: params, FLOPs, KV cache vs V3.2"),
     "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
     "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),
@@ -28,7 +33,6 @@ PENDING = {
     "grpo": "post-training is not built yet",
     "distill": "post-training is not built yet",
     "pipeline": "post-training is not built yet",
-    "eval": "evaluation is not built yet",
 }
 
 
