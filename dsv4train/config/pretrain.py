@@ -180,9 +180,10 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class TrainingRunConfig:
+    """The sections every training command shares (pre-training, SFT): the steps, optimizer, precision, layout,
+    tracker, run directory and seed. Each command adds what it trains and on what."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -190,6 +191,12 @@ class PretrainConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainingRunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         require(

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from dsv4train.config.errors import require
-from dsv4train.config.optim import OptimConfig
-from dsv4train.config.pretrain import ParallelConfig, PrecisionConfig, RunConfig, TrackerConfig, TrainConfig
+from dsv4train.config.pretrain import TrainingRunConfig
 
 ON_BAD_RECORD = ("skip", "error")
 TOO_LONG = ("drop", "truncate")
@@ -41,18 +40,11 @@ class SFTDataConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(TrainingRunConfig):
     # required (Hydra: "Missing mandatory value: init"): a dsv4 folder, a run directory (its newest checkpoint), an HF
     # export
     init: str = MISSING
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         require(
