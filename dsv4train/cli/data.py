@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--train", type=int, default=2000, help="train samples per domain (two records each: think, chat)")
     tp.add_argument("--test", type=int, default=200, help="test samples per domain")
     tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--math-difficulty", type=int, default=2, help="1: two +/- steps; 2: adds *; 3: adds / (default 2)")
     return p
 
 
@@ -63,7 +64,9 @@ def _tasks(args: dict) -> int:
     from dsv4train.data.tasks.records import write_task_records
 
     try:
-        written = write_task_records(args["out"], args["domains"].split(","), args["train"], args["test"], args["seed"])
+        written = write_task_records(
+            args["out"], args["domains"].split(","), args["train"], args["test"], args["seed"], args["math_difficulty"]
+        )
     except ValueError as e:
         print(f"dsv4 data tasks: {e}", file=sys.stderr)
         return 2

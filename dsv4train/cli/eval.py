@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="per answer, also capped by the model's max_seq_len")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="picks the problems and the sampling seeds (default 0)")
+    p.add_argument(
+        "--math-difficulty", type=int, default=2, help="math problems' difficulty (1-3), as `dsv4 data tasks` wrote"
+    )
     p.add_argument("--tokenizer", default="", help="a tokenizer.json or a folder holding one (default: MODEL's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default: eval.json in MODEL)")
@@ -63,6 +66,7 @@ def eval_main(argv: list[str]) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             seed=args.seed,
+            math_difficulty=args.math_difficulty,
             progress=not args.no_progress,
         )
         if args.out is not None and args.out.is_dir():

@@ -64,6 +64,7 @@ class EvalSettings:
     max_new_tokens: int = 256
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
+    math_difficulty: int = 2  # data/tasks/math.py DIFFICULTIES; must be the one the SFT records were written with
     progress: bool = True
 
     def __post_init__(self):
@@ -117,12 +118,12 @@ def sft_user_text(record: dict[str, Any]) -> str:
     return first["content"]
 
 
-def task_problems(task: str, split: str, n: int, seed: int, mode: str) -> list[Problem]:
+def task_problems(task: str, split: str, n: int, seed: int, mode: str, math_difficulty: int = 2) -> list[Problem]:
     """The first n problems of `task`'s split for `seed`, each with the user text its SFT record of `mode` has."""
     if task == "math":
         return [
             Problem(sft_user_text(math.to_record(s, mode)), lambda text, s=s: math.score(text, s.answer))
-            for s in math.make_split(split, n, seed)
+            for s in math.make_split(split, n, seed, difficulty=math_difficulty)
         ]
     if task == "code":
         return [
@@ -163,7 +164,7 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: str, settings: E
     eos_id = tokenizer.token_to_id(chat.EOS)
     if eos_id is None:
         raise ConfigError(f"the tokenizer has no {chat.EOS!r} token; give the tokenizer the model was trained with")
-    problems = task_problems(task, settings.split, settings.n, settings.seed, settings.mode)
+    problems = task_problems(task, settings.split, settings.n, settings.seed, settings.mode, settings.math_difficulty)
     prompts = [prompt_text(p.user_text, settings.mode) for p in problems]
     prompt_ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in prompts]
     max_seq_len = int(model.cfg.max_seq_len)
