@@ -8,7 +8,7 @@ import sys
 COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
     "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
-    "sft": ("dsv4train.cli.sft", "sft_main", "init=MODEL data.train=[FILE] [overrides]: supervised fine-tuning"),
+    "sft": ("dsv4train.cli.sft", "sft_main", "sft.init=MODEL data.train=[FILE] [overrides]: supervised fine-tuning"),
     "eval": (
         "dsv4train.cli.eval",
         "eval_main",

@@ -8,7 +8,7 @@ resume as pre-training (train/trainer.py `run_steps`), with the next-token loss 
 weighted, train/learner.py) -> summary.json with the data report.
 
 The run directory is like pre-training's (config.resolved.yaml, metrics.jsonl, checkpoints/, summary.json) plus the
-tokenizer.json it trained with, so `load_pretrained`, `dsv4 convert to-hf` and a later `dsv4 sft init=<this run>`
+tokenizer.json it trained with, so `load_pretrained`, `dsv4 convert to-hf` and a later `dsv4 sft sft.init=<this run>`
 find both. Running the same command again resumes from the newest checkpoint."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from dsv4train.config.errors import ConfigError
-from dsv4train.config.sft import SFTConfig, SFTDataConfig
+from dsv4train.config.sft import SFTConfig, SFTDataConfig, SFTOptions
 from dsv4train.data.chat import EOS, conversation_to_dict
 from dsv4train.data.loader import rank_rows
 from dsv4train.data.sft import SFTBatches, SFTSample, fit_to_length, read_sft_records, tokenize_samples
@@ -57,7 +57,12 @@ def sft(cfg: SFTConfig, resolved_yaml: str | None = None) -> dict:
 
 def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) -> dict:
     t = cfg.train
-    tokenizer, model, vocab_note = load_init(cfg.init, cfg.data.tokenizer, cfg.seed)
+    tokenizer, model, vocab_note = load_init(cfg.sft.init, cfg.data.tokenizer, cfg.seed, cfg.sft.max_seq_len)
+    if t.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len: {t.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}; lower it, or raise "
+            f"the bound with sft.max_seq_len={t.seq_len}"
+        )
     dims = ParallelDims.from_config(cfg.parallel)
     dims.validate(env_world_size(), model.cfg, t.seq_len, t.micro_batch_size)  # before any process-group work
     device = init_distributed(pick_device(t.device), cfg.parallel.timeout_s)
@@ -66,7 +71,7 @@ def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) 
     dtype = torch.bfloat16 if cfg.precision.compute_dtype == "bfloat16" else torch.float32
     seed_everything(cfg.seed)
 
-    data = build_sft_data(cfg.data, tokenizer, t.seq_len, t.micro_batch_size * rt.data_ranks, t.eval_batches)
+    data = build_sft_data(cfg.data, cfg.sft, tokenizer, t.seq_len, t.micro_batch_size * rt.data_ranks, t.eval_batches)
     n_params = sum(p.numel() for p in model.parameters())
     model = rt.parallelize(apply_precision(model.to(device), cfg.precision))
     optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
@@ -98,16 +103,19 @@ def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) 
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-def load_init(init: str, tokenizer_path: str, seed: int) -> tuple[Tokenizer, DSV4Model, str]:
+def load_init(init: str, tokenizer_path: str, seed: int, max_seq_len: int = 0) -> tuple[Tokenizer, DSV4Model, str]:
     """(tokenizer with every chat special token, model whose vocabulary covers it, one line saying what was done).
 
     The tokenizer is `tokenizer_path`, else the one that came with `init`: its own tokenizer.json (an SFT run, an HF
     export, a dsv4 folder holding one), or the data folder of the pre-training run it is. Tokens it lacks are added
     at new ids and the model's embedding, head and hash-routing rows grown (train/vocabulary.py); ids beyond the
-    model's rows otherwise are refused: the tokenizer is not the model's."""
+    model's rows otherwise are refused: the tokenizer is not the model's. `max_seq_len` > the model's raises the
+    length bound in its config (nothing else about the model changes)."""
     path = Path(init)
     if not path.exists():
-        raise FileNotFoundError(f"init={init}: no such file or folder (a dsv4 folder, a run directory or an HF export)")
+        raise FileNotFoundError(
+            f"sft.init={init}: no such file or folder (a dsv4 folder, a run directory or an HF export)"
+        )
     tokenizer = load_tokenizer(_init_tokenizer(path, tokenizer_path))
     added = ensure_chat_tokens(tokenizer)
     model = load_pretrained(path)
@@ -118,11 +126,14 @@ def load_init(init: str, tokenizer_path: str, seed: int) -> tuple[Tokenizer, DSV
             "they do not belong together; set data.tokenizer to the tokenizer the model was trained with"
         )
     new_cfg, new_sd, growth = grow_vocabulary(model.cfg, model.state_dict(), max(rows, model.cfg.vocab_size), seed)
-    if growth.n_new:
+    note = growth_message(added, growth, tokenizer.token_to_id(added[0]) if added else None)
+    if max_seq_len > new_cfg.max_seq_len:
+        note += f"; max_seq_len {new_cfg.max_seq_len} -> {max_seq_len}"
+        new_cfg = replace(new_cfg, max_seq_len=max_seq_len)
+    if new_cfg != model.cfg:
         model = DSV4Model(new_cfg)
         model.load_state_dict(new_sd)
-    first_new = tokenizer.token_to_id(added[0]) if added else None
-    return tokenizer, model.train(), growth_message(added, growth, first_new)
+    return tokenizer, model.train(), note
 
 
 def _init_tokenizer(init: Path, given: str) -> Path:
@@ -133,7 +144,7 @@ def _init_tokenizer(init: Path, given: str) -> Path:
     found, why = run_tokenizer(init)  # a run (SFT runs keep theirs; pre-training runs: their data folder's)
     if found is None:
         raise ConfigError(
-            f"init={init}: no tokenizer found ({why}); set data.tokenizer to the tokenizer.json the model was "
+            f"sft.init={init}: no tokenizer found ({why}); set data.tokenizer to the tokenizer.json the model was "
             "trained with (a `dsv4 data prepare` folder holds one)"
         )
     return found
@@ -148,20 +159,20 @@ class SFTData:
 
 
 def build_sft_data(
-    cfg: SFTDataConfig, tokenizer: Tokenizer, seq_len: int, global_rows: int, eval_batches: int
+    cfg: SFTDataConfig, opts: SFTOptions, tokenizer: Tokenizer, seq_len: int, global_rows: int, eval_batches: int
 ) -> SFTData:
     """Records -> validated samples -> tokens with targets -> rows of seq_len, for training and validation."""
     eos_id = tokenizer.token_to_id(EOS)
-    samples, bad = read_sft_records(cfg.train, cfg.on_bad_record)
+    samples, bad = read_sft_records(cfg.train, opts.on_bad_record)
     report: dict = {"train_files": bad.to_dict()}
     if cfg.val:
         train_samples = samples
-        val_samples, val_bad = read_sft_records(cfg.val, cfg.on_bad_record)
+        val_samples, val_bad = read_sft_records(cfg.val, opts.on_bad_record)
         report["val_files"] = val_bad.to_dict()
     else:
         train_samples, val_samples = _split(samples, cfg.val_fraction)
-    train_tok, train_fit = fit_to_length(tokenize_samples(train_samples, tokenizer, eos_id), seq_len, cfg.too_long)
-    val_tok, val_fit = fit_to_length(tokenize_samples(val_samples, tokenizer, eos_id), seq_len, cfg.too_long)
+    train_tok, train_fit = fit_to_length(tokenize_samples(train_samples, tokenizer, eos_id), seq_len, opts.too_long)
+    val_tok, val_fit = fit_to_length(tokenize_samples(val_samples, tokenizer, eos_id), seq_len, opts.too_long)
     if not val_tok:
         raise ConfigError(
             "no validation samples are left (data.val empty, or all of them too long / bad): add records, raise "
@@ -208,7 +219,7 @@ def _print_start(cfg: SFTConfig, n: int, loop: Loop, data: SFTData, vocab_note: 
     dims = loop.rt.dims
     where = f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
     print(
-        f"dsv4 sft: {cfg.init} ({n / 1e6:.2f}M params) on {where}, {t.steps} steps of "
+        f"dsv4 sft: {cfg.sft.init} ({n / 1e6:.2f}M params) on {where}, {t.steps} steps of "
         f"{t.micro_batch_size * dims.data_ranks}x{t.grad_accum} rows of {t.seq_len} tokens, run dir {loop.run_dir}"
     )
     print(f"  {vocab_note}")
@@ -218,7 +229,7 @@ def _print_start(cfg: SFTConfig, n: int, loop: Loop, data: SFTData, vocab_note: 
         f"  data: {bad['records']} records, {bad['bad']} bad{first_bad}"
         f"; {r['train_samples']} train / {r['val_samples']} val samples in {r['train_rows']} rows "
         f"({r['row_fill']:.0%} filled), {r['train_too_long']['too_long']} too long "
-        f"({cfg.data.too_long}), domains {r['domains']}, modes {r['modes']}"
+        f"({cfg.sft.too_long}), domains {r['domains']}, modes {r['modes']}"
     )
     if removed:
         print(f"  removed incomplete checkpoint writes: {', '.join(removed)}")

@@ -86,8 +86,8 @@ def test_every_sft_preset_composes():
     from dsv4train.config.hydra_entry import compose_config
 
     for option in sorted((CONF_DIR / "sft").glob("*.yaml")):
-        cfg, resolved = compose_config("sft", [f"sft={option.stem}", "init=runs/base"])
-        assert cfg.init == "runs/base" and cfg.data.train and "run:" in resolved, option.stem
+        cfg, resolved = compose_config("sft", [f"sft={option.stem}", "sft.init=runs/base"])
+        assert cfg.sft.init == "runs/base" and cfg.data.train and "run:" in resolved, option.stem
 
 
 def test_model_yamls_match_the_flavor_registry():
