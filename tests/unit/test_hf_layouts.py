@@ -25,14 +25,23 @@ from dsv4train.models.hub_format import CheckpointLayoutError  # noqa: E402
 from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.pretrained import hf_config_json, save_dsv4, save_hf  # noqa: E402
 from dsv4train.quant.formats import quant_e2m1, quant_e4m3_blocks  # noqa: E402
-from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
+from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config  # noqa: E402
 
 # every layer type, a hash layer and an MTP layer
-CFG = tiny_config(["swa", "csa", "hca"], indexer_mode="sparse", hc_mult=2, n_hash_layers=1)
+CFG = tiny_config(
+    ["swa", "csa", "hca"], indexer_mode="sparse", hc_mult=2, n_hash_layers=1, index_n_heads=TIE_FREE_INDEX_HEADS
+)
 # FP8 weights that span several 128x128 blocks with partial last blocks (wq_b [192, 32], e_proj [160, 160]) and
 # FP4 experts whose input dims (160, 64) are whole 1x32 blocks
 HUB_CFG = tiny_config(
-    ["swa", "csa", "hca"], indexer_mode="sparse", dim=160, n_heads=6, moe_inter_dim=64, hc_mult=2, n_hash_layers=1
+    ["swa", "csa", "hca"],
+    indexer_mode="sparse",
+    dim=160,
+    n_heads=6,
+    moe_inter_dim=64,
+    hc_mult=2,
+    n_hash_layers=1,
+    index_n_heads=TIE_FREE_INDEX_HEADS,
 )
 # transformers vs ours on the same fp32 weights: the same maths in a different operation order (Sinkhorn, the
 # softmax with sinks, the grouped output projection); measured 1.7e-7 to 2.6e-7 relative (~2 float32 ulps)
@@ -401,7 +410,7 @@ ODD = ModelConfig(
     compress_rope_theta=20000.0,
     rope_factor=2.0,
     original_seq_len=32,
-    index_n_heads=3,
+    index_n_heads=15,  # odd, and tie-free (toy_configs.TIE_FREE_INDEX_HEADS)
     index_head_dim=24,
     index_topk=2,
     indexer_mode="sparse",

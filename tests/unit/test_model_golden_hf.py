@@ -21,7 +21,7 @@ from dsv4train.models.mhc import hc_collapse, hc_head, hc_weights  # noqa: E402
 from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.moe import MoE, build_hash_table  # noqa: E402
 from dsv4train.models.rope import inv_freq  # noqa: E402
-from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
+from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config  # noqa: E402
 from dsv4train.train.learner import Learner  # noqa: E402
 from dsv4train.train.losses import NextTokenLoss, lm_batch  # noqa: E402
 
@@ -194,11 +194,6 @@ GOLDEN = [  # the whole-model configs: every layer type, hash layers, hc_mult 4/
     (("csa", "hca", "swa"), {"hc_mult": 2, "n_hash_layers": 2}),
     (("hca", "csa"), {"hc_mult": 3, "o_groups": 4, "index_topk": 2}),
 ]
-# Sparse top-k against transformers and the float64 references, which use torch.topk: ours breaks equal scores
-# towards the earlier entry (models/indexer.py select_topk), torch.topk in an unspecified order. With tiny's 2 index
-# heads exact ties are common (a score is 0 whenever both ReLUs are), so these tests give the indexer 16 heads: a
-# tie then needs 16 zero ReLUs (2^-16 per score), and with the fixed seeds here the top-k cut has none.
-TIE_FREE_INDEX_HEADS = 16
 DENSE_TOPK = 16  # >= the 11 compressed entries of 45 tokens at ratio 4: transformers' top-k then keeps every
 # visible entry, which is dense CSA (transformers has no dense mode of its own)
 

@@ -17,7 +17,7 @@ from dsv4train.models.flavors import get_flavor  # noqa: E402
 from dsv4train.models.hf import config_from_hf, hf_config_kwargs  # noqa: E402
 from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.pretrained import save_dsv4, save_hf  # noqa: E402
-from dsv4train.testing.toy_configs import tiny_config  # noqa: E402
+from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config  # noqa: E402
 
 CONFIGS = {
     "all-types-hc2-hash1": (["swa", "csa", "hca"], dict(hc_mult=2, n_hash_layers=1)),
@@ -28,7 +28,7 @@ CONFIGS = {
 
 def _model(name: str, seed: int = 0) -> DSV4Model:
     layer_types, overrides = CONFIGS[name]
-    model = DSV4Model(tiny_config(layer_types, indexer_mode="sparse", **overrides))
+    model = DSV4Model(tiny_config(layer_types, indexer_mode="sparse", index_n_heads=TIE_FREE_INDEX_HEADS, **overrides))
     model.init_weights(seed)
     return model.eval()
 
