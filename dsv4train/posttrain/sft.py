@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,26 +29,26 @@ from dsv4train.config.sft import SFTConfig, SFTDataConfig, SFTOptions
 from dsv4train.data.chat import EOS, conversation_to_dict
 from dsv4train.data.loader import rank_rows
 from dsv4train.data.sft import SFTBatches, SFTSample, fit_to_length, read_sft_records, tokenize_samples
-from dsv4train.data.tokenizer import ensure_chat_tokens, find_tokenizer_json, load_tokenizer, required_vocab_size
+from dsv4train.data.tokenizer import (
+    TOKENIZER_JSON,
+    ensure_chat_tokens,
+    find_tokenizer_json,
+    load_tokenizer,
+    required_vocab_size,
+)
 from dsv4train.models.model import DSV4Model
 from dsv4train.observability.run_dir import open_run_dir, write_snapshot
 from dsv4train.observability.trackers import build_trackers
-from dsv4train.optim.groups import build_optimizers
 from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
-from dsv4train.quant import apply_precision
-from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Loop, default_callbacks
-from dsv4train.train.learner import Learner
 from dsv4train.train.pretrained import load_pretrained
 from dsv4train.train.run_files import run_tokenizer
-from dsv4train.train.trainer import resume, run_and_summarise, same_run_dir
+from dsv4train.train.trainer import placement, print_summary, resumed_loop, run_and_summarise, same_run_dir
 from dsv4train.train.vocabulary import grow_vocabulary, growth_message
 from dsv4train.utils.device import pick_device, seed_everything
 from dsv4train.utils.dist import env_world_size, init_distributed
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
-
-TOKENIZER = "tokenizer.json"
 
 
 def sft(cfg: SFTConfig, resolved_yaml: str | None = None) -> dict:
@@ -73,20 +74,12 @@ def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) 
 
     data = build_sft_data(cfg.data, cfg.sft, tokenizer, t.seq_len, t.micro_batch_size * rt.data_ranks, t.eval_batches)
     n_params = sum(p.numel() for p in model.parameters())
-    model = rt.parallelize(apply_precision(model.to(device), cfg.precision))
-    optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
-    learner = Learner(model, optimizer, t, rt, device, dtype, checkpoint_root=run_dir / "checkpoints")
-    loop = Loop(cfg, run_dir, learner, data.train, preemption=preemption)
-
-    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []
-    rt.barrier()
-    resume_from = checkpoint.latest(loop.ckpt_root)
-    fresh_optimizer = resume_from is not None and resume(loop, resume_from)
+    loop, resume_from, removed, fresh = resumed_loop(cfg, model.to(device), rt, dtype, run_dir, data.train, preemption)
     config_dict = asdict(cfg)
     if rt.is_main:
         write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-        tokenizer.save(str(run_dir / TOKENIZER))
-        _print_start(cfg, n_params, loop, data, vocab_note, resume_from, removed, fresh_optimizer)
+        tokenizer.save(str(run_dir / TOKENIZER_JSON))
+        _print_start(cfg, n_params, loop, data, vocab_note, resume_from, removed, fresh)
 
     trackers = build_trackers(cfg.tracker, run_dir, config_dict) if rt.is_main else None
     val = [rank_rows(b, rt.data_rank, rt.data_ranks) for b in data.val_batches]
@@ -98,7 +91,7 @@ def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) 
         extra_summary={"data": data.report, "tokenizer": vocab_note},
     )
     if rt.is_main:
-        _print_summary(summary)
+        print_summary(summary, "sft", leave_out=("data", "tokenizer"))  # both printed at the start
     return summary
 
 
@@ -139,8 +132,8 @@ def load_init(init: str, tokenizer_path: str, seed: int, max_seq_len: int = 0) -
 def _init_tokenizer(init: Path, given: str) -> Path:
     if given:
         return find_tokenizer_json(given)
-    if (init / TOKENIZER).is_file():  # an HF export or a dsv4 folder that holds one
-        return init / TOKENIZER
+    if (init / TOKENIZER_JSON).is_file():  # an HF export or a dsv4 folder that holds one
+        return init / TOKENIZER_JSON
     found, why = run_tokenizer(init)  # a run (SFT runs keep theirs; pre-training runs: their data folder's)
     if found is None:
         raise ConfigError(
@@ -207,19 +200,15 @@ def _split(samples: list[SFTSample], val_fraction: float) -> tuple[list[SFTSampl
 
 
 def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(values).items()))
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
 def _print_start(cfg: SFTConfig, n: int, loop: Loop, data: SFTData, vocab_note: str, resume_from, removed, fresh):
     t, r = cfg.train, data.report
     dims = loop.rt.dims
-    where = f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
     print(
-        f"dsv4 sft: {cfg.sft.init} ({n / 1e6:.2f}M params) on {where}, {t.steps} steps of "
+        f"dsv4 sft: {cfg.sft.init} ({n / 1e6:.2f}M params) on {placement(loop)}, {t.steps} steps of "
         f"{t.micro_batch_size * dims.data_ranks}x{t.grad_accum} rows of {t.seq_len} tokens, run dir {loop.run_dir}"
     )
     print(f"  {vocab_note}")
@@ -236,10 +225,3 @@ def _print_start(cfg: SFTConfig, n: int, loop: Loop, data: SFTData, vocab_note: 
     if resume_from is not None:
         print(f"  resuming from {resume_from}" + (" (optimizer state starts fresh)" if fresh else ""))
     sys.stdout.flush()
-
-
-def _print_summary(s: dict) -> None:
-    print("\n== sft summary ==")
-    for k, v in s.items():
-        if v is not None and k not in ("data", "tokenizer"):
-            print(f"  {k:<16} {v}")

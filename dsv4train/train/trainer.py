@@ -63,15 +63,7 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
     model = DSV4Model(cfg.model).to(device)
     model.init_weights(cfg.seed)  # the same full weights on every rank, then sharded
     n_params = sum(p.numel() for p in model.parameters())  # the whole model, before pp keeps this rank's stages
-    model = rt.parallelize(apply_precision(model, cfg.precision))
-    optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
-    learner = Learner(model, optimizer, t, rt, device, dtype, checkpoint_root=run_dir / "checkpoints")
-    loop = Loop(cfg, run_dir, learner, train_data, preemption=preemption)
-
-    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []  # .tmp_* of a killed write
-    rt.barrier()
-    resume_from = checkpoint.latest(loop.ckpt_root)  # complete step_<N> folders only
-    fresh_optimizer = resume_from is not None and resume(loop, resume_from)
+    loop, resume_from, removed, fresh_optimizer = resumed_loop(cfg, model, rt, dtype, run_dir, train_data, preemption)
     config_dict = asdict(cfg)
     if rt.is_main:
         write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
@@ -84,7 +76,7 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
         loop, callbacks, lambda: training_batch(train_data.next_batch(), cfg.data.document_mask)
     )
     if rt.is_main:
-        _print_summary(summary)
+        print_summary(summary)
     return summary
 
 
@@ -99,6 +91,22 @@ def run_and_summarise(loop: Loop, callbacks: list[Callback], next_micro_batch, e
     if loop.rt.is_main:
         (loop.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def resumed_loop(cfg, model: DSV4Model, rt: ParallelRuntime, dtype, run_dir: Path, train_data, preemption):
+    """The model parallelized with its precision, its optimizer, Learner and Loop, and the run's newest complete
+    checkpoint loaded into them if there is one (incomplete writes of a killed run removed first). `cfg` is a
+    PretrainConfig or an SFTConfig. Returns (loop, the checkpoint resumed from or None, removed writes, whether the
+    optimizer state starts fresh)."""
+    model = rt.parallelize(apply_precision(model, cfg.precision))
+    optimizer = rt.distribute_optimizer(build_optimizers(model, cfg.optim))
+    learner = Learner(model, optimizer, cfg.train, rt, rt.device, dtype, checkpoint_root=run_dir / "checkpoints")
+    loop = Loop(cfg, run_dir, learner, train_data, preemption=preemption)
+    removed = checkpoint.remove_partial(loop.ckpt_root) if rt.is_main else []  # .tmp_* of a killed write
+    rt.barrier()
+    resume_from = checkpoint.latest(loop.ckpt_root)  # complete step_<N> folders only
+    fresh_optimizer = resume_from is not None and resume(loop, resume_from)
+    return loop, resume_from, removed, fresh_optimizer
 
 
 def resume(loop: Loop, step_dir: Path) -> bool:
@@ -201,10 +209,10 @@ def _print_start(
 ) -> None:
     t = cfg.train
     dims = loop.rt.dims
-    where = f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
     print(
         f"dsv4 pretrain: model '{cfg.model.name}' ({n / 1e6:.2f}M params, {cfg.model.n_layers} layers) on "
-        f"{where}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} tokens, "
+        f"{placement(loop)}, {t.steps} steps of {t.micro_batch_size * dims.data_ranks}x{t.grad_accum}x{t.seq_len} "
+        "tokens, "
         f"optim {cfg.optim.name}, run dir {loop.run_dir}"
     )
     if removed:
@@ -226,8 +234,14 @@ def _print_start(
         )
 
 
-def _print_summary(s: dict) -> None:
-    print("\n== pretrain summary ==")
+def placement(loop: Loop) -> str:
+    """Where the run runs: the device, or how many processes in which layout."""
+    dims = loop.rt.dims
+    return f"{loop.learner.device}" if dims.world_size == 1 else f"{dims.world_size} processes ({dims.describe()})"
+
+
+def print_summary(s: dict, command: str = "pretrain", leave_out: tuple[str, ...] = ()) -> None:
+    print(f"\n== {command} summary ==")
     for k, v in s.items():
-        if v is not None:
+        if v is not None and k not in leave_out:
             print(f"  {k:<16} {v}")
