@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--test", type=int, default=200, help="test samples per domain")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--math-difficulty", type=int, default=2, help="1: two +/- steps; 2: adds *; 3: adds / (default 2)")
+    tp.add_argument(
+        "--code-difficulty", type=int, default=2, help="1: four one-line families, one example; 2: all (default 2)"
+    )
     return p
 
 
@@ -65,7 +68,13 @@ def _tasks(args: dict) -> int:
 
     try:
         written = write_task_records(
-            args["out"], args["domains"].split(","), args["train"], args["test"], args["seed"], args["math_difficulty"]
+            args["out"],
+            args["domains"].split(","),
+            args["train"],
+            args["test"],
+            args["seed"],
+            args["math_difficulty"],
+            args["code_difficulty"],
         )
     except ValueError as e:
         print(f"dsv4 data tasks: {e}", file=sys.stderr)

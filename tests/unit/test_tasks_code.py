@@ -463,3 +463,29 @@ def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     with pytest.raises(ValueError, match=message) as err:
         load_jsonl(path)
     assert f"{path}:2:" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Difficulty
+# ----------------------------------------------------------------------------------------------------------------
+
+ONE_LINE_FAMILIES = {"count_threshold", "every_nth", "clamp", "remainder_filter"}  # difficulty 1, by the docs
+
+
+def test_difficulty_1_is_the_one_line_families_with_one_example_and_disjoint_splits():
+    train = make_split("train", 600, seed=0, difficulty=1)
+    test = make_split("test", 150, seed=4, difficulty=1)
+    assert {s.family for s in train} == {s.family for s in test} == ONE_LINE_FAMILIES
+    assert not {s.spec for s in train} & {s.spec for s in test}
+    for s in train[:40] + test[:40]:
+        assert len(s.visible_examples) == 1 and len(s.prompt.split("Examples:\n")[1].splitlines()) == 1
+        assert s.reference_solution.count("\n") == 2  # `def ...:` and one line of body
+        assert score(block(s.reference_solution), s)[0] == 1.0
+
+
+def test_difficulty_2_is_the_default_and_keeps_its_samples():
+    """Difficulty 2 is what make_split drew before difficulties existed: its seed string is unchanged."""
+    assert make_split("test", 20, seed=5) == make_split("test", 20, seed=5, difficulty=2)
+    assert {s.family for s in make_split("test", 200, seed=5)} == set(FAMILY)
+    with pytest.raises(ValueError, match="difficulty 3"):
+        make_split("test", 3, difficulty=3)

@@ -5,6 +5,8 @@ Three parts, each usable alone:
 - A seeded generator (`make_split`) of function-writing tasks from eleven families (sum or count by remainder,
   clamp, count chosen letters, windowed running max/min/sum/product, fizzbuzz with chosen words, digit power sum in
   a base, letter shift, reverse and rejoin words, count against a threshold, every k-th item, a linear recurrence).
+  `difficulty` 1 keeps the four whose solution is one line (threshold count, every k-th item, clamp, remainder
+  filter) and shows one example instead of three; 2 (the default) is all eleven.
   Each family has random parameters that change the function asked for, a reference solution (source text, what a
   model should write) and a separate oracle in this module that computes the expected values of the tests, so the
   test "the reference passes its hidden tests" checks two independent implementations against each other.
@@ -616,6 +618,22 @@ FAMILIES: tuple[_Family, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """Which families a difficulty draws from and how many examples its prompts show."""
+
+    families: tuple[_Family, ...]
+    n_visible: int
+
+
+# 1: the four families whose solution is one line with the specification's numbers in it, one example shown, so
+#    prompt and answer are short (about 60 and 25 tokens); 2: all eleven families, three examples.
+DIFFICULTIES = {
+    1: Difficulty((_THRESHOLD, _EVERY_NTH, _CLAMP, _REMAINDER), n_visible=1),
+    2: Difficulty(FAMILIES, n_visible=N_VISIBLE_EXAMPLES),
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and splits
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,9 +654,11 @@ def _call(entry_point: str, args: tuple) -> str:
     return f"{entry_point}({', '.join(repr(a) for a in args)})"
 
 
-def _examples(family: _Family, params: dict[str, Any], rng: random.Random) -> tuple[list[Example], list[Example]]:
-    """Visible examples (random, distinct) and hidden tests (the family's edge cases, then random); no call is
-    both shown and hidden, so passing the hidden tests needs more than copying the examples."""
+def _examples(
+    family: _Family, params: dict[str, Any], rng: random.Random, n_visible: int = N_VISIBLE_EXAMPLES
+) -> tuple[list[Example], list[Example]]:
+    """`n_visible` visible examples (random, distinct) and hidden tests (the family's edge cases, then random); no
+    call is both shown and hidden, so passing the hidden tests needs more than copying the examples."""
     entry = family.entry_point(params)
     seen: set[str] = set()
 
@@ -651,7 +671,7 @@ def _examples(family: _Family, params: dict[str, Any], rng: random.Random) -> tu
 
     visible: list[Example] = []
     hidden = [e for e in (make(a) for a in family.edge_args(params)) if e is not None]
-    for target, n in ((visible, N_VISIBLE_EXAMPLES), (hidden, N_HIDDEN_TESTS)):
+    for target, n in ((visible, n_visible), (hidden, N_HIDDEN_TESTS)):
         for _ in range(200):  # distinct draws run out only for tiny input spaces; then fewer tests
             if len(target) >= n:
                 break
@@ -667,9 +687,11 @@ def _prompt(description: str, visible: Sequence[Example]) -> str:
     return "\n".join(lines)
 
 
-def generate_sample(rng: random.Random, family: _Family, params: dict[str, Any]) -> CodeSample:
+def generate_sample(
+    rng: random.Random, family: _Family, params: dict[str, Any], n_visible: int = N_VISIBLE_EXAMPLES
+) -> CodeSample:
     """One sample of `family` with the given specification; the test inputs come from `rng`."""
-    visible, hidden = _examples(family, params, rng)
+    visible, hidden = _examples(family, params, rng, n_visible)
     hidden_tests = tuple(e.as_assert() for e in hidden)
     canonical = canonical_task(family.name, params)
     digest = hashlib.sha256(json.dumps([canonical, [e.call for e in visible], hidden_tests]).encode()).hexdigest()
@@ -688,25 +710,30 @@ def generate_sample(rng: random.Random, family: _Family, params: dict[str, Any])
     )
 
 
-def make_split(split: Split, n: int, seed: int = 0) -> list[CodeSample]:
-    """`n` distinct samples of `split`, the same for the same (split, n, seed). Families are drawn uniformly and a
-    specification that hashes to the other split is skipped, so the two splits never share a specification."""
+def make_split(split: Split, n: int, seed: int = 0, difficulty: int = 2) -> list[CodeSample]:
+    """`n` distinct samples of `split`, the same for the same (split, n, seed, difficulty). Families of the
+    difficulty are drawn uniformly and a specification that hashes to the other split is skipped, so the two
+    splits never share a specification (at any difficulty: the split ignores it)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"{DOMAIN}:{split}:{seed}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r}: expected one of {sorted(DIFFICULTIES)}")
+    spec = DIFFICULTIES[difficulty]
+    # difficulty 2 keeps the seed string it had before difficulties existed, so its samples did not change
+    rng = random.Random(f"{DOMAIN}:{split}:{seed}" if difficulty == 2 else f"{DOMAIN}:{split}:{difficulty}:{seed}")
     samples: list[CodeSample] = []
     seen: set[str] = set()
     max_draws = 100 * n + 1000
     for _ in range(max_draws):
         if len(samples) == n:
             return samples
-        family = rng.choice(FAMILIES)
+        family = rng.choice(spec.families)
         params = family.draw_params(rng)
         if split_of(canonical_task(family.name, params)) != split:
             continue
-        sample = generate_sample(rng, family, params)
+        sample = generate_sample(rng, family, params, spec.n_visible)
         if sample.id not in seen:
             seen.add(sample.id)
             samples.append(sample)
