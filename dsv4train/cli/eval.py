@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--math-difficulty", type=int, default=2, help="math problems' difficulty (1-3), as `dsv4 data tasks` wrote"
     )
+    p.add_argument(
+        "--code-difficulty", type=int, default=2, help="code problems' difficulty (1-2), as `dsv4 data tasks` wrote"
+    )
     p.add_argument("--tokenizer", default="", help="a tokenizer.json or a folder holding one (default: MODEL's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default: eval.json in MODEL)")
@@ -67,6 +70,7 @@ def eval_main(argv: list[str]) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             math_difficulty=args.math_difficulty,
+            code_difficulty=args.code_difficulty,
             progress=not args.no_progress,
         )
         if args.out is not None and args.out.is_dir():

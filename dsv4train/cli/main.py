@@ -14,6 +14,11 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
         "eval_main",
         "MODEL [--tasks math,code] [--mode chat|think] [--n N] [--samples K]: accuracy",
     ),
+    "generate": (
+        "dsv4train.cli.generate",
+        "generate_main",
+        "MODEL --prompt TEXT [--chat] [--mode think] [--temperature T]: stream a completion",
+    ),
     "bench": ("dsv4train.cli.bench", "bench_main", "efficiency [--flavor ...]: params, FLOPs, KV cache vs V3.2"),
     "report": ("dsv4train.cli.report", "report_main", "RUN_DIR: PNG plots of loss, lr, throughput, expert load"),
     "data": ("dsv4train.cli.data", "data_main", "prepare --out DIR [--stdlib] [--input ...]: tokenize a corpus"),

@@ -120,3 +120,30 @@ def hybrid_attention(
         else:
             out = out + torch.matmul(p_comp, gathered)
     return out, p_comp
+
+
+def decode_attention(
+    q_RHC: torch.Tensor,
+    window_RWC: torch.Tensor,
+    window_hidden_RW: torch.Tensor,
+    comp_RKC: torch.Tensor | None,
+    comp_hidden_RK: torch.Tensor | None,
+    sink_H: torch.Tensor,
+) -> torch.Tensor:
+    """One query per row (generation, models/kv_cache.py): the same single softmax over its window keys, its
+    compressed keys (all entries of the row, or the indexer's picks) and the sink as `hybrid_attention`, with the
+    keys given per row and `*_hidden` marking the places a query may not use. Returns [R, H, C]."""
+    R, H, C = q_RHC.shape
+    scale = C**-0.5
+    win = torch.einsum("rhc,rwc->rhw", q_RHC, window_RWC) * scale
+    parts = [win.masked_fill(window_hidden_RW.unsqueeze(1), float("-inf"))]
+    if comp_RKC is not None:
+        cs = torch.einsum("rhc,rkc->rhk", q_RHC, comp_RKC) * scale
+        parts.append(cs.masked_fill(comp_hidden_RK.unsqueeze(1), float("-inf")))
+    parts.append(sink_H.to(win.dtype).view(1, H, 1).expand(R, H, 1))
+    probs = torch.cat(parts, dim=-1).softmax(dim=-1, dtype=torch.float32).to(window_RWC.dtype)
+    W = window_RWC.shape[1]
+    out = torch.einsum("rhw,rwc->rhc", probs[..., :W], window_RWC)
+    if comp_RKC is not None:
+        out = out + torch.einsum("rhk,rkc->rhc", probs[..., W:-1], comp_RKC)
+    return out

@@ -10,6 +10,7 @@ from torch import nn
 from dsv4train.config.model import ModelConfig
 from dsv4train.models.attention import Attention
 from dsv4train.models.documents import Documents
+from dsv4train.models.kv_cache import LayerStep
 from dsv4train.models.mhc import hc_collapse, hc_expand, hc_weights
 from dsv4train.models.moe import MoE, MoEAux
 from dsv4train.models.norms import RMSNorm
@@ -52,10 +53,15 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x_BSND: torch.Tensor, input_ids: torch.Tensor | None, docs: Documents | None = None
+        self,
+        x_BSND: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        docs: Documents | None = None,
+        cache: LayerStep | None = None,
     ) -> tuple[torch.Tensor, BlockAux]:
+        """cache: generation's state of this layer (models/kv_cache.py); only attention keeps any."""
         pre, post, comb = self._weights(x_BSND, "hc_attn")
-        a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)), docs)
+        a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)), docs, cache)
         x_BSND = hc_expand(x_BSND, a_BSD, post, comb)
         pre, post, comb = self._weights(x_BSND, "hc_ffn")
         f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids)

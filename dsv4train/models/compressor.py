@@ -58,10 +58,23 @@ class Compressor(nn.Module):
         gate = self.wgate(x).view(B, T, m, -1) + self.ape.to(x.dtype)
         if self.overlap:
             kv, gate = self._with_previous_block(kv, gate, seq, opens_document_BT)
-        weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
-        pooled = self.norm((kv * weights).sum(dim=2))
+        return seq.gather(self.pool(kv, gate, positions_BT, freqs))
+
+    def pool(
+        self, kv_BTMW: torch.Tensor, gate_BTMW: torch.Tensor, positions_BT: torch.Tensor, freqs: tuple[float, ...]
+    ) -> torch.Tensor:
+        """Entries [B, T, c] from each block's slots (m, or CSA's 2m with `overlap_slots`): the per-channel softmax
+        of the gates over the slots, the weighted sum, the norm and the rotation at the block's position."""
+        weights = gate_BTMW.softmax(dim=2, dtype=torch.float32).to(kv_BTMW.dtype)
+        pooled = self.norm((kv_BTMW * weights).sum(dim=2))
         cos, sin = rope_cos_sin(freqs, positions_BT)
-        return seq.gather(apply_rope(pooled, cos, sin))
+        return apply_rope(pooled, cos, sin)
+
+    def project(self, x_RD: torch.Tensor, position_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row at `position_R` (decoding): its slot projections (kv [R, W], gate with the position
+        bias of its place in the block [R, W]), what `forward` computes for every token of a block."""
+        ape = self.ape.to(x_RD.dtype)[position_R % self.ratio]
+        return self.wkv(x_RD), self.wgate(x_RD) + ape
 
     def _with_previous_block(
         self, kv_BTMW: torch.Tensor, gate_BTMW: torch.Tensor, seq: WholeSequence, opens_document_BT: torch.Tensor
@@ -72,13 +85,24 @@ class Compressor(nn.Module):
         c = self.head_dim
         first_half = torch.cat((kv_BTMW[..., :c], gate_BTMW[..., :c].to(kv_BTMW.dtype)), -1).view(B, T * m, 2 * c)
         prev_BTMX = seq.with_previous(first_half, m)[:, : T * m].view(B, T, m, 2 * c)
-        opens_BT11 = opens_document_BT[..., None, None]  # [T, 1, 1] or [B, T, 1, 1]
-        empty_BT11 = torch.zeros(opens_BT11.shape, device=kv_BTMW.device).masked_fill(opens_BT11, float("-inf"))
-        prev_gate = prev_BTMX[..., c:].to(gate_BTMW.dtype) + empty_BT11
-        return (
-            torch.cat((prev_BTMX[..., :c], kv_BTMW[..., c:]), dim=2),
-            torch.cat((prev_gate, gate_BTMW[..., c:]), dim=2),
+        return overlap_slots(
+            prev_BTMX[..., :c], prev_BTMX[..., c:].to(gate_BTMW.dtype), kv_BTMW, gate_BTMW, opens_document_BT
         )
+
+
+def overlap_slots(
+    prev_kv: torch.Tensor, prev_gate: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, opens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSA's 2m slots of each block [..., 2m, c]: the previous block's first-half projections (`prev_*`, [..., m, c]),
+    then the block's own second half (`kv`, `gate`: [..., m, 2c]). Where `opens` (the block starts the sequence or
+    its document; shape of the leading dims) the previous slots get gate -inf, no weight."""
+    c = prev_kv.shape[-1]
+    opens_11 = opens[..., None, None]
+    empty_11 = torch.zeros(opens_11.shape, device=kv.device).masked_fill(opens_11, float("-inf"))
+    return (
+        torch.cat((prev_kv, kv[..., c:]), dim=-2),
+        torch.cat((prev_gate + empty_11.to(prev_gate.dtype), gate[..., c:]), dim=-2),
+    )
 
 
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:

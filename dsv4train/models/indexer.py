@@ -25,21 +25,23 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, overlap=True, eps=cfg.norm_eps)
 
-    def scores(
+    def keys(
         self,
         x_BSD: torch.Tensor,
-        qlat_BSR: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
         freqs: tuple[float, ...],
         seq: WholeSequence = WHOLE_SEQUENCE,
         docs: Documents | None = None,
     ) -> torch.Tensor:
-        """Index scores [B, S, T] over all compressed entries (future ones and, in packed rows, other documents'
-        included; the caller masks)."""
+        """The indexer's compressed keys [B, T, c_I], from detached inputs."""
+        return self.compressor(x_BSD.detach(), freqs, seq, docs)
+
+    def scores(
+        self, x_BSD: torch.Tensor, qlat_BSR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys_BTK: torch.Tensor
+    ) -> torch.Tensor:
+        """Index scores [B, S, T] of the queries at cos/sin's positions over all T keys (future ones and, in packed
+        rows, other documents' included; the caller masks)."""
         x_BSD, qlat_BSR = x_BSD.detach(), qlat_BSR.detach()
         B, S, _ = x_BSD.shape
-        keys_BTK = self.compressor(x_BSD, freqs, seq, docs)
         q_BSHK = self.wq_b(qlat_BSR).view(B, S, self.n_heads, self.head_dim)
         q_BSHK = apply_rope(q_BSHK, cos.unsqueeze(-2), sin.unsqueeze(-2))
         # one [B, S·H, K] x [B, K, T] batched GEMM: matmul's broadcast of the keys over S would copy them per query

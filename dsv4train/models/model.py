@@ -13,6 +13,7 @@ from dsv4train.config.model import ModelConfig
 from dsv4train.models.attention import Attention
 from dsv4train.models.block import Block, BlockAux, HCHead
 from dsv4train.models.documents import Documents
+from dsv4train.models.kv_cache import CacheStep
 from dsv4train.models.mhc import hc_head
 from dsv4train.models.moe import Gate, build_hash_table
 from dsv4train.models.mtp import MTPBlock
@@ -83,12 +84,16 @@ class DSV4Model(nn.Module):
         part: LayerSlice | None = None,
         acts: tuple = (),
         positions: torch.Tensor | None = None,
+        cache: CacheStep | None = None,
     ):
         """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
         the modules of its slices (the others set to None), as a pipeline stage does. `positions` [B, S]: rows
         packed with several documents, each token's position inside its document (0 starts one; see
         models/documents.py); None = one document per row. With `positions`, the MTP input at each document's last
-        token is that token itself, whatever `mtp_input_ids` holds there (nothing of the next document enters)."""
+        token is that token itself, whatever `mtp_input_ids` holds there (nothing of the next document enters).
+        `cache`: generation's prefill or decode step (models/kv_cache.py), logits only; MTP is not run."""
+        if cache is not None:
+            return self._forward_cached(input_ids, cache)
         docs = None if positions is None else Documents.from_positions(positions, input_ids)
         if part is not None:
             return self.forward_part(part, acts, input_ids, docs)
@@ -136,6 +141,16 @@ class DSV4Model(nn.Module):
             outs.append(mtp_logits.float())
             auxes.append(aux)
         return tuple(outs), auxes
+
+    def _forward_cached(self, input_ids: torch.Tensor, cache: CacheStep) -> torch.Tensor:
+        x_BSND = self.embed_streams(input_ids)
+        for i, layer in enumerate(self.layers):
+            x_BSND, aux = layer(x_BSND, input_ids, None, cache.layer(i))
+            cache.routes.append(aux.moe.routes_BSK)
+        if cache.prefill and not cache.all_logits:  # the next token's logits only: [R, 1, V], not [R, L, V]
+            rows_R = torch.arange(x_BSND.shape[0], device=x_BSND.device)
+            x_BSND = x_BSND[rows_R, cache.lengths_R - 1].unsqueeze(1)
+        return self.final(x_BSND)
 
     # The pieces of `forward`, also run one by one by `forward_part`.
     def embed_streams(self, input_ids: torch.Tensor) -> torch.Tensor:

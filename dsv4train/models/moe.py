@@ -50,6 +50,7 @@ def build_hash_table(
 class MoEAux:
     counts_E: torch.Tensor  # tokens routed to each expert (detached)
     balance_loss: torch.Tensor | None  # sequence-wise balance loss (None for hash layers)
+    routes_BSK: torch.Tensor | None = None  # the k experts each token went to (detached), read by generation
 
 
 class Gate(nn.Module):
@@ -198,7 +199,7 @@ class MoE(nn.Module):
         bal = None
         if not self.gate.hashed:
             bal = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.seq)
-        return y, MoEAux(counts, bal)
+        return y, MoEAux(counts, bal, idx.view(B, S, -1).detach())
 
 
 @torch.no_grad()

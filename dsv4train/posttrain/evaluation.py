@@ -5,7 +5,8 @@ For each task the problems are `make_split(split, n, seed)` of its module (the s
 `math.to_record` / `code.to_chat_record` write, so a fine-tuned model sees exactly its training format, rendered
 with `chat.render(..., mode, add_generation_prompt=True)` (chat mode ends the prompt with `<｜Assistant｜></think>`,
 think mode with `<｜Assistant｜><think>`) and tokenized without added special tokens (BOS is in the text). The
-completions come from `dsv4train.inference.full_forward` (greedy, or sampled with one seed per problem and sample),
+completions come from the generation engine (`dsv4train.inference.engine`, KV cache; greedy, or sampled with one
+seed per problem and sample; `generate=` takes any function with its signature, e.g. `inference.full_forward`'s),
 are decoded with the special tokens kept (the scorers read the answer after the last `</think>`), minus a trailing
 EOS, and scored by the task's own verifier (`math.score`, `code.score`: 1.0 or 0.0 and a reason).
 
@@ -39,7 +40,8 @@ from torch import nn
 from dsv4train.config.errors import ConfigError
 from dsv4train.data import chat
 from dsv4train.data.tasks import code, math
-from dsv4train.inference.full_forward import DEFAULT_BATCH_SIZE, generate_full_forward
+from dsv4train.inference.engine import generate_with_engine
+from dsv4train.inference.full_forward import DEFAULT_BATCH_SIZE
 from dsv4train.train.run_files import run_dir_of
 
 TASKS = ("math", "code")
@@ -65,6 +67,7 @@ class EvalSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     math_difficulty: int = 2  # data/tasks/math.py DIFFICULTIES; must be the one the SFT records were written with
+    code_difficulty: int = 2  # data/tasks/code.py DIFFICULTIES; likewise
     progress: bool = True
 
     def __post_init__(self):
@@ -118,7 +121,9 @@ def sft_user_text(record: dict[str, Any]) -> str:
     return first["content"]
 
 
-def task_problems(task: str, split: str, n: int, seed: int, mode: str, math_difficulty: int = 2) -> list[Problem]:
+def task_problems(
+    task: str, split: str, n: int, seed: int, mode: str, math_difficulty: int = 2, code_difficulty: int = 2
+) -> list[Problem]:
     """The first n problems of `task`'s split for `seed`, each with the user text its SFT record of `mode` has."""
     if task == "math":
         return [
@@ -128,7 +133,7 @@ def task_problems(task: str, split: str, n: int, seed: int, mode: str, math_diff
     if task == "code":
         return [
             Problem(sft_user_text(code.to_chat_record(s, mode)), lambda text, s=s: code.score(text, s))
-            for s in code.make_split(split, n, seed)
+            for s in code.make_split(split, n, seed, difficulty=code_difficulty)
         ]
     raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
 
@@ -159,19 +164,25 @@ def pass_at_1(scores_per_problem: Sequence[Sequence[float]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluating
-def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: str, settings: EvalSettings) -> dict[str, Any]:
+Generate = Callable[..., list[list[int]]]  # generate_with_engine's signature
+
+
+def evaluate_task(
+    model: nn.Module, tokenizer: Tokenizer, task: str, settings: EvalSettings, generate: Generate = generate_with_engine
+) -> dict[str, Any]:
     """The result entry of one task (module docstring)."""
     eos_id = tokenizer.token_to_id(chat.EOS)
     if eos_id is None:
         raise ConfigError(f"the tokenizer has no {chat.EOS!r} token; give the tokenizer the model was trained with")
-    problems = task_problems(task, settings.split, settings.n, settings.seed, settings.mode, settings.math_difficulty)
+    s = settings
+    problems = task_problems(task, s.split, s.n, s.seed, s.mode, s.math_difficulty, s.code_difficulty)
     prompts = [prompt_text(p.user_text, settings.mode) for p in problems]
     prompt_ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in prompts]
     max_seq_len = int(model.cfg.max_seq_len)
     fits = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_seq_len - 1]
     K = settings.samples
     requests = [(i, k) for i in fits for k in range(K)]
-    generated = generate_full_forward(
+    generated = generate(
         model,
         [prompt_ids[i] for i, _ in requests],
         settings.max_new_tokens,
@@ -213,9 +224,11 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: str, settings: E
     }
 
 
-def evaluate(model: nn.Module, tokenizer: Tokenizer, settings: EvalSettings) -> dict[str, dict[str, Any]]:
+def evaluate(
+    model: nn.Module, tokenizer: Tokenizer, settings: EvalSettings, generate: Generate = generate_with_engine
+) -> dict[str, dict[str, Any]]:
     """{task: result entry} for every task of `settings`; `model` is used as it is (device, indexer mode)."""
-    return {task: evaluate_task(model, tokenizer, task, settings) for task in settings.tasks}
+    return {task: evaluate_task(model, tokenizer, task, settings, generate) for task in settings.tasks}
 
 
 # ---------------------------------------------------------------------------------------------------- a model on disk

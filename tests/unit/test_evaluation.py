@@ -16,6 +16,7 @@ from dsv4train.data import chat
 from dsv4train.data.tasks import code, math
 from dsv4train.data.tasks.records import domain_records
 from dsv4train.data.tokenizer import train_tokenizer
+from dsv4train.inference.full_forward import generate_full_forward
 from dsv4train.models.model import DSV4Model
 from dsv4train.models.pretrained import save_dsv4
 from dsv4train.posttrain.evaluation import (
@@ -121,6 +122,12 @@ def scripted(tok, task: str, mode: str, answers: list[str]) -> ScriptedLM:
     return ScriptedLM(scripts, tok.get_vocab_size(), eos_id)
 
 
+def evaluate_fake(model: nn.Module, tok, s: EvalSettings) -> dict:
+    """`evaluate` of a scripted model: those have the plain forward only, not the KV cache the engine needs, so they
+    generate through the engine's reference (inference/full_forward.py)."""
+    return evaluate(model, tok, s, generate=generate_full_forward)
+
+
 def settings(task: str, mode: str, **kw) -> EvalSettings:
     return EvalSettings(**{"tasks": (task,), "mode": mode, "n": N, "max_new_tokens": 400, "progress": False, **kw})
 
@@ -145,7 +152,7 @@ def test_prompts_are_the_sft_records_text_up_to_the_answer(task, mode):
 def test_a_right_answer_scores_one_and_a_wrong_one_zero(tok, task, mode):
     for answer, expected in ((right_answer, 1.0), (wrong_answer, 0.0)):
         model = scripted(tok, task, mode, [answer(task, s, mode) for s in samples_of(task)])
-        entry = evaluate(model, tok, settings(task, mode))[task]
+        entry = evaluate_fake(model, tok, settings(task, mode))[task]
         assert entry["accuracy"] == expected, entry["examples"]
         assert entry["n"] == N and entry["finished"] == N and entry["generations"] == N
         assert [e["score"] for e in entry["examples"]] == [expected] * N
@@ -155,7 +162,7 @@ def test_a_right_answer_scores_one_and_a_wrong_one_zero(tok, task, mode):
 def test_an_answer_given_only_in_the_reasoning_scores_zero(tok, task):
     """Think mode: the scorers read the answer after `</think>`, so the completion must keep that special token."""
     answers = [right_answer(task, s, "chat") + THINK_END + "I am not sure." for s in samples_of(task)]
-    entry = evaluate(scripted(tok, task, "think", answers), tok, settings(task, "think"))[task]
+    entry = evaluate_fake(scripted(tok, task, "think", answers), tok, settings(task, "think"))[task]
     assert entry["accuracy"] == 0.0, entry["examples"]
     assert entry["examples"][0]["completion"] == answers[0]  # special tokens kept, the final EOS removed
 
@@ -163,7 +170,7 @@ def test_an_answer_given_only_in_the_reasoning_scores_zero(tok, task):
 def test_half_right_gives_one_half(tok):
     samples = samples_of("math")
     model = scripted(tok, "math", "chat", [right_answer("math", samples[0], "chat"), "The answer is \\boxed{x}"])
-    entry = evaluate(model, tok, settings("math", "chat"))["math"]
+    entry = evaluate_fake(model, tok, settings("math", "chat"))["math"]
     assert entry["accuracy"] == 0.5
     assert entry["examples"][1]["reason"].startswith("wrong")
 
@@ -179,7 +186,7 @@ def test_k_samples_are_each_generated_and_scored(tok):
     model = scripted(
         tok, "math", "chat", [right_answer("math", samples[0], "chat"), wrong_answer("math", samples[1], "chat")]
     )
-    entry = evaluate(model, tok, settings("math", "chat", samples=3))["math"]
+    entry = evaluate_fake(model, tok, settings("math", "chat", samples=3))["math"]
     assert entry["samples"] == 3 and entry["temperature"] == 1.0  # the default for several samples
     assert entry["accuracy"] == 0.5 and entry["generations"] == 6 and entry["finished"] == 6
 
@@ -219,9 +226,9 @@ def test_samples_draw_with_their_own_seeds(tok):
     assert branches[0][0] != branches[1][0]  # the coin picks the branch by its first token
     model = CoinLM(prompt_len, branches, tok.token_to_id(EOS_TEXT), tok.get_vocab_size())
     s = settings("math", "chat", n=1, samples=8, temperature=1.0)
-    first = evaluate(model, tok, s)["math"]
+    first = evaluate_fake(model, tok, s)["math"]
     assert 0.0 < first["accuracy"] < 1.0 and first["finished"] == 8
-    assert evaluate(model, tok, s)["math"]["accuracy"] == first["accuracy"]
+    assert evaluate_fake(model, tok, s)["math"]["accuracy"] == first["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------------- lengths
@@ -230,7 +237,7 @@ def test_prompts_too_long_are_counted_and_scored_zero(tok):
     model = scripted(tok, "math", "chat", [right_answer("math", s, "chat") for s in samples])
     shortest = min(len(tok.encode(hand_prompt("math", s, "chat"), add_special_tokens=False).ids) for s in samples)
     model.cfg.max_seq_len = shortest  # no prompt leaves room for a new token
-    entry = evaluate(model, tok, settings("math", "chat"))["math"]
+    entry = evaluate_fake(model, tok, settings("math", "chat"))["math"]
     assert (entry["accuracy"], entry["prompt_too_long"], entry["generations"], entry["n"]) == (0.0, N, 0, N)
     assert entry["examples"][0]["reason"].startswith("prompt too long")
     assert model.calls == 0
@@ -241,7 +248,7 @@ def test_a_completion_cut_at_max_new_tokens_is_not_finished(tok):
     answers = [right_answer("math", s, "chat") for s in samples]
     model = scripted(tok, "math", "chat", answers)
     shortest = min(len(tok.encode(a, add_special_tokens=False).ids) for a in answers)
-    entry = evaluate(model, tok, settings("math", "chat", max_new_tokens=shortest - 1))["math"]  # `}` never comes
+    entry = evaluate_fake(model, tok, settings("math", "chat", max_new_tokens=shortest - 1))["math"]  # `}` never comes
     assert (entry["accuracy"], entry["finished"], entry["generations"]) == (0.0, 0, N)
     assert entry["examples"][0]["reason"].startswith("malformed")
 

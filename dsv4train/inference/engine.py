@@ -1,0 +1,303 @@
+"""The generation engine: batched prefill and decode through DeepSeek-V4's hybrid KV cache (models/kv_cache.py),
+with continuous batching and per-request seeded sampling on the device.
+
+    engine = Engine(model, max_batch=16)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=256, temperature=1.0, seed=0))
+
+How a call runs. Requests wait in a queue; the cache has `max_batch` slots. Whenever slots are free, waiting
+requests join: their prompts are prefilled together (right-padded rows of one ordinary forward, which also fills
+their slots: a real token never attends to padding, attention being causal) and their first token is sampled
+from the logits at each prompt's last position. Then every running request advances one token per decode step
+(one [R, 1] forward through the cache). A request finishes on its own (a stop token, a stop string, its
+`max_new_tokens`, or the cache's `max_len`) and frees its slot, which the next waiting request takes before the
+following step. More requests than slots queue; none is dropped.
+
+What a completion holds (`Completion`): the generated ids (the stop token included), the log-probability of each
+under the distribution it was sampled from (temperature, top-k and top-p applied; 0 for greedy, a point mass) and
+under the model's own distribution (raw logits), the finish reason, and for every MoE layer with learned routing
+the k experts each token went through: the prompt's tokens and every generated token that was fed back (all but
+the last), which is what a training forward over prompt + completion replays (GRPO's keep-routing). Hash layers
+route by token id and are left out.
+
+Batch invariance. The sampled token is a pure function of the row's logits, its request's seed and the token's
+index (inference/sampling.py): it never depends on the other rows or on when the request joined. The logits
+themselves are the same up to fp32 rounding in any batch (matrix shapes change the summation order), so a near-tie
+between two tokens can still flip; `tests/unit/test_engine.py` checks a request alone against the same request in a
+full batch.
+
+Equality with the full forward: a decode step's logits equal one full forward over the whole sequence (fp32, to
+~1e-6 relative): same window, same compressed entries, same indexer top-k with the same tie rule. The reference is
+`inference/full_forward.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dsv4train.inference.sampling import SamplingParams, sample
+from dsv4train.models.kv_cache import CacheStep, LayerCache, allocate_layer_caches
+
+FINISH_REASONS = ("stop", "length")
+DEFAULT_MAX_PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward
+DEFAULT_PARAMS = SamplingParams()
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of request `index` under seed `seed`: a hash, so (0, 1) and (1, 0) do not collide."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # under the distribution sampled from
+    raw_logprobs: list[float]  # under the model's (temperature 1, no truncation)
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens or the cache's max_len)
+    routes: dict[int, torch.Tensor]  # learned-routing MoE layer index -> experts [prompt + generated - 1, k]
+    text: str | None = None  # with a tokenizer: the decoded completion, cut before a stop string that ended it
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    routes: list[list[torch.Tensor]] = field(default_factory=list)  # per learned layer, chunks [n, k]
+    finish_reason: str | None = None
+    text: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache: the prompt and every generated token fed back."""
+        return len(self.prompt) + max(len(self.generated) - 1, 0)
+
+
+class Engine:
+    """Generation for one DSV4Model (eval mode, on its device, in its dtype) with a cache of `max_batch` slots of
+    `max_len` tokens (default the model's max_seq_len). `cache_dtype`: "model" keeps the cache in the model's
+    dtype; "fp8" stores main entries in FP8 E4M3 (RoPE dims BF16) and indexer keys in FP4, V4's layout (the
+    bytes of `models/flops.py`'s formula; models/kv_store.py)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch: int = 16,
+        max_len: int | None = None,
+        tokenizer=None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        cache_dtype: str = "model",
+    ):
+        cfg = model.cfg
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_seq_len:
+            raise ValueError(
+                f"max_len must be an integer in [2, the model's max_seq_len {cfg.max_seq_len}], got {max_len!r}"
+            )
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
+        weight = model.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.learned_layers = [i for i, layer in enumerate(model.layers) if not layer.ffn.gate.hashed]
+        self.caches: list[LayerCache] = allocate_layer_caches(
+            model, max_batch, max_len, self.dtype, self.device, cache_dtype
+        )
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
+        """A ValueError naming the first bad request, before any work."""
+        V = self.model.cfg.vocab_size
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: generation needs at least one token to continue")
+            if len(prompt) > self.max_len - 1:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens, but the cache holds {self.max_len} per sequence (the "
+                    f"model's max_seq_len unless max_len was given): at most {self.max_len - 1} leave room for a new "
+                    "token; shorten it"
+                )
+            not_ids = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if not_ids:
+                raise ValueError(f"prompt {i} holds values that are not integer token ids: {not_ids[:5]}")
+            bad = [int(t) for t in prompt if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError(f"request {i} has stop_strings {list(p.stop_strings)}: give Engine a tokenizer")
+
+    # ------------------------------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
+        seeds: Sequence[int] | None = None,
+        progress: bool = False,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in order. `params`: one for all, or one per prompt. `seeds`: each request's
+        sampling seed (default `request_seed(params.seed, index)`). `on_token(request index, token id)` is called
+        for every token as it is sampled (streaming)."""
+        prompts = [list(p) for p in prompts]
+        per_request = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_request) != len(prompts):
+            raise ValueError(f"{len(per_request)} SamplingParams for {len(prompts)} prompts: give one, or one each")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        for i, seed in enumerate(seeds or ()):
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
+                raise ValueError(f"seeds[{i}] = {seed!r}: a seed must be an integer that fits in int64")
+        self.check(prompts, per_request)
+        prompts = [[int(t) for t in p] for p in prompts]
+        self._on_token = on_token
+        requests = [
+            _Request(i, prompt, p, request_seed(p.seed, i) if seeds is None else int(seeds[i]))
+            for i, (prompt, p) in enumerate(zip(prompts, per_request))
+        ]
+        waiting, running = deque(requests), []
+        free = list(range(self.max_batch))
+        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not progress)
+        while waiting or running:
+            joining = []
+            while waiting and free:
+                request = waiting.popleft()
+                request.slot = free.pop(0)
+                joining.append(request)
+            for group in self._prefill_groups(joining):
+                self._prefill(group)
+            running = self._release(running + joining, free, bar)
+            if running:
+                self._decode(running)
+                running = self._release(running, free, bar)
+        bar.close()
+        return [self._completion(r) for r in requests]
+
+    def _release(self, running: list[_Request], free: list[int], bar) -> list[_Request]:
+        still = []
+        for r in running:
+            if r.finish_reason is None:
+                still.append(r)
+            else:
+                free.append(r.slot)
+                bar.update(1)
+        free.sort()
+        return still
+
+    def _prefill_groups(self, joining: list[_Request]) -> list[list[_Request]]:
+        """Joining requests cut into prefill forwards of at most max_prefill_tokens padded tokens (at least one
+        request each), longest first so rows of similar length share a forward."""
+        groups, group = [], []
+        for r in sorted(joining, key=lambda r: -len(r.prompt)):
+            if group and len(group[0].prompt) * (len(group) + 1) > self.max_prefill_tokens:
+                groups.append(group)
+                group = []
+            group.append(r)
+        return groups + ([group] if group else [])
+
+    def _prefill(self, group: list[_Request]) -> None:
+        lengths = [len(r.prompt) for r in group]
+        ids_RL = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for row, r in enumerate(group):
+            ids_RL[row, : len(r.prompt)] = torch.as_tensor(r.prompt)
+        lengths_R = torch.tensor(lengths, device=self.device)
+        step = CacheStep(self.caches, self._slots(group), lengths_R=lengths_R)
+        last_RV = self.model(ids_RL.to(self.device), cache=step)[:, 0]
+        for row, r in enumerate(group):
+            r.routes = [[step.routes[i][row, : lengths[row]].cpu()] for i in self.learned_layers]
+        self._sample_into(group, last_RV)
+
+    def _decode(self, running: list[_Request]) -> None:
+        tokens_R1 = torch.tensor([[r.generated[-1]] for r in running], device=self.device)
+        positions_R = torch.tensor([r.length for r in running], device=self.device)
+        step = CacheStep(self.caches, self._slots(running), positions_R=positions_R)
+        logits_RV = self.model(tokens_R1, cache=step)[:, 0]
+        for row, r in enumerate(running):
+            for chunks, i in zip(r.routes, self.learned_layers):
+                chunks.append(step.routes[i][row].cpu())
+        self._sample_into(running, logits_RV)
+
+    def _slots(self, requests: list[_Request]) -> torch.Tensor:
+        return torch.tensor([r.slot for r in requests], device=self.device)
+
+    def _sample_into(self, requests: list[_Request], logits_RV: torch.Tensor) -> None:
+        logits_RV = logits_RV.float()
+        if all(r.params.greedy for r in requests):  # sample()'s greedy rows, without its noise and warpers
+            tokens_R = logits_RV.argmax(dim=-1)
+            raw_R = logits_RV.log_softmax(dim=-1).gather(-1, tokens_R.unsqueeze(-1)).squeeze(-1)
+            tokens, logprobs, raw = tokens_R.tolist(), [0.0] * len(requests), raw_R.tolist()
+        else:
+            tokens, logprobs, raw = self._drawn(requests, logits_RV)
+        for r, token, lp, raw_lp in zip(requests, tokens, logprobs, raw):
+            r.generated.append(token)
+            r.logprobs.append(lp)
+            r.raw_logprobs.append(raw_lp)
+            r.finish_reason = self._finish_reason(r)
+            if self._on_token is not None:
+                self._on_token(r.index, token)
+
+    def _drawn(self, requests: list[_Request], logits_RV: torch.Tensor) -> tuple[list, list, list]:
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        drawn = sample(
+            logits_RV,
+            column([r.params.temperature for r in requests], torch.float32),
+            column([r.params.top_k for r in requests], torch.long),
+            column([r.params.top_p for r in requests], torch.float32),
+            column([r.seed for r in requests], torch.long),
+            column([len(r.generated) for r in requests], torch.long),
+            truncated=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in requests),
+        )
+        return drawn.tokens_R.tolist(), drawn.sampled_logprob_R.tolist(), drawn.raw_logprob_R.tolist()
+
+    def _finish_reason(self, r: _Request) -> str | None:
+        p = r.params
+        if r.generated[-1] in p.stop_token_ids:
+            return "stop"
+        if p.stop_strings:
+            text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
+            cuts = [text.find(s) for s in p.stop_strings if s in text]
+            if cuts:
+                r.text = text[: min(cuts)]
+                return "stop"
+        if len(r.generated) >= p.max_new_tokens or len(r.prompt) + len(r.generated) >= self.max_len:
+            return "length"
+        return None
+
+    def _completion(self, r: _Request) -> Completion:
+        text = r.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
+        routes = {i: torch.cat(chunks) for i, chunks in zip(self.learned_layers, r.routes)}
+        return Completion(r.generated, r.logprobs, r.raw_logprobs, r.finish_reason, routes, text)
+
+
+def generate_with_engine(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+    request_seeds: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """`full_forward.generate_full_forward`'s call through the engine (what `dsv4 eval` uses): generated ids per
+    prompt, EOS included when produced, `batch_size` cache slots."""
+    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=(eos_id,), seed=seed)
+    return [c.token_ids for c in engine.generate(prompts, params, seeds=request_seeds, progress=progress)]
