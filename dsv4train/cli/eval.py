@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from dsv4train.cli.model_args import checked_model_and_device
     from dsv4train.config.errors import ConfigError
     from dsv4train.posttrain.evaluation import EvalSettings, format_table, run_eval
-    from dsv4train.utils.device import pick_device
 
     try:
         settings = EvalSettings(
@@ -75,14 +75,7 @@ def eval_main(argv: list[str]) -> int:
         )
         if args.out is not None and args.out.is_dir():
             raise ConfigError(f"--out {args.out} is a folder; give a file name, e.g. {args.out / 'eval.json'}")
-        if not args.model.exists():
-            raise ConfigError(
-                f"MODEL {args.model}: no such file or folder (a dsv4 folder, a run directory or an HF export)"
-            )
-        try:
-            device = pick_device(args.device)
-        except ConfigError:
-            raise ConfigError(f"--device {args.device}: no CUDA device is visible; use cpu or auto") from None
+        device = checked_model_and_device(args.model, args.device)
         payload, where = run_eval(args.model, settings, args.tokenizer, args.out, device)
     except (ConfigError, FileNotFoundError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)

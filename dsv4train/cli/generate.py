@@ -72,12 +72,12 @@ class TextStream:
 
 def generate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from dsv4train.cli.model_args import checked_model_and_device
     from dsv4train.config.errors import ConfigError
     from dsv4train.data import chat
     from dsv4train.inference.engine import Engine
     from dsv4train.inference.sampling import SamplingParams
     from dsv4train.posttrain.evaluation import load_for_eval
-    from dsv4train.utils.device import pick_device
 
     try:
         params = SamplingParams(
@@ -87,14 +87,7 @@ def generate_main(argv: list[str]) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        if not args.model.exists():
-            raise ConfigError(
-                f"MODEL {args.model}: no such file or folder (a dsv4 folder, a run directory or an HF export)"
-            )
-        try:
-            device = pick_device(args.device)
-        except ConfigError:
-            raise ConfigError(f"--device {args.device}: no CUDA device is visible; use cpu or auto") from None
+        device = checked_model_and_device(args.model, args.device)
         tokenizer, model, _ = load_for_eval(args.model, args.tokenizer, device)
         ids = prompt_ids(tokenizer, args.prompt, args.chat, args.mode)
         eos = tokenizer.token_to_id(chat.EOS)

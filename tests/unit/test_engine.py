@@ -16,6 +16,7 @@ from dsv4train.inference.engine import Engine
 from dsv4train.inference.full_forward import generate_full_forward
 from dsv4train.inference.sampling import SamplingParams
 from dsv4train.models.model import DSV4Model
+from dsv4train.testing.sensitive_models import SENSITIVE_INIT, sensitive_model
 from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config
 
 VOCAB = 300
@@ -44,19 +45,10 @@ def build_model(**overrides) -> DSV4Model:
         MIXED,
         vocab_size=VOCAB,
         max_seq_len=MAX_SEQ_LEN,
-        init_std=0.15,
-        hc_init_std=0.2,
         n_hash_layers=N_HASH_LAYERS,
-        **overrides,
+        **{**SENSITIVE_INIT, **overrides},
     )
-    model = DSV4Model(cfg)
-    model.init_weights(seed=1)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for value in model.state_dict().values():
-            if value.is_floating_point() and (value.numel() == 1 or value.std() == 0):
-                value.add_(0.1 * torch.randn(value.shape, generator=gen))
-    return model.eval()
+    return sensitive_model(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 
 from dsv4train.models.kv_cache import CacheStep, allocate_layer_caches
 from dsv4train.models.model import DSV4Model
+from dsv4train.testing.sensitive_models import SENSITIVE_INIT, sensitive_model
 from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config
 
 MAX_LEN = 48  # the model's max_seq_len and the cache's: 12 CSA entries, 6 HCA entries per slot
@@ -53,15 +54,7 @@ def model_for(name: str) -> DSV4Model:
     sink and a position bias taken at the wrong place in its block show too."""
     if name not in _MODELS:
         layer_types, overrides, mode = CONFIGS[name]
-        cfg = tiny_config(layer_types, max_seq_len=MAX_LEN, init_std=0.15, hc_init_std=0.2, **overrides)
-        model = DSV4Model(cfg)
-        model.init_weights(seed=1)
-        gen = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for value in model.state_dict().values():
-                if value.is_floating_point() and (value.numel() == 1 or value.std() == 0):
-                    value.add_(0.1 * torch.randn(value.shape, generator=gen))
-        model.eval()
+        model = sensitive_model(tiny_config(layer_types, max_seq_len=MAX_LEN, **SENSITIVE_INIT, **overrides))
         model.set_indexer_mode(mode)
         _MODELS[name] = model
     return _MODELS[name]
