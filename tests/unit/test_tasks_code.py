@@ -483,8 +483,7 @@ def test_difficulty_1_is_the_one_line_families_with_one_example_and_disjoint_spl
         assert score(block(s.reference_solution), s)[0] == 1.0
 
 
-def test_difficulty_2_is_the_default_and_keeps_its_samples():
-    """Difficulty 2 is what make_split drew before difficulties existed: its seed string is unchanged."""
+def test_difficulty_2_is_the_default_with_all_families():
     assert make_split("test", 20, seed=5) == make_split("test", 20, seed=5, difficulty=2)
     assert {s.family for s in make_split("test", 200, seed=5)} == set(FAMILY)
     with pytest.raises(ValueError, match="difficulty 3"):
