@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shlex
 import sys
@@ -51,6 +50,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.comm_formulas import EXPLANATIONS, cp_vs_ring, fmt_bytes, formulas
+from bench.docs_section import cpu_name, replace_section
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.model import ModelConfig
 from dsv4train.config.optim import OptimConfig
@@ -597,13 +597,8 @@ def _muon_note(data, meas: dict, notes: list[str]) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, gloo, one process per rank with 1 thread"
+    cores = f"{os.cpu_count()} cores visible"
+    return f"{cpu_name()}, {cores}, torch {torch.__version__}, gloo, one process per rank with 1 thread"
 
 
 def _rows_for(d: ParallelDims, rows: int) -> int:
@@ -669,20 +664,6 @@ def render(settings: list[tuple[str, int, int]], optim: str, argv: list[str]) ->
     return "\n".join(out)
 
 
-def write_docs(section: str, path: str = "docs/benchmarks.md") -> None:
-    with open(path) as f:
-        text = f.read()
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1 :] if nxt >= 0 else ""
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flavor", default="toy", help="flavor, or a comma list (one table set per flavor)")
@@ -701,7 +682,7 @@ def main() -> int:
     section = render(list(zip(flavors, seqs, rows)), args.optim, ["-m", "bench.comm_volume", *sys.argv[1:]])
     print(section)
     if args.write_docs:
-        write_docs(section)
+        replace_section(SECTION, section)
     return 0
 
 

@@ -52,11 +52,12 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import shlex
 import subprocess
 import sys
 import time
+
+from bench.docs_section import cpu_name, replace_section
 
 SECTION = "## Generation vs transformers"
 DOCS_PATH = "docs/benchmarks.md"
@@ -357,13 +358,7 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{datetime.date.today()}, {cpu}, torch {torch.__version__}, transformers {transformers.__version__}"
+    return f"{datetime.date.today()}, {cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def combine(ours: dict, hf: dict, bandwidth: float) -> dict:
@@ -515,21 +510,6 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_docs(section: str, path: str = DOCS_PATH) -> None:
-    """Replace the section (from its heading to the next '## ' heading) in `path`, or append it at the end."""
-    with open(path) as f:
-        text = f.read()
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1 :] if nxt >= 0 else ""
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",")]
 
@@ -590,7 +570,7 @@ def main() -> int:
     if not any(r["tokens_mismatch"] for r in rows):
         print(f"\nour greedy tokens equal HF's in all {len(rows)} settings")
     if args.write_docs and (not failed or args.allow_mismatch):
-        write_docs(section)
+        replace_section(SECTION, section, DOCS_PATH)
     elif args.write_docs:
         print(f"{DOCS_PATH} not written: our greedy tokens differ from HF's (--allow-mismatch writes anyway)")
     return 1 if failed else 0
