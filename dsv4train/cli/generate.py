@@ -12,6 +12,7 @@ reports the finish reason and tokens/s. Exit status: 0 done, 2 a mistake in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def generate_main(argv: list[str]) -> int:
         tokenizer, model, _ = load_for_eval(args.model, args.tokenizer, device)
         ids = prompt_ids(tokenizer, args.prompt, args.chat, args.mode)
         eos = tokenizer.token_to_id(chat.EOS)
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (eos,) if eos is not None else ()})
+        params = dataclasses.replace(params, stop_token_ids=(eos,) if eos is not None else ())
         engine = Engine(model, max_batch=1, tokenizer=tokenizer)
         engine.check([ids], [params])
     except (ConfigError, FileNotFoundError, ValueError) as e:

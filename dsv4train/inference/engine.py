@@ -31,7 +31,6 @@ Equality with the full forward: a decode step's logits equal one full forward ov
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,17 +40,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dsv4train.inference.full_forward import request_seed
 from dsv4train.inference.sampling import SamplingParams, sample
 from dsv4train.models.kv_cache import CacheStep, LayerCache, allocate_layer_caches
 
-FINISH_REASONS = ("stop", "length")
 DEFAULT_MAX_PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward
 DEFAULT_PARAMS = SamplingParams()
-
-
-def request_seed(seed: int, index: int) -> int:
-    """The sampling seed of request `index` under seed `seed`: a hash, so (0, 1) and (1, 0) do not collide."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big") >> 1
 
 
 @dataclass
