@@ -25,6 +25,7 @@ from dsv4train.models.hub_format import CheckpointLayoutError  # noqa: E402
 from dsv4train.models.model import DSV4Model  # noqa: E402
 from dsv4train.models.pretrained import hf_config_json, save_dsv4, save_hf  # noqa: E402
 from dsv4train.quant.formats import quant_e2m1, quant_e4m3_blocks  # noqa: E402
+from dsv4train.testing.sensitive_models import sensitive_model  # noqa: E402
 from dsv4train.testing.toy_configs import TIE_FREE_INDEX_HEADS, tiny_config  # noqa: E402
 
 # every layer type, a hash layer and an MTP layer
@@ -67,14 +68,7 @@ FP8_SUFFIXES = (
 def _model(cfg: ModelConfig, seed: int = 0) -> DSV4Model:
     """Initialised, then every tensor the init sets to a constant (norms 1; sinks, ape, router bias 0; mHC scales)
     perturbed, so a swapped or misplaced one changes the weights and the logits."""
-    model = DSV4Model(cfg)
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for value in model.state_dict().values():
-            if value.is_floating_point() and (value.numel() == 1 or value.std() == 0):
-                value.add_(0.1 * torch.randn(value.shape, generator=gen))
-    return model.eval()
+    return sensitive_model(cfg, seed, noise_seed=seed + 100)
 
 
 def _ids(cfg: ModelConfig, seq: int = 40) -> torch.Tensor:
