@@ -82,7 +82,13 @@ class Engine:
     """Generation for one DSV4Model (eval mode, on its device, in its dtype) with a cache of `max_batch` slots of
     `max_len` tokens (default the model's max_seq_len). `cache_dtype`: "model" keeps the cache in the model's
     dtype; "fp8" stores main entries in FP8 E4M3 (RoPE dims BF16) and indexer keys in FP4, V4's layout (the
-    bytes of `models/flops.py`'s formula; models/kv_store.py)."""
+    bytes of `models/flops.py`'s formula; models/kv_store.py).
+
+    `compile=True` runs every decode step as one `torch.compile`d graph of fixed shape: all `max_batch` rows
+    every step, the slots no request holds decoding a dummy token at position 0 (their contents are garbage
+    until a prefill fills them, so nothing is lost). The first step compiles (about a minute for the toy flavor
+    on 2 CPU cores); later steps skip eager PyTorch's per-operator overhead. Prefill stays eager (its shapes
+    change with every group of prompts). CUDA graphs are not used."""
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class Engine:
         tokenizer=None,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         cache_dtype: str = "model",
+        compile: bool = False,
     ):
         cfg = model.cfg
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -109,6 +116,8 @@ class Engine:
         self.caches: list[LayerCache] = allocate_layer_caches(
             model, max_batch, max_len, self.dtype, self.device, cache_dtype
         )
+        self.compiled = compile
+        self._decode_step = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
     # ------------------------------------------------------------------------------------------ checks
     def check(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
@@ -214,14 +223,32 @@ class Engine:
         self._sample_into(group, last_RV)
 
     def _decode(self, running: list[_Request]) -> None:
-        tokens_R1 = torch.tensor([[r.generated[-1]] for r in running], device=self.device)
-        positions_R = torch.tensor([r.length for r in running], device=self.device)
-        step = CacheStep(self.caches, self._slots(running), positions_R=positions_R)
-        logits_RV = self.model(tokens_R1, cache=step)[:, 0]
+        tokens = [r.generated[-1] for r in running]
+        positions = [r.length for r in running]
+        slots = [r.slot for r in running]
+        if self.compiled:  # one shape for every step: the free slots decode a dummy token at position 0
+            spare = sorted(set(range(self.max_batch)) - set(slots))
+            tokens, positions, slots = tokens + [0] * len(spare), positions + [0] * len(spare), slots + spare
+        logits_RV, routes_LR1K = self._decode_step(
+            torch.tensor(tokens, device=self.device).unsqueeze(1),
+            torch.tensor(slots, device=self.device),
+            torch.tensor(positions, device=self.device),
+        )
+        routes_LRK = routes_LR1K[:, :, 0].cpu()  # one copy to the host for every layer and row
         for row, r in enumerate(running):
-            for chunks, i in zip(r.routes, self.learned_layers):
-                chunks.append(step.routes[i][row].cpu())
-        self._sample_into(running, logits_RV)
+            for chunks, layer_routes_RK in zip(r.routes, routes_LRK):
+                chunks.append(layer_routes_RK[row : row + 1])
+        self._sample_into(running, logits_RV[: len(running)])
+
+    def _decode_forward(
+        self, tokens_R1: torch.Tensor, slots_R: torch.Tensor, positions_R: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: (logits [R, V], routes of the learned-routing layers [layers, R, 1, k])."""
+        step = CacheStep(self.caches, slots_R, positions_R=positions_R)
+        logits_RV = self.model(tokens_R1, cache=step)[:, 0]
+        R, k = tokens_R1.shape[0], self.model.cfg.n_activated_experts
+        routes = [step.routes[i] for i in self.learned_layers]
+        return logits_RV, torch.stack(routes) if routes else torch.zeros(0, R, 1, k, dtype=torch.long)
 
     def _slots(self, requests: list[_Request]) -> torch.Tensor:
         return torch.tensor([r.slot for r in requests], device=self.device)

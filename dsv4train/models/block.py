@@ -64,7 +64,8 @@ class Block(nn.Module):
         a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)), docs, cache)
         x_BSND = hc_expand(x_BSND, a_BSD, post, comb)
         pre, post, comb = self._weights(x_BSND, "hc_ffn")
-        f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids)
+        decode = cache is not None and not cache.step.prefill
+        f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids, decode)
         return hc_expand(x_BSND, f_BSD, post, comb), BlockAux(moe_aux, attn_aux.indexer_loss)
 
 

@@ -5,8 +5,11 @@ Per layer and slot:
 
 - `window`: a ring of the last W raw K=V entries (after kv_norm and RoPE), position p at index p % W. Every
   layer type has the sliding window.
-- `compressed.entries` (CSA, HCA): the compressed entries, entry i at index i, written when block i closes (the token at
-  position m(i+1) - 1 arrives), so a query at t sees entries [0, (t+1) // m) — the causal rule of training.
+- `compressed.entries` (CSA, HCA): the compressed entries, entry i at index i, complete when block i closes (the token
+  at position m(i+1) - 1 arrives), so a query at t sees entries [0, (t+1) // m) — the causal rule of training.
+  Decode re-pools each row's open block at every step (no data-dependent branch on which rows close a block, so
+  a decode step has static shapes and compiles to one graph); the entry of an open block is never visible, and the
+  pooling of its closing step, over the whole block, is the one that stays. Room for ceil(max_len / m) entries.
 - `block_kv_NPX` / `block_gate_NPX` (CSA, HCA): the compressor's projections (kv, and gate with its position bias)
   of the last P tokens, a ring: P = m for HCA (the open block), P = 2m for CSA (its entry i also pools the first
   half of block i-1's projections). This carry-over state is what closes the next entry.
@@ -102,10 +105,10 @@ def allocate_layer_caches(
         attn = layer.attn
         cache = LayerCache(entries(cfg.window_size))
         if attn.layer_type != "swa":
-            n = max_len // attn.compressor.ratio
+            n = -(-max_len // attn.compressor.ratio)  # a decode step writes its open block's entry
             cache.compressed = _compressor_state(n_slots, attn.compressor, entries(n), dtype, device)
         if attn.layer_type == "csa":
-            n = max_len // attn.indexer.compressor.ratio
+            n = -(-max_len // attn.indexer.compressor.ratio)
             cache.index = _compressor_state(n_slots, attn.indexer.compressor, index_keys(n), dtype, device)
         caches.append(cache)
     return caches
@@ -131,8 +134,6 @@ class CacheStep:
     def __post_init__(self):
         if (self.lengths_R is None) == (self.positions_R is None):
             raise ValueError("a CacheStep is either a prefill (lengths_R) or a decode step (positions_R)")
-        # decode reads only the entries some row can see: one host sync per step, as the sampled tokens need anyway
-        self.longest = int(self.positions_R.max()) + 1 if self.positions_R is not None else 0
 
     @property
     def prefill(self) -> bool:
@@ -202,28 +203,28 @@ def append_window(lc: LayerStep, kv_RC: torch.Tensor) -> tuple[torch.Tensor, tor
 def append_compressor(
     lc: LayerStep, state: CompressorState, comp: Compressor, x_RD: torch.Tensor, freqs: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add each row's token to the compressor ring; rows whose block it closes get their new entry. Returns
-    (every slot's entries [R, T, c], hidden [R, T]: entries not complete at the row's position)."""
+    """Add each row's token to the compressor ring and pool the row's open block into its entry (complete, and
+    visible, once the block's last token has arrived; before that the not-yet-written ring places hold older
+    tokens and the entry stays hidden). Returns (every entry of the row's slot [R, T, c], hidden [R, T]: entries
+    not complete at the row's position). Static shapes: no host sync, no branch on the data."""
     step = lc.step
     slots_R, t_R = step.slots_R, step.positions_R
     m, P = comp.ratio, state.block_kv_NPX.shape[1]
     kv_RX, gate_RX = comp.project(x_RD, t_R)
     state.block_kv_NPX[slots_R, t_R % P] = kv_RX
     state.block_gate_NPX[slots_R, t_R % P] = gate_RX
-    closes = ((t_R + 1) % m == 0).nonzero(as_tuple=True)[0]
-    if len(closes):
-        slots_C, block_C = slots_R[closes], t_R[closes] // m
-        own_CM = (block_C * m % P).unsqueeze(1) + torch.arange(m, device=t_R.device)
-        kv = state.block_kv_NPX[slots_C.unsqueeze(1), own_CM]
-        gate = state.block_gate_NPX[slots_C.unsqueeze(1), own_CM]
-        if comp.overlap:
-            c = comp.head_dim
-            prev_CM = torch.remainder((block_C - 1) * m, P).unsqueeze(1) + torch.arange(m, device=t_R.device)
-            prev_kv = state.block_kv_NPX[slots_C.unsqueeze(1), prev_CM][..., :c]
-            prev_gate = state.block_gate_NPX[slots_C.unsqueeze(1), prev_CM][..., :c]
-            kv, gate = overlap_slots(prev_kv, prev_gate, kv, gate, block_C == 0)
-        entry_C1C = comp.pool(kv.unsqueeze(1), gate.unsqueeze(1), (block_C * m).unsqueeze(1), freqs)
-        state.entries.write(slots_C, block_C, entry_C1C[:, 0])
-    entries_RTC = state.entries.read(slots_R, step.longest // m)
+    block_R = t_R // m
+    own_RM = (block_R * m % P).unsqueeze(1) + torch.arange(m, device=t_R.device)
+    kv = state.block_kv_NPX[slots_R.unsqueeze(1), own_RM]
+    gate = state.block_gate_NPX[slots_R.unsqueeze(1), own_RM]
+    if comp.overlap:
+        c = comp.head_dim
+        prev_RM = torch.remainder((block_R - 1) * m, P).unsqueeze(1) + torch.arange(m, device=t_R.device)
+        prev_kv = state.block_kv_NPX[slots_R.unsqueeze(1), prev_RM][..., :c]
+        prev_gate = state.block_gate_NPX[slots_R.unsqueeze(1), prev_RM][..., :c]
+        kv, gate = overlap_slots(prev_kv, prev_gate, kv, gate, block_R == 0)
+    entry_R1C = comp.pool(kv.unsqueeze(1), gate.unsqueeze(1), (block_R * m).unsqueeze(1), freqs)
+    state.entries.write(slots_R, block_R, entry_R1C[:, 0])
+    entries_RTC = state.entries.read(slots_R)
     hidden_RT = torch.arange(entries_RTC.shape[1], device=t_R.device) >= ((t_R + 1) // m).unsqueeze(1)
     return entries_RTC, hidden_RT

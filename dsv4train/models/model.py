@@ -143,7 +143,9 @@ class DSV4Model(nn.Module):
         return tuple(outs), auxes
 
     def _forward_cached(self, input_ids: torch.Tensor, cache: CacheStep) -> torch.Tensor:
-        x_BSND = self.embed_streams(input_ids)
+        # a decode step's ids are the tokens just sampled: checking them would cost a host sync and split the
+        # compiled graph of a step (Engine(compile=True))
+        x_BSND = self.embed_streams(input_ids, check=cache.prefill)
         for i, layer in enumerate(self.layers):
             x_BSND, aux = layer(x_BSND, input_ids, None, cache.layer(i))
             cache.routes.append(aux.moe.routes_BSK)
@@ -153,10 +155,10 @@ class DSV4Model(nn.Module):
         return self.final(x_BSND)
 
     # The pieces of `forward`, also run one by one by `forward_part`.
-    def embed_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_streams(self, input_ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Token ids [B, S] -> the hc_mult residual streams [B, S, N, d], each a copy of the embedding."""
         cfg = self.cfg
-        if input_ids.max() >= cfg.vocab_size or input_ids.min() < 0:
+        if check and (input_ids.max() >= cfg.vocab_size or input_ids.min() < 0):
             raise ValueError(
                 f"input_ids must lie in [0, {cfg.vocab_size}); got range "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"

@@ -151,6 +151,19 @@ def expert_mlp(
     return grouped_linear(h, w2, offsets)
 
 
+def gathered_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """y [N, D] as `Experts.forward`, for a decode step's few tokens: each token gathers its K experts' weights and
+    runs them itself. No sort, no per-expert split: static shapes (one compiled graph, no host sync). It reads an
+    expert's weights once per token routed to it, where the sorted path reads each used expert once, so it is for
+    small N only."""
+    w1_NKID, w3_NKID, w2_NKDI = experts.w1[idx_NK], experts.w3[idx_NK], experts.w2[idx_NK]
+    gate_NKI = torch.einsum("nd,nkid->nki", x_ND, w1_NKID.to(x_ND.dtype))
+    up_NKI = torch.einsum("nd,nkid->nki", x_ND, w3_NKID.to(x_ND.dtype))
+    h_NKI = clamped_swiglu(gate_NKI, up_NKI, experts.limit)
+    y_NKD = torch.einsum("nki,nkdi->nkd", h_NKI, w2_NKDI.to(x_ND.dtype))
+    return (y_NKD * w_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(1)
+
+
 class SharedExpert(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -188,14 +201,23 @@ class MoE(nn.Module):
         self.shared_experts = SharedExpert(cfg) if cfg.n_shared_experts else None
         self.seq = WHOLE_SEQUENCE  # context parallelism replaces it with this rank's shard (models/sequence.py)
 
-    def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None, decode: bool = False
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """decode: a generation step's few tokens, through `gathered_experts` (static shapes; no balance loss)."""
         B, S, D = x_BSD.shape
         x_ND = x_BSD.reshape(-1, D)
         w, idx, scores = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
-        y = self.experts(x_ND, idx, w).view(B, S, D)
+        if decode:
+            y = gathered_experts(x_ND, idx, w, self.experts).view(B, S, D)
+        else:  # through the module: hooks (FSDP's gather) and the dispatch seam
+            y = self.experts(x_ND, idx, w).view(B, S, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BSD)
-        counts = torch.bincount(idx.reshape(-1), minlength=scores.shape[-1]).detach()
+        E = scores.shape[-1]
+        if decode:  # bincount's output size depends on the data: it would split a compiled graph
+            return y, MoEAux(F.one_hot(idx.reshape(-1), E).sum(0), None, idx.view(B, S, -1))
+        counts = torch.bincount(idx.reshape(-1), minlength=E).detach()
         bal = None
         if not self.gate.hashed:
             bal = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.seq)

@@ -189,6 +189,34 @@ def test_greedy_completions_equal_transformers_generate():
         assert completion.token_ids == want[0, len(prompt) :].tolist()
 
 
+def test_a_compiled_engine_generates_what_the_eager_one_does(model, model64, prompts, greedy_reference, sampled):
+    """compile=True: each decode step is one compiled graph over all 3 slots, the slots no request holds decoding a
+    dummy token. 8 requests queue through 3 slots, so steps run with free slots (after early stops and at the end).
+    Greedy: the full-forward reference's tokens, raw logprobs those of the float64 forward. Sampled: the eager
+    engine's tokens and routes, logprobs to BATCH_LOGPROB_TOL (other kernels, other fp32 summation order). The
+    decode step is traced once into one graph (no break, no recompile)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine = Engine(model, max_batch=3, compile=True)
+        greedy = engine.generate(prompts, GREEDY)
+        drawn = engine.generate(prompts, SAMPLED, seeds=list(range(100, 108)))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [c.token_ids for c in greedy] == greedy_reference
+    for c, prompt in zip(greedy, prompts):
+        logits = float64_logits(model64, prompt + c.token_ids[:-1])[len(prompt) - 1 :]
+        raw_want = logits.log_softmax(-1)[torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)]
+        assert c.raw_logprobs == pytest.approx(raw_want.tolist(), abs=LOGPROB_TOL)
+    for c, eager in zip(drawn, sampled):
+        assert c.token_ids == eager.token_ids and c.finish_reason == eager.finish_reason
+        assert c.logprobs == pytest.approx(eager.logprobs, abs=BATCH_LOGPROB_TOL)
+        assert c.raw_logprobs == pytest.approx(eager.raw_logprobs, abs=BATCH_LOGPROB_TOL)
+        assert c.routes.keys() == eager.routes.keys()
+        assert all(torch.equal(c.routes[i], eager.routes[i]) for i in c.routes)
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 def test_a_seeded_request_samples_the_same_alone_in_a_batch_and_at_another_index(model, prompts, sampled):
     """Request 1 (seed 101): alone in a 1-slot engine, second in the batch of 8 (3 slots), and at index 6 of the
