@@ -58,14 +58,16 @@ class Block(nn.Module):
         input_ids: torch.Tensor | None,
         docs: Documents | None = None,
         cache: LayerStep | None = None,
+        routes_BSK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BlockAux]:
-        """cache: generation's state of this layer (models/kv_cache.py); only attention keeps any."""
+        """cache: generation's state of this layer (models/kv_cache.py); only attention keeps any. routes_BSK: the
+        experts to replay (keep-routing, `DSV4Model.forward`)."""
         pre, post, comb = self._weights(x_BSND, "hc_attn")
         a_BSD, attn_aux = self.attn(self.attn_norm(hc_collapse(x_BSND, pre)), docs, cache)
         x_BSND = hc_expand(x_BSND, a_BSD, post, comb)
         pre, post, comb = self._weights(x_BSND, "hc_ffn")
         decode = cache is not None and not cache.step.prefill
-        f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids, decode)
+        f_BSD, moe_aux = self.ffn(self.ffn_norm(hc_collapse(x_BSND, pre)), input_ids, decode, routes_BSK)
         return hc_expand(x_BSND, f_BSD, post, comb), BlockAux(moe_aux, attn_aux.indexer_loss)
 
 

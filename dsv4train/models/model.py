@@ -35,6 +35,10 @@ def _within_documents(mtp_input_ids: torch.Tensor, input_ids: torch.Tensor, docs
     return torch.where(docs.last_in_document_BS, input_ids, mtp_input_ids)
 
 
+def _per_layer(routes: dict[int, torch.Tensor] | None, layers: range) -> list[torch.Tensor | None] | None:
+    return None if routes is None else [routes.get(i) for i in layers]
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -85,20 +89,29 @@ class DSV4Model(nn.Module):
         acts: tuple = (),
         positions: torch.Tensor | None = None,
         cache: CacheStep | None = None,
+        routes: dict[int, torch.Tensor] | None = None,
     ):
         """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
         the modules of its slices (the others set to None), as a pipeline stage does. `positions` [B, S]: rows
         packed with several documents, each token's position inside its document (0 starts one; see
         models/documents.py); None = one document per row. With `positions`, the MTP input at each document's last
         token is that token itself, whatever `mtp_input_ids` holds there (nothing of the next document enters).
-        `cache`: generation's prefill or decode step (models/kv_cache.py), logits only; MTP is not run."""
+        `cache`: generation's prefill or decode step (models/kv_cache.py), logits only; MTP is not run.
+        `routes`: keep-routing (GRPO): learned-routing layer index -> experts [B, S, k] each token goes to instead
+        of the router's top-k, as generation recorded them (`Completion.routes`); a token whose row holds -1 is
+        routed by the router. The routing weights are the router's scores of those experts (they keep their
+        gradient). The MTP block routes itself."""
         if cache is not None:
+            if routes is not None:
+                raise ValueError("routes replay a rollout in a training forward; a cached forward records them")
             return self._forward_cached(input_ids, cache)
+        self.check_routes(routes, input_ids)
         docs = None if positions is None else Documents.from_positions(positions, input_ids)
         if part is not None:
-            return self.forward_part(part, acts, input_ids, docs)
+            return self.forward_part(part, acts, input_ids, docs, routes)
         x_BSND = self.embed_streams(input_ids)
-        x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers, docs)
+        layer_routes = _per_layer(routes, range(len(self.layers)))
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers, docs, layer_routes)
         logits = self.final(x_BSND)
         if not with_aux:
             return logits
@@ -120,7 +133,12 @@ class DSV4Model(nn.Module):
         return ModelOutput(logits, mtp_logits, balance, indexer, counts)
 
     def forward_part(
-        self, part: LayerSlice, acts: tuple, input_ids: torch.Tensor, docs: Documents | None = None
+        self,
+        part: LayerSlice,
+        acts: tuple,
+        input_ids: torch.Tensor,
+        docs: Documents | None = None,
+        routes: dict[int, torch.Tensor] | None = None,
     ) -> tuple[tuple, list[BlockAux]]:
         """One slice of the forward. acts: (next token ids,) for the first slice (with MTP; else ()), otherwise
         what the previous slice returned: (streams[, next-token embedding]). Returns what the next slice takes
@@ -132,7 +150,8 @@ class DSV4Model(nn.Module):
             next_BSD = self.embed(_within_documents(acts[0], input_ids, docs)) if with_mtp else None
         else:
             x_BSND, next_BSD = acts[0], (acts[1] if with_mtp else None)
-        x_BSND, auxes = self.run_layers(x_BSND, input_ids, [self.layers[i] for i in part.layers], docs)
+        layers = [self.layers[i] for i in part.layers]
+        x_BSND, auxes = self.run_layers(x_BSND, input_ids, layers, docs, _per_layer(routes, part.layers))
         if not part.last:
             return (x_BSND.float(), *([next_BSD.float()] if with_mtp else [])), auxes
         outs = [self.final(x_BSND).float()]
@@ -168,13 +187,41 @@ class DSV4Model(nn.Module):
 
     @staticmethod
     def run_layers(
-        x_BSND: torch.Tensor, input_ids: torch.Tensor, layers, docs: Documents | None = None
+        x_BSND: torch.Tensor,
+        input_ids: torch.Tensor,
+        layers,
+        docs: Documents | None = None,
+        routes: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[BlockAux]]:
+        """`routes`: one entry per layer of `layers` (None: the router chooses), see `forward`."""
         auxes: list[BlockAux] = []
-        for layer in layers:
-            x_BSND, aux = layer(x_BSND, input_ids, docs)
+        for layer, layer_routes in zip(layers, routes or [None] * len(layers)):
+            x_BSND, aux = layer(x_BSND, input_ids, docs, routes_BSK=layer_routes)
             auxes.append(aux)
         return x_BSND, auxes
+
+    def check_routes(self, routes: dict[int, torch.Tensor] | None, input_ids: torch.Tensor) -> None:
+        """A ValueError naming the layer whose replayed routes cannot be used."""
+        if routes is None:
+            return
+        cfg = self.cfg
+        shape = (*input_ids.shape, cfg.n_activated_experts)
+        for i, routes_BSK in routes.items():
+            if not isinstance(i, int) or not 0 <= i < cfg.n_layers:
+                raise ValueError(f"routes has layer {i!r}: the model's layers are 0..{cfg.n_layers - 1}")
+            if i < cfg.n_hash_layers:
+                raise ValueError(f"routes has layer {i}, a hash-routed layer: it routes by token id, leave it out")
+            if tuple(routes_BSK.shape) != shape or routes_BSK.dtype != torch.long:
+                raise ValueError(
+                    f"routes[{i}] must be int64 {list(shape)} (batch, sequence, experts per token), got "
+                    f"{routes_BSK.dtype} {list(routes_BSK.shape)}"
+                )
+            if routes_BSK.numel() and (routes_BSK.min() < -1 or routes_BSK.max() >= cfg.n_routed_experts):
+                raise ValueError(
+                    f"routes[{i}] holds experts outside [0, {cfg.n_routed_experts}) (or -1: the router chooses)"
+                )
+            if not torch.equal((routes_BSK < 0).all(-1), (routes_BSK < 0).any(-1)):
+                raise ValueError(f"routes[{i}]: a token is replayed whole or not at all (-1 in all k places)")
 
     def final(self, x_BSND: torch.Tensor) -> torch.Tensor:
         """Final streams -> logits [B, S, V]: the hc head collapse, the norm and the output head."""

@@ -63,8 +63,9 @@ class Gate(nn.Module):
         else:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None):
-        """(weights [N,k], expert ids [N,k], scores [N,E]); scores in fp32."""
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None, replay_NK: torch.Tensor | None = None):
+        """(weights [N,k], expert ids [N,k], scores [N,E]); scores in fp32. replay_NK: experts to use instead of the
+        top-k (keep-routing), -1 rows routed by the top-k; the weights are the scores of the experts used."""
         scores = torch.sqrt(F.softplus(F.linear(x_ND.float(), self.weight.float())))
         if self.hashed:
             if ids_N is None:
@@ -72,6 +73,8 @@ class Gate(nn.Module):
             idx = self.tid2eid[ids_N]
         else:
             idx = torch.topk(scores.detach() + self.bias, self.k, dim=-1).indices
+            if replay_NK is not None:
+                idx = torch.where((replay_NK >= 0).all(-1, keepdim=True), replay_NK, idx)
         w = scores.gather(1, idx)
         w = w / (w.sum(-1, keepdim=True) + 1e-20) * self.route_scale
         return w, idx, scores
@@ -202,12 +205,18 @@ class MoE(nn.Module):
         self.seq = WHOLE_SEQUENCE  # context parallelism replaces it with this rank's shard (models/sequence.py)
 
     def forward(
-        self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None, decode: bool = False
+        self,
+        x_BSD: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        decode: bool = False,
+        routes_BSK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux]:
-        """decode: a generation step's few tokens, through `gathered_experts` (static shapes; no balance loss)."""
+        """decode: a generation step's few tokens, through `gathered_experts` (static shapes; no balance loss).
+        routes_BSK: experts to replay instead of the router's choice (keep-routing; -1 tokens: the router's)."""
         B, S, D = x_BSD.shape
         x_ND = x_BSD.reshape(-1, D)
-        w, idx, scores = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
+        replay_NK = None if routes_BSK is None else routes_BSK.reshape(B * S, -1)
+        w, idx, scores = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1), replay_NK)
         if decode:
             y = gathered_experts(x_ND, idx, w, self.experts).view(B, S, D)
         else:  # through the module: hooks (FSDP's gather) and the dispatch seam
