@@ -13,8 +13,9 @@ decoded this step), run on the logits' device with per-row settings, no Python l
 - `sample`: Gumbel-max over the processed logits, token = argmax_v(processed_v + g_v) with g_v Gumbel(0, 1) noise
   made from `uniform_noise`; greedy rows take the argmax and ignore the noise. With the token come two logprobs:
   under the distribution actually sampled from (0 for greedy rows, a point mass) and under the model's own
-  distribution (log_softmax of the raw logits, temperature 1), which is what GRPO's importance ratios and
-  distillation compare against the trainer.
+  distribution (log_softmax of the raw logits, temperature 1). GRPO's importance ratio pairs the sampled one
+  (π_old) with the trainer's keep-sampling logprobs (posttrain/grpo/masks.py: the same temperature and support);
+  the raw one is what a full-vocabulary comparison with the trainer (distillation, the keep-routing gap) uses.
 
 Why Gumbel-max with a counter hash. argmax(l + g) with independent Gumbel g is an exact draw from softmax(l) (the
 Gumbel-max trick), and the noise is a pure function of (the request's seed, a counter the engine advances per
