@@ -154,17 +154,26 @@ def expert_mlp(
     return grouped_linear(h, w2, offsets)
 
 
-def gathered_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """y [N, D] as `Experts.forward`, for a decode step's few tokens: each token gathers its K experts' weights and
-    runs them itself. No sort, no per-expert split: static shapes (one compiled graph, no host sync). It reads an
-    expert's weights once per token routed to it, where the sorted path reads each used expert once, so it is for
-    small N only."""
+def decode_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """y [N, D] as `Experts.forward`, for a decode step's few tokens, with static shapes (one compiled graph, no
+    host sync): no sort by expert and no per-expert split. When the step routes at least as many rows as there are
+    experts (N·K >= E), every token runs through every expert and the outputs are summed with dense routing weights
+    (zero for experts it was not routed to): each expert's weights are read once. With fewer rows (many experts, a
+    small batch) each token gathers its K experts' weights instead and reads only those."""
+    E = experts.w1.shape[0]
+    limit, dtype = experts.limit, x_ND.dtype
+    if idx_NK.numel() >= E:
+        weights_NE = torch.zeros(x_ND.shape[0], E, dtype=dtype, device=x_ND.device)
+        weights_NE = weights_NE.scatter_add(1, idx_NK, w_NK.to(dtype))
+        gate_ENI = torch.einsum("nd,eid->eni", x_ND, experts.w1.to(dtype))
+        up_ENI = torch.einsum("nd,eid->eni", x_ND, experts.w3.to(dtype))
+        y_END = torch.einsum("eni,edi->end", clamped_swiglu(gate_ENI, up_ENI, limit), experts.w2.to(dtype))
+        return torch.einsum("end,ne->nd", y_END, weights_NE)
     w1_NKID, w3_NKID, w2_NKDI = experts.w1[idx_NK], experts.w3[idx_NK], experts.w2[idx_NK]
-    gate_NKI = torch.einsum("nd,nkid->nki", x_ND, w1_NKID.to(x_ND.dtype))
-    up_NKI = torch.einsum("nd,nkid->nki", x_ND, w3_NKID.to(x_ND.dtype))
-    h_NKI = clamped_swiglu(gate_NKI, up_NKI, experts.limit)
-    y_NKD = torch.einsum("nki,nkdi->nkd", h_NKI, w2_NKDI.to(x_ND.dtype))
-    return (y_NKD * w_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(1)
+    gate_NKI = torch.einsum("nd,nkid->nki", x_ND, w1_NKID.to(dtype))
+    up_NKI = torch.einsum("nd,nkid->nki", x_ND, w3_NKID.to(dtype))
+    y_NKD = torch.einsum("nki,nkdi->nkd", clamped_swiglu(gate_NKI, up_NKI, limit), w2_NKDI.to(dtype))
+    return (y_NKD * w_NK.unsqueeze(-1).to(dtype)).sum(1)
 
 
 class SharedExpert(nn.Module):
@@ -211,14 +220,14 @@ class MoE(nn.Module):
         decode: bool = False,
         routes_BSK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux]:
-        """decode: a generation step's few tokens, through `gathered_experts` (static shapes; no balance loss).
+        """decode: a generation step's few tokens, through `decode_experts` (static shapes; no balance loss).
         routes_BSK: experts to replay instead of the router's choice (keep-routing; -1 tokens: the router's)."""
         B, S, D = x_BSD.shape
         x_ND = x_BSD.reshape(-1, D)
         replay_NK = None if routes_BSK is None else routes_BSK.reshape(B * S, -1)
         w, idx, scores = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1), replay_NK)
         if decode:
-            y = gathered_experts(x_ND, idx, w, self.experts).view(B, S, D)
+            y = decode_experts(x_ND, idx, w, self.experts).view(B, S, D)
         else:  # through the module: hooks (FSDP's gather) and the dispatch seam
             y = self.experts(x_ND, idx, w).view(B, S, D)
         if self.shared_experts is not None:
