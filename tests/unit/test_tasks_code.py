@@ -20,6 +20,7 @@ from dsv4train.data.tasks.code import (
     CodeSample,
     Example,
     SandboxLimits,
+    SandboxPolicy,
     extract_code,
     generate_sample,
     judge,
@@ -55,6 +56,12 @@ SUM_EVENS = CodeSample(
 CORRECT = "Here you go:\n```python\ndef sum_evens(nums):\n    return sum(x for x in nums if x % 2 == 0)\n```\n"
 SUMS_ODDS = "```python\ndef sum_evens(nums):\n    return sum(x for x in nums if x % 2 == 1)\n```"
 NO_LIMIT_ON_PROCESSES = SandboxLimits(processes=None)  # these tests fork on purpose; RLIMIT_NPROC would stop it
+
+
+def probing(tmp_path, **changes) -> SandboxPolicy:
+    """The sandbox's policy, letting a probe write its findings to `tmp_path` (outside the sandbox, refused by
+    default) and report host pids (a PID namespace numbers its processes from 1)."""
+    return SandboxPolicy(writable_paths=(str(tmp_path),), pid_namespace=False, **changes)
 
 
 def block(source: str) -> str:
@@ -178,7 +185,7 @@ def test_an_infinite_loop_times_out_and_leaves_no_process(tmp_path):
         "def sum_evens(nums):\n    while True:\n        pass"
     )
     started = time.monotonic()
-    verdict = judge(looping, SUM_EVENS, timeout_s=1.0)
+    verdict = judge(looping, SUM_EVENS, timeout_s=1.0, policy=probing(tmp_path))
     elapsed = time.monotonic() - started
     assert (verdict.reward, verdict.status) == (0.0, "timeout")
     assert verdict.reason == "timeout: still running after 1 s (the process group was killed)"
@@ -206,7 +213,8 @@ def test_the_whole_process_group_is_killed(tmp_path, exits):
         "while not os.path.exists(" + repr(str(pid_file)) + "):\n    time.sleep(0.01)\n"
         "def sum_evens(nums):\n" + (loop or "    return sum(x for x in nums if x % 2 == 0)\n")
     )
-    verdict = judge(forking, SUM_EVENS, timeout_s=2.0, limits=NO_LIMIT_ON_PROCESSES)
+    policy = probing(tmp_path, allow_processes=True)  # the audit hook would refuse the fork
+    verdict = judge(forking, SUM_EVENS, timeout_s=2.0, limits=NO_LIMIT_ON_PROCESSES, policy=policy)
     assert verdict.status == ("passed" if exits else "timeout"), verdict.reason
     assert wait_gone(int(pid_file.read_text()))
 
@@ -237,7 +245,7 @@ def test_address_space_limit_turns_a_huge_allocation_into_a_failure():
 def test_file_size_limit_stops_a_large_write(tmp_path):
     big = tmp_path / "big"
     writer = block(f"open({str(big)!r}, 'wb').write(b'0' * (4 << 20))\ndef sum_evens(nums):\n    return 0")
-    verdict = judge(writer, SUM_EVENS, limits=SandboxLimits(file_size_bytes=1 << 20))
+    verdict = judge(writer, SUM_EVENS, limits=SandboxLimits(file_size_bytes=1 << 20), policy=probing(tmp_path))
     # CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process
     assert verdict.reason == "crashed: the solution raised while being defined: OSError: [Errno 27] File too large"
     assert big.stat().st_size <= 1 << 20
@@ -246,7 +254,7 @@ def test_file_size_limit_stops_a_large_write(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores RLIMIT_NPROC")
 def test_the_solution_cannot_start_processes():
     forking = block("import os\ndef sum_evens(nums):\n    os.fork()\n    return 0")
-    verdict = judge(forking, SUM_EVENS)
+    verdict = judge(forking, SUM_EVENS, policy=SandboxPolicy(allow_processes=True))  # RLIMIT_NPROC alone, no hook
     assert verdict.status == "test_failed" and "BlockingIOError" in verdict.reason
 
 
@@ -258,7 +266,7 @@ def test_the_solution_sees_no_parent_environment_and_runs_in_a_removed_temp_dir(
         "assert 'DSV4_JUDGE_CANARY' not in os.environ\n"
         "def sum_evens(nums):\n    return sum(x for x in nums if x % 2 == 0)"
     )
-    assert score(probe, SUM_EVENS)[0] == 1.0
+    assert judge(probe, SUM_EVENS, policy=probing(tmp_path)).reward == 1.0
     workdir = Path(cwd_file.read_text())
     assert workdir.name.startswith("dsv4-code-judge-") and not workdir.exists()
 

@@ -7,6 +7,6 @@ completion against the reference, and loads real data of the same kind from loca
 - `dsv4train.data.tasks.math`: multi-step arithmetic and short word problems with an exact numeric answer in
   `\\boxed{...}`; a GSM8K-style jsonl loader.
 - `dsv4train.data.tasks.code`: small Python functions described in words with examples, judged by hidden unit
-  tests in a subprocess (own process group and temp dir, rlimits, wall timeout, capped output; not yet the GRPO
-  sandbox); an MBPP / HumanEval-style jsonl loader.
+  tests in the sandbox of `dsv4train.posttrain.rewards.sandbox` (namespaces, rlimits, an audit hook, wall timeout,
+  capped output); an MBPP / HumanEval-style jsonl loader.
 """

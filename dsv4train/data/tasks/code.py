@@ -17,11 +17,16 @@ Three parts, each usable alone:
   one ```python block; the assistant turn is that block with the reference solution; thinking mode adds a short
   reasoning trace. Records read back with `dsv4train.data.chat.Conversation.from_dict(record, ("domain", "mode"))`.
 - A judge (`judge`, and `score` for the `(reward, reason)` pair the trainers use): the last ```python block of the
-  answer (after the last `</think>` when there is one) runs with the hidden tests in a fresh `python -I` process,
-  in its own temporary directory and process group, under a wall-clock timeout that kills the whole group, with
-  stdout/stderr captured up to a cap, an environment with nothing but PATH and a UTF-8 locale, and resource limits
-  (CPU seconds, address space, file size, number of processes) set with `resource.setrlimit` by that process on
-  itself before the candidate's code runs. Reward 1.0 only when every hidden test passes.
+  answer (after the last `</think>` when there is one) runs with the hidden tests in the sandbox of
+  `dsv4train.posttrain.rewards.sandbox` (its docstring has each layer, what it stops and what it does not): a fresh
+  `python -I -S -B` in its own temporary directory, session and process group; network and PID namespaces where the
+  kernel allows them (`Judgement.extra["network"]` is "namespace", else "blocked": sockets are then refused by the
+  audit hook alone); resource limits (`SandboxLimits`: CPU seconds, address space, file size, open files, processes)
+  set by that process on itself before the candidate's code runs; an audit hook that refuses sockets, new processes,
+  signals to other processes, ctypes and files outside the sandbox directory; output capped, and the group killed
+  past 64 MiB; a wall-clock timeout; the whole group killed at the end in every case. Reward 1.0 only when every
+  hidden test passes; a refused action (status "refused", the reason names it, e.g. "refused: os.fork: ..."), the
+  output limit, a timeout or a crash scores 0 with its reason, and the run goes on.
 - `load_jsonl` reads MBPP/HumanEval-style files into the same samples, for users with real data.
 
 Why the limits are set by the child and not in `preexec_fn`: Python documents `preexec_fn` as unsafe when the
@@ -29,17 +34,17 @@ parent has threads (it may deadlock), and the judge is meant to run inside train
 The child applies the limits as its first act, before reading the candidate, so the candidate runs under the same
 limits either way.
 
-What this judge does NOT contain yet (the GRPO issue hardens it into a sandbox):
+What the judge does not do:
 
-- No network, mount, PID or user namespace: the candidate can open sockets, read any file the user can read, and
-  write outside its temporary directory (only file *size* is limited).
-- No seccomp filter and no privilege drop: run as root, the process limit is not enforced by Linux (root ignores
-  RLIMIT_NPROC), and a process that calls `setsid()` leaves the group and escapes the group kill.
-- No protection against a hostile candidate: the tests run in the candidate's interpreter, so code that inspects the
-  harness's frames or patches `builtins` can fake a pass. The result is written to a file with a per-run nonce the
-  candidate is not given, which stops accidental or naive forgery (printing "passed", exiting early), not an attack.
-- No memory limit beyond the address space (no cgroup), no wall limit per test (one timeout for the whole run), no
-  caching or parallel pool: one process per call.
+- Make a hostile candidate's *score* trustworthy. The tests run in the candidate's interpreter, so code that reads
+  the harness's frames (the nonce of the result file is there) or patches `builtins` can fake a pass. The sandbox
+  contains what such code can do to the machine; the nonce only stops naive forgery (printing "passed", writing a
+  result file, exiting early).
+- Keep files from root without the hook: as root there is no mount namespace or privilege drop behind it, and
+  RLIMIT_NPROC does not apply (the hook refuses forks). Code that corrupts the interpreter's memory gets past the
+  hook; the namespaces, limits and the group kill still hold (the sandbox module's docstring).
+- Limit memory beyond the address space (no cgroup), time per test (one timeout for the whole run), or cache and
+  parallelise: one sandboxed process per call.
 """
 
 from __future__ import annotations
@@ -47,23 +52,19 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
+import logging
 import os
 import random
 import re
 import secrets
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dsv4train.data.chat import THINK_END
+from dsv4train.posttrain.rewards.sandbox import SandboxLimits, SandboxPolicy, SandboxResult, run_python
 
 DOMAIN = "code"
 SPLITS = ("train", "test")
@@ -74,7 +75,18 @@ N_HIDDEN_TESTS = 8
 
 Split = Literal["train", "test"]
 RecordMode = Literal["think", "chat"]
-Status = Literal["passed", "no_code_block", "syntax_error", "missing_entry_point", "test_failed", "timeout", "crashed"]
+Status = Literal[
+    "passed",
+    "no_code_block",
+    "syntax_error",
+    "missing_entry_point",
+    "test_failed",
+    "timeout",
+    "crashed",
+    "refused",  # the sandbox refused an action (a socket, a process, a file outside its directory, ...)
+    "output_limit",  # it printed so much that the process group was killed
+]
+_LOG = logging.getLogger("dsv4train.rewards")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -783,18 +795,6 @@ def extract_code(completion: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    """Per-process limits the judged process sets on itself, hard limits included, so the candidate cannot raise
-    them (the CPU hard limit is one second above the soft one, which sends SIGXCPU first). None leaves a limit as
-    inherited. `cpu_s=None` means: the wall timeout rounded up, plus one second."""
-
-    cpu_s: int | None = None
-    address_space_bytes: int | None = 1 << 30  # 1 GiB: far above a small function, stops a runaway allocation
-    file_size_bytes: int | None = 16 << 20
-    processes: int | None = 0  # no fork or thread at all (RLIMIT_NPROC counts the user's tasks; root ignores it)
-
-
-@dataclass(frozen=True)
 class Judgement:
     reward: float
     status: Status
@@ -806,19 +806,10 @@ class Judgement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# The harness the judged process runs: limits first, then the solution, then each test, then the result file.
+# The harness the sandboxed interpreter runs (dsv4train/posttrain/rewards/sandbox.py has already set its limits and
+# audit hook): the solution, then each test, then the result file with this run's nonce.
 _RUNNER = r"""
-import json, resource, sys, traceback
-
-def _set_limit(name, value):
-    if value is None or not hasattr(resource, name):
-        return
-    which = getattr(resource, name)
-    _, hard = resource.getrlimit(which)
-    soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    # CPU: the hard limit one second later, so SIGXCPU (reported as a timeout) comes before SIGKILL
-    new_hard = soft + 1 if name == "RLIMIT_CPU" else soft
-    resource.setrlimit(which, (soft, new_hard if hard == resource.RLIM_INFINITY else min(new_hard, hard)))
+import json, sys
 
 def _short(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
@@ -851,8 +842,6 @@ def _run(config):
     return {"status": "passed", "detail": str(len(config["tests"]))}
 
 config = json.loads(sys.stdin.readline())
-for _name, _value in config["limits"].items():
-    _set_limit(_name, _value)
 nonce = config.pop("nonce")
 result = _run(config)
 result["nonce"] = nonce
@@ -861,56 +850,8 @@ with open("result.json", "w", encoding="utf-8") as f:
 """
 
 
-def _drain(stream, cap: int, sink: dict[str, Any]) -> None:
-    """Read `stream` to its end, keeping the first `cap` bytes: the pipe never fills, so the child never blocks."""
-    kept = bytearray()
-    total = 0
-    for chunk in iter(lambda: stream.read(65536), b""):
-        total += len(chunk)
-        if len(kept) < cap:
-            kept += chunk[: cap - len(kept)]
-    sink["text"] = kept.decode("utf-8", errors="replace")
-    sink["truncated"] = total > cap
-
-
-def _exited_without_reaping(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait up to `timeout_s` for `proc` to exit but leave it a zombie, so its process-group id cannot be reused by
-    another process before the group is killed. Without `os.waitid` (macOS before Python 3.13) it reaps: the
-    group kill that follows then has a (tiny) chance of a reused id."""
-    if not hasattr(os, "waitid"):
-        try:
-            proc.wait(timeout=timeout_s)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if info is not None:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.02)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already empty
-
-
-def _limits_for(limits: SandboxLimits, timeout_s: float) -> dict[str, int | None]:
-    cpu_s = limits.cpu_s if limits.cpu_s is not None else math.ceil(timeout_s) + 1
-    return {
-        "RLIMIT_CPU": cpu_s,
-        "RLIMIT_AS": limits.address_space_bytes,
-        "RLIMIT_FSIZE": limits.file_size_bytes,
-        "RLIMIT_NPROC": limits.processes,
-    }
+DEFAULT_LIMITS = SandboxLimits()
+DEFAULT_POLICY = SandboxPolicy()  # everything refused that the sandbox can refuse
 
 
 def _signal_name(number: int) -> str:
@@ -920,20 +861,28 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _verdict(result: dict[str, Any] | None, returncode: int, timed_out: bool, timeout_s: float, tests: Sequence[str]):
-    """(status, reason, failed test index) from what the judged process left behind."""
-    if timed_out:
+def _verdict(run: SandboxResult, result: dict[str, Any] | None, timeout_s: float, tests: Sequence[str]):
+    """(status, reason, failed test index) from what the sandboxed run left behind. A refusal outranks everything
+    (the candidate tried what the sandbox forbids, whatever happened next), then the output limit, then time."""
+    if run.refused is not None:
+        return "refused", f"refused: {run.refused}", None
+    if run.output_exceeded:
+        return "output_limit", "output limit: it printed too much (the process group was killed)", None
+    if run.timed_out:
         return "timeout", f"timeout: still running after {timeout_s:g} s (the process group was killed)", None
-    if returncode == -signal.SIGXCPU:
+    if run.returncode == -signal.SIGXCPU:
         return "timeout", "timeout: the CPU time limit was reached (SIGXCPU)", None
     if result is None:
-        how = f"was killed by {_signal_name(-returncode)}" if returncode < 0 else f"exited with code {returncode}"
+        code = run.returncode
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
         return "crashed", f"crashed: the process {how} before reporting a result", None
     status, detail = result["status"], result.get("detail", "")
     if status == "passed":
         return "passed", f"passed: all {detail} hidden tests", None
     if status == "test_failed":
-        index = result["test"]
+        index = result.get("test")
+        if not isinstance(index, int) or not 0 <= index < len(tests):
+            return "crashed", "crashed: the result names no hidden test (written by the solution?)", None
         test = tests[index] if len(tests[index]) <= 200 else tests[index][:200] + "..."
         return "test_failed", f"test failed: hidden test {index} `{test}`: {detail}", index
     if status == "missing_entry_point":
@@ -947,70 +896,59 @@ def judge(
     completion: str,
     sample: CodeSample,
     timeout_s: float = 5.0,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits = DEFAULT_LIMITS,
     max_output_bytes: int = 16384,
+    policy: SandboxPolicy = DEFAULT_POLICY,
 ) -> Judgement:
-    """Run the last ```python block of `completion` against `sample.hidden_tests` (module docstring: what it
-    isolates and what it does not). Stdout and stderr keep their first `max_output_bytes` bytes each."""
+    """Run the last ```python block of `completion` against `sample.hidden_tests` in the sandbox (module docstring;
+    dsv4train/posttrain/rewards/sandbox.py for its layers). Stdout and stderr keep their first `max_output_bytes`
+    bytes each. A refused action, the output limit, a timeout or a crash scores 0 with the reason, logged at
+    warning level for the first two (they are the candidate attacking the sandbox, not failing the task)."""
     code = extract_code(completion)
     if code is None:
         return Judgement(0.0, "no_code_block", "no code block: the answer has no closed ```python fenced block")
     nonce = secrets.token_hex(16)
-    config = {
-        "nonce": nonce,
-        "entry_point": sample.entry_point,
-        "tests": list(sample.hidden_tests),
-        "limits": _limits_for(limits, timeout_s),
-    }
-    with tempfile.TemporaryDirectory(prefix="dsv4-code-judge-") as workdir:
-        Path(workdir, "solution.py").write_text(code, encoding="utf-8")
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _RUNNER],
-            cwd=workdir,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={"PATH": os.defpath, "LC_ALL": "C.UTF-8"},
-            start_new_session=True,  # its own session and process group, so one killpg reaches its children
-        )
-        sinks: list[dict[str, Any]] = [{}, {}]
-        readers = [
-            threading.Thread(target=_drain, args=(stream, max_output_bytes, sink), daemon=True)
-            for stream, sink in zip((proc.stdout, proc.stderr), sinks)
-        ]
-        for reader in readers:
-            reader.start()
-        try:
-            proc.stdin.write((json.dumps(config) + "\n").encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at start-up; the exit status says how
-        timed_out = not _exited_without_reaping(proc, timeout_s)
-        _kill_group(proc.pid)  # on time-out the whole group; after an exit whatever it left running
-        if timed_out:
-            proc.kill()  # the group kill already did it, unless the leader left the group
-        returncode = proc.wait()
-        for reader in readers:
-            reader.join(timeout=2.0)  # a process that left the group may still hold the pipes; do not wait on it
-        result = _read_result(Path(workdir, "result.json"), nonce)
-    status, reason, failed = _verdict(result, returncode, timed_out, timeout_s, sample.hidden_tests)
+    config = {"nonce": nonce, "entry_point": sample.entry_point, "tests": list(sample.hidden_tests)}
+    run = run_python(
+        _RUNNER,
+        files={"solution.py": code},
+        stdin=(json.dumps(config) + "\n").encode(),
+        limits=limits,
+        policy=policy,
+        timeout_s=timeout_s,
+        max_output_bytes=max_output_bytes,
+        read_back=("result.json",),
+        prefix="dsv4-code-judge-",
+    )
+    result = _parse_result(run.files.get("result.json"), nonce)
+    status, reason, failed = _verdict(run, result, timeout_s, sample.hidden_tests)
+    if status in ("refused", "output_limit"):
+        _LOG.warning("code judge: sample %s scores 0: %s", sample.id, reason)
     return Judgement(
         reward=1.0 if status == "passed" else 0.0,
         status=status,
         reason=reason,
         failed_test=failed,
-        stdout=sinks[0].get("text", ""),
-        stderr=sinks[1].get("text", ""),
-        output_truncated=any(s.get("truncated", False) for s in sinks),
-        extra={"returncode": returncode},
+        stdout=run.stdout,
+        stderr=run.stderr,
+        output_truncated=run.output_truncated,
+        extra={
+            "returncode": run.returncode,
+            "network": run.network,
+            "pid_namespace": run.pid_namespace,
+            "pid": run.pid,
+            "wall_s": run.wall_s,
+        },
     )
 
 
-def _read_result(path: Path, nonce: str) -> dict[str, Any] | None:
+def _parse_result(data: bytes | None, nonce: str) -> dict[str, Any] | None:
     """The harness's result, or None when there is none or it lacks this run's nonce (written by someone else)."""
+    if data is None:
+        return None
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        result = json.loads(data.decode("utf-8"))
+    except ValueError:
         return None
     if not isinstance(result, dict) or result.get("nonce") != nonce or "status" not in result:
         return None
