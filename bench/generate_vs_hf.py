@@ -3,7 +3,7 @@ config and weights, each measurement in a fresh subprocess. Prints one JSON line
 section with ratios (ours / HF); `--write-docs` puts that section into docs/benchmarks.md.
 
     .venv/bin/python -m bench.generate_vs_hf [--flavor toy,tiny --batches 1,16 --prompts 128,2048 --new-tokens 256
-        --threads 2] [--cache-dtype model|fp8] [--write-docs]
+        --threads 2] [--cache-dtype model|fp8] [--compile] [--write-docs]
 
 The model: `get_flavor(flavor, n_mtp_layers=0, max_seq_len=max(prompts) + new_tokens)`, `init_weights(0)`, fp32,
 exported with `to_hf_state_dict` into `DeepseekV4ForCausalLM` (eager attention), as bench/model_vs_hf.py does.
@@ -17,6 +17,11 @@ the run (exit 1, docs not written) with our cache in the model's dtype (the defa
 entries in V4's FP8 layout and indexer keys in FP4 (models/kv_store.py): that rounds the logits, so its tokens
 are expected to drift from HF's fp32 ones and are only reported.
 
+`--compile` builds our Engine with `compile=True` (every decode step one `torch.compile`d graph over all max_batch
+rows). The warm-up generation then runs on an Engine of the measured shapes (max_batch = batch, max_len = prompt +
+N), so the measured run reuses the compiled step; the warm-up's seconds are reported as `warmup_s` (they are
+mostly the compile) and the number of graphs dynamo traced in the whole subprocess as `graphs` (1: no recompile).
+
 What is measured, per (flavor, batch, prompt):
 - prefill seconds and decode tokens/s. The boundary between the two is a timestamp taken once the first new token
   of every row exists: ours from `Engine.generate`'s `on_token` callback (the batch-th call, after the last
@@ -27,11 +32,12 @@ What is measured, per (flavor, batch, prompt):
   (N - 1) · batch / decode seconds.
 - cache memory. Ours allocated: the bytes of every tensor in `engine.caches[i].tensors()` (max_batch slots of
   max_len = prompt + N tokens). Ours used by one sequence at the end (slot 0, ctx = prompt + N - 1 tokens in the
-  cache): the written rows of its window ring, compressed entries and indexer keys, counted as the rows that are
-  not all zero (the cache starts zeroed), next to the fp32 formula n_layers·min(W, ctx)·head_dim·4 + entries·
+  cache): the written rows of its window ring, complete compressed entries and indexer keys, counted as the rows
+  that are not all zero (the cache starts zeroed), next to the fp32 formula n_layers·min(W, ctx)·head_dim·4 + entries·
   head_dim·4 + indexer keys·index_head_dim·4 (`kv_cache_bytes_fp32`: `flops.kv_cache_bytes`'s terms at 4 bytes a
-  value) and to `flops.kv_cache_bytes` itself (the FP8/BF16/FP4 serving layout); the compressors' carry-over rings
-  are left out of all three and reported apart. HF: the bytes of the distinct storages held by the
+  value) and to `flops.kv_cache_bytes` itself (the FP8/BF16/FP4 serving layout); the compressors' scratch state
+  (carry-over rings, and the entry of the open block, which decode re-pools each step) is left out of all three
+  and reported apart (carry/seq). HF: the bytes of the distinct storages held by the
   `past_key_values` that generate returns (every tensor attribute of every cache layer, dict values included; a
   storage held twice, such as the compressed layers' keys and values, counts once, and a view counts its whole
   storage, which is what stays allocated; the plain sliding-window layers keep keys and values apart).
@@ -59,7 +65,7 @@ import time
 
 from bench.docs_section import cpu_name, replace_section
 
-SECTION = "## Generation vs transformers"
+SECTION = "## Generation vs transformers"  # + the mode: `section_heading`
 DOCS_PATH = "docs/benchmarks.md"
 FP32_BYTES = 4
 COPY_BYTES = 256 << 20
@@ -162,14 +168,20 @@ def _written_bytes(t_XC) -> int:
     return int((t_XC != 0).any(-1).sum()) * t_XC.shape[-1] * t_XC.element_size()
 
 
-def _slot_usage(caches, slot: int) -> tuple[int, int]:
-    """(bytes of the written window rows, entries and indexer keys of `slot`: `LayerCache.entry_tensors`; bytes of
-    its carry-over rings: the rest of `LayerCache.tensors`)."""
+def _slot_usage(caches, slot: int, cfg, context: int) -> tuple[int, int]:
+    """(bytes of the written window rows, complete entries and indexer keys of `slot`; bytes of its scratch state:
+    the compressors' carry-over rings and the entry of each compressor's open block, which decode re-pools every
+    step and which no query sees until the block closes)."""
     used = carry = 0
-    for c in caches:
-        entries = c.entry_tensors()
-        used += sum(_written_bytes(t[slot]) for t in entries)
-        carry += sum(t[slot].numel() * t.element_size() for t in c.tensors() if all(t is not e for e in entries))
+    for c, layer_type in zip(caches, cfg.layer_types):
+        used += sum(_written_bytes(t[slot]) for t in c.window.tensors())
+        states = [(c.compressed, cfg.compress_ratio(layer_type)), (c.index, cfg.csa_ratio)]
+        for state, m in [(s, m) for s, m in states if s is not None]:
+            complete = context // m
+            for t in state.entries.tensors():
+                used += _written_bytes(t[slot, :complete])
+                carry += _written_bytes(t[slot, complete:])
+            carry += sum(t[slot].numel() * t.element_size() for t in (state.block_kv_NPX, state.block_gate_NPX))
     return used, carry
 
 
@@ -205,20 +217,22 @@ def _build(impl: str, cfg):
     return hf.eval()
 
 
-def _run_ours(model, ids, new_tokens: int, max_len: int, cache_dtype: str) -> tuple[dict, list[list[int]]]:
+def _run_ours(
+    model, ids, new_tokens: int, max_len: int, cache_dtype: str, compile: bool
+) -> tuple[dict, list[list[int]]]:
     from dsv4train.inference.engine import Engine
     from dsv4train.inference.sampling import SamplingParams
 
     batch = ids.shape[0]
     t0 = time.perf_counter()
-    engine = Engine(model, max_batch=batch, max_len=max_len, cache_dtype=cache_dtype)
+    engine = Engine(model, max_batch=batch, max_len=max_len, cache_dtype=cache_dtype, compile=compile)
     t_start = time.perf_counter()
     stamps = []
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     done = engine.generate(ids.tolist(), params, on_token=lambda i, tok: stamps.append(time.perf_counter()))
     t_end = time.perf_counter()
     t_prefill = stamps[batch - 1]  # every row's first token: the end of the prefill forwards
-    used, carry = _slot_usage(engine.caches, 0)
+    used, carry = _slot_usage(engine.caches, 0, model.cfg, max_len - 1)
     allocated = sum(t.numel() * t.element_size() for c in engine.caches for t in c.tensors())
     stats = {
         "setup_s": t_start - t0,
@@ -270,9 +284,18 @@ def _run_hf(model, ids, new_tokens: int) -> tuple[dict, list[list[int]]]:
 
 
 def measure(
-    impl: str, flavor: str, batch: int, prompt: int, new_tokens: int, max_seq_len: int, threads: int, cache_dtype: str
+    impl: str,
+    flavor: str,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    max_seq_len: int,
+    threads: int,
+    cache_dtype: str,
+    compile: bool = False,
 ) -> dict:
     import torch
+    from torch._dynamo.utils import counters
 
     from dsv4train.inference.engine import Engine
     from dsv4train.inference.sampling import SamplingParams
@@ -286,17 +309,22 @@ def measure(
     ids = _prompts(cfg.vocab_size, batch, prompt)
     warm = ids[:, : min(WARMUP_PROMPT, prompt)]
     with torch.no_grad():
-        if impl == "ours":
-            Engine(model, max_batch=batch, max_len=warm.shape[1] + WARMUP_NEW, cache_dtype=cache_dtype).generate(
+        t_warm = time.perf_counter()
+        if impl == "ours":  # compiled: the measured shapes, so the measured run reuses the compiled step
+            warm_len = max_len if compile else warm.shape[1] + WARMUP_NEW
+            Engine(model, max_batch=batch, max_len=warm_len, cache_dtype=cache_dtype, compile=compile).generate(
                 warm.tolist(), SamplingParams(max_new_tokens=WARMUP_NEW, temperature=0.0)
             )
         else:
             _run_hf(model, warm, WARMUP_NEW)
+        warmup_s = time.perf_counter() - t_warm
         base = _reset_peak()
         if impl == "ours":
-            stats, tokens = _run_ours(model, ids, new_tokens, max_len, cache_dtype)
+            stats, tokens = _run_ours(model, ids, new_tokens, max_len, cache_dtype, compile)
+            stats["compiled"], stats["graphs"] = compile, counters["stats"]["unique_graphs"]
         else:
             stats, tokens = _run_hf(model, ids, new_tokens)
+    stats["warmup_s"] = warmup_s
     stats["peak_mib"] = (_rss_kib("VmHWM") - base) / 1024
     steps = new_tokens - 1
     stats["decode_tokens_per_sec"] = steps * batch / stats["decode_s"]
@@ -394,10 +422,16 @@ def _key(r: dict) -> str:
     return f"| {r['flavor']} | {r['batch']} | {r['prompt']} |"
 
 
+def section_heading(compile: bool, cache_dtype: str) -> str:
+    """One docs section per mode: decode eager or compiled, cache in the model's dtype or FP8."""
+    cache = ", FP8 cache" if cache_dtype == "fp8" else ""
+    return f"{SECTION} ({'compiled' if compile else 'eager'} decode{cache})"
+
+
 def render(rows: list[dict], bandwidth: dict, args, argv: list[str]) -> str:
     dtype = "fp32 (the model's dtype)" if args.cache_dtype == "model" else "FP8 entries / FP4 indexer keys"
     out = [
-        SECTION,
+        section_heading(args.compile, args.cache_dtype),
         "",
         f"Command ({machine()}):",
         "",
@@ -406,7 +440,14 @@ def render(rows: list[dict], bandwidth: dict, args, argv: list[str]) -> str:
         f"Greedy generation of {args.new_tokens} new tokens per row, no early stop, fp32 model, {args.threads} "
         "thread(s), the same weights in both (`init_weights(0)`, exported with `to_hf_state_dict`), transformers' "
         "eager attention and its own V4 cache (fp32); ours is `Engine(model, max_batch=batch, max_len=prompt + new "
-        f"tokens)` with its cache in {dtype}. Each cell is a fresh subprocess after a short warm-up generation. "
+        f"tokens{', compile=True' if args.compile else ''})` with its cache in {dtype}"
+        + (
+            ": every decode step one compiled graph, compiled during the warm-up (ours warm-up s, mostly the "
+            "compile; the graphs column counts what dynamo traced, 1 = no recompile)"
+            if args.compile
+            else " and eager decode steps"
+        )
+        + ". Each cell is a fresh subprocess after a short warm-up generation. "
         "Prefill ends when every row's first token exists (ours: the `on_token` callback, HF: a LogitsProcessor's "
         "first call); decode tok/s = (new tokens − 1) · batch / decode seconds. bench/generate_vs_hf.py's "
         "docstring says how each number is taken."
@@ -418,8 +459,8 @@ def render(rows: list[dict], bandwidth: dict, args, argv: list[str]) -> str:
         ),
         "",
         "| flavor | batch | prompt | ours prefill s | HF prefill s | ours decode tok/s | HF decode tok/s "
-        "| decode ratio | same tokens as HF |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| decode ratio | same tokens as HF |" + (" ours warm-up s | graphs |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     for r in rows:
         o, h = r["ours"], r["hf"]
@@ -427,6 +468,7 @@ def render(rows: list[dict], bandwidth: dict, args, argv: list[str]) -> str:
         out.append(
             f"{_key(r)} {o['prefill_s']:.3f} | {h['prefill_s']:.3f} | {o['decode_tokens_per_sec']:.1f} | "
             f"{h['decode_tokens_per_sec']:.1f} | {r['decode_speed_ratio']:.2f}x | {same} |"
+            + (f" {o['warmup_s']:.0f} | {o['graphs']} |" if args.compile else "")
         )
     if any(r["tokens_mismatch"] is not None for r in rows):
         out += [
@@ -444,7 +486,8 @@ def render(rows: list[dict], bandwidth: dict, args, argv: list[str]) -> str:
         "included. Used per sequence: the written window rows, compressed entries and indexer keys of one slot at "
         "the end (ctx = prompt + new − 1 tokens), next to the fp32 formula n_layers·min(W, ctx)·head_dim·4 + "
         "entries·head_dim·4 + indexer keys·index_head_dim·4 and to `flops.kv_cache_bytes` (FP8 entries, BF16 RoPE "
-        "dims, FP4 indexer keys); the compressors' carry-over rings (carry/seq) are in neither. HF held: the "
+        "dims, FP4 indexer keys); the compressors' scratch state (carry/seq: carry-over rings and each open block's "
+        "entry) is in neither. HF held: the "
         "distinct storages of the returned `past_key_values`, all rows. Cache ratio = ours allocated / HF held. "
         "Peak: RSS high-water mark above the post-warm-up baseline, MiB.",
         "",
@@ -529,7 +572,8 @@ def main() -> int:
         choices=CACHE_DTYPES,
         help="our Engine's cache: the model's dtype (fp32; greedy tokens must equal HF's) or V4's FP8/FP4 layout",
     )
-    ap.add_argument("--write-docs", action="store_true", help=f"replace the '{SECTION[3:]}' section of {DOCS_PATH}")
+    ap.add_argument("--compile", action="store_true", help="our Engine with compile=True (compiled decode steps)")
+    ap.add_argument("--write-docs", action="store_true", help=f"replace this mode's section of {DOCS_PATH}")
     ap.add_argument(
         "--allow-mismatch", action="store_true", help="write the docs even if our greedy tokens differ from HF's"
     )
@@ -540,7 +584,9 @@ def main() -> int:
         ap.error("--new-tokens must be >= 2: the first token comes from the prefill, decode needs one more")
     if args.one:
         impl, (batch, prompt, max_seq_len) = args.one[0], map(int, args.one[1:])
-        result = measure(impl, args.flavor, batch, prompt, args.new_tokens, max_seq_len, args.threads, args.cache_dtype)
+        result = measure(
+            impl, args.flavor, batch, prompt, args.new_tokens, max_seq_len, args.threads, args.cache_dtype, args.compile
+        )
         print(json.dumps(result))
         return 0
     if args.bandwidth:
@@ -549,6 +595,7 @@ def main() -> int:
     flavors, batches, prompts = args.flavor.split(","), _ints(args.batches), _ints(args.prompts)
     max_seq_len = max(prompts) + args.new_tokens  # one model per flavor, long enough for every prompt
     common = ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--cache-dtype", args.cache_dtype]
+    common += ["--compile"] if args.compile else []
     bandwidth = _child(["--bandwidth", *common])
     print(json.dumps({"copy_bandwidth": bandwidth}), flush=True)
     rows = []
@@ -570,7 +617,7 @@ def main() -> int:
     if not any(r["tokens_mismatch"] for r in rows):
         print(f"\nour greedy tokens equal HF's in all {len(rows)} settings")
     if args.write_docs and (not failed or args.allow_mismatch):
-        replace_section(SECTION, section, DOCS_PATH)
+        replace_section(section_heading(args.compile, args.cache_dtype), section, DOCS_PATH)
     elif args.write_docs:
         print(f"{DOCS_PATH} not written: our greedy tokens differ from HF's (--allow-mismatch writes anyway)")
     return 1 if failed else 0

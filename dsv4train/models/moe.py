@@ -156,23 +156,15 @@ def expert_mlp(
 
 def decode_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor, experts: Experts) -> torch.Tensor:
     """y [N, D] as `Experts.forward`, for a decode step's few tokens, with static shapes (one compiled graph, no
-    host sync): no sort by expert and no per-expert split. When the step routes at least as many rows as there are
-    experts (N·K >= E), every token runs through every expert and the outputs are summed with dense routing weights
-    (zero for experts it was not routed to): each expert's weights are read once. With fewer rows (many experts, a
-    small batch) each token gathers its K experts' weights instead and reads only those."""
-    E = experts.w1.shape[0]
-    limit, dtype = experts.limit, x_ND.dtype
-    if idx_NK.numel() >= E:
-        weights_NE = torch.zeros(x_ND.shape[0], E, dtype=dtype, device=x_ND.device)
-        weights_NE = weights_NE.scatter_add(1, idx_NK, w_NK.to(dtype))
-        gate_ENI = torch.einsum("nd,eid->eni", x_ND, experts.w1.to(dtype))
-        up_ENI = torch.einsum("nd,eid->eni", x_ND, experts.w3.to(dtype))
-        y_END = torch.einsum("eni,edi->end", clamped_swiglu(gate_ENI, up_ENI, limit), experts.w2.to(dtype))
-        return torch.einsum("end,ne->nd", y_END, weights_NE)
+    host sync): no sort by expert, no per-expert split; each token gathers its K experts' weights and runs them.
+    It reads an expert's weights once per token routed to it (the sorted path: once per step). Running every token
+    through every expert with dense routing weights instead (each expert read once) made the compiled step slower
+    on the 2-core CPU at batch 16 (docs/generation.md "Speed"), so it is not used."""
+    dtype = x_ND.dtype
     w1_NKID, w3_NKID, w2_NKDI = experts.w1[idx_NK], experts.w3[idx_NK], experts.w2[idx_NK]
     gate_NKI = torch.einsum("nd,nkid->nki", x_ND, w1_NKID.to(dtype))
     up_NKI = torch.einsum("nd,nkid->nki", x_ND, w3_NKID.to(dtype))
-    y_NKD = torch.einsum("nki,nkdi->nkd", clamped_swiglu(gate_NKI, up_NKI, limit), w2_NKDI.to(dtype))
+    y_NKD = torch.einsum("nki,nkdi->nkd", clamped_swiglu(gate_NKI, up_NKI, experts.limit), w2_NKDI.to(dtype))
     return (y_NKD * w_NK.unsqueeze(-1).to(dtype)).sum(1)
 
 
