@@ -234,11 +234,15 @@ def test_an_infinite_loop_ends_at_its_limit(kwargs, reason):
     ids=["one-huge-allocation", "growing-list"],
 )
 def test_a_memory_bomb_fails_within_the_address_space(bomb):
+    before_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     verdict, elapsed = judged(bomb, timeout_s=10.0)
     assert (verdict.reward, verdict.status) == (0.0, "crashed") and "MemoryError" in verdict.reason, verdict.reason
     assert elapsed < 10.0
-    # the largest resident set of any child this test process has reaped stays under the 1 GiB address space
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < (1 << 30)
+    # RUSAGE_CHILDREN's maxrss is the largest of every child this process ever reaped: in a shared pytest worker an
+    # earlier test's child (a torchrun worker) may already hold it above 1 GiB. If this sandbox's child grew past
+    # the 1 GiB address space it raised the maximum to more than 1 GiB; otherwise the maximum is unchanged or below.
+    after_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert after_kib == before_kib or after_kib * 1024 < (1 << 30)
 
 
 @pytest.fixture
