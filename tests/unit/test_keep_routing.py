@@ -51,7 +51,7 @@ def _moved(model):
     return moved
 
 
-def _routes_of_forward(model, ids, routes=None):
+def _forward_output(model, ids, routes=None):
     ids_1S = torch.tensor([ids])
     batched = None if routes is None else {i: r.unsqueeze(0) for i, r in routes.items()}
     with torch.no_grad():
@@ -87,11 +87,11 @@ def test_the_replayed_forward_uses_the_replayed_experts(model, rollout):
     public forward accepts the batched routes."""
     moved = _moved(model)
     ids, routes = rollout[3]
-    own = _routes_of_forward(moved, ids).logits
-    replayed = _routes_of_forward(moved, ids, routes).logits
+    own = _forward_output(moved, ids).logits
+    replayed = _forward_output(moved, ids, routes).logits
     assert not torch.allclose(own, replayed)
-    same = _routes_of_forward(model, ids, routes).logits  # the rollout's weights: replay = the router's own choice
-    assert torch.equal(same, _routes_of_forward(model, ids).logits)
+    same = _forward_output(model, ids, routes).logits  # the rollout's weights: replay = the router's own choice
+    assert torch.equal(same, _forward_output(model, ids).logits)
 
 
 def _float64_moe(moe: MoE, x_ND: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
