@@ -9,6 +9,7 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
     "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
     "sft": ("dsv4train.cli.sft", "sft_main", "sft.init=MODEL data.train=[FILE] [overrides]: supervised fine-tuning"),
+    "grpo": ("dsv4train.cli.grpo", "grpo_main", "grpo.init=SFT_EXPERT [overrides]: GRPO of a domain expert"),
     "eval": (
         "dsv4train.cli.eval",
         "eval_main",
@@ -35,7 +36,6 @@ COMMANDS = {  # name -> (module, function taking argv, one-line help)
 }
 
 PENDING = {
-    "grpo": "post-training is not built yet",
     "distill": "post-training is not built yet",
     "pipeline": "post-training is not built yet",
 }

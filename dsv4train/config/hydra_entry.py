@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from dsv4train.config.grpo import GRPOConfig
 from dsv4train.config.pretrain import PretrainConfig
 from dsv4train.config.sft import SFTConfig
 
@@ -20,6 +21,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def register_schemas() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=writable_schema(PretrainConfig))
     ConfigStore.instance().store(name="sft_schema", node=writable_schema(SFTConfig))
+    ConfigStore.instance().store(name="grpo_schema", node=writable_schema(GRPOConfig))
 
 
 def writable_schema(config_class: type) -> DictConfig:

@@ -96,20 +96,22 @@ def _sft(cfg: SFTConfig, resolved_yaml: str | None, preemption: PreemptionFlag) 
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-def load_init(init: str, tokenizer_path: str, seed: int, max_seq_len: int = 0) -> tuple[Tokenizer, DSV4Model, str]:
+def load_init(
+    init: str, tokenizer_path: str, seed: int, max_seq_len: int = 0, key: str = "sft.init"
+) -> tuple[Tokenizer, DSV4Model, str]:
     """(tokenizer with every chat special token, model whose vocabulary covers it, one line saying what was done).
 
     The tokenizer is `tokenizer_path`, else the one that came with `init`: its own tokenizer.json (an SFT run, an HF
     export, a dsv4 folder holding one), or the data folder of the pre-training run it is. Tokens it lacks are added
     at new ids and the model's embedding, head and hash-routing rows grown (train/vocabulary.py); ids beyond the
     model's rows otherwise are refused: the tokenizer is not the model's. `max_seq_len` > the model's raises the
-    length bound in its config (nothing else about the model changes)."""
+    length bound in its config (nothing else about the model changes). `key`: the config key the errors name."""
     path = Path(init)
     if not path.exists():
         raise FileNotFoundError(
-            f"sft.init={init}: no such file or folder (a dsv4 folder, a run directory or an HF export)"
+            f"{key}={init}: no such file or folder (a dsv4 folder, a run directory or an HF export)"
         )
-    tokenizer = load_tokenizer(_init_tokenizer(path, tokenizer_path))
+    tokenizer = load_tokenizer(_init_tokenizer(path, tokenizer_path, key))
     added = ensure_chat_tokens(tokenizer)
     model = load_pretrained(path)
     rows = required_vocab_size(tokenizer)
@@ -129,7 +131,7 @@ def load_init(init: str, tokenizer_path: str, seed: int, max_seq_len: int = 0) -
     return tokenizer, model.train(), note
 
 
-def _init_tokenizer(init: Path, given: str) -> Path:
+def _init_tokenizer(init: Path, given: str, key: str) -> Path:
     if given:
         return find_tokenizer_json(given)
     if (init / TOKENIZER_JSON).is_file():  # an HF export or a dsv4 folder that holds one
@@ -137,8 +139,8 @@ def _init_tokenizer(init: Path, given: str) -> Path:
     found, why = run_tokenizer(init)  # a run (SFT runs keep theirs; pre-training runs: their data folder's)
     if found is None:
         raise ConfigError(
-            f"sft.init={init}: no tokenizer found ({why}); set data.tokenizer to the tokenizer.json the model was "
-            "trained with (a `dsv4 data prepare` folder holds one)"
+            f"{key}={init}: no tokenizer found ({why}); set the tokenizer key (data.tokenizer, grpo.tokenizer) to "
+            "the tokenizer.json the model was trained with (a `dsv4 data prepare` folder holds one)"
         )
     return found
 

@@ -110,13 +110,14 @@ class EvalCallback(Callback):
 
 
 class TrackerCallback(Callback):
-    """Every `every` steps (and every step with a validation loss) to metrics.jsonl and the chosen tracker."""
+    """Every `every` steps (and every step with an evaluation: `val_loss`, or `eval/...` keys) to metrics.jsonl and
+    the chosen tracker."""
 
     def __init__(self, trackers: Trackers, every: int):
         self.trackers, self.every = trackers, every
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
-        if loop.step % self.every == 0 or "val_loss" in metrics:
+        if loop.step % self.every == 0 or any(k == "val_loss" or k.startswith("eval/") for k in metrics):
             self.trackers.log(metrics, loop.step)
 
     def on_train_end(self, loop: Loop, summary: dict) -> None:

@@ -40,7 +40,7 @@ from dsv4train.models.model import DSV4Model, ModelOutput
 from dsv4train.models.moe import update_router_bias
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.train import checkpoint
-from dsv4train.train.losses import LossOutput, row_targets
+from dsv4train.train.losses import LossOutput, batch_routes, row_targets
 
 Batch = dict[str, torch.Tensor]  # whole rows [B, S] per key, see train/losses.py
 
@@ -114,6 +114,11 @@ class Learner:
         names = ("loss", *loss_fn.metric_names, *_AUX)
         if rt.pipeline is None:
             sums, counts = self._forward_backward(shards, counted, loss_fn, scale)
+        elif any(batch_routes(b) for b in shards):
+            raise NotImplementedError(
+                "keep-routing (routes.<layer> batch keys) is not passed through the pipeline schedule yet: train "
+                "with replayed routes without pipeline parallelism (parallel.pp=1)"
+            )
         else:
             sums, counts = self._pipelined_forward_backward(shards, rows_counted, counted, loss_fn, scale)
         # one all-reduce of the sums [loss, metrics..., balance, indexer] and one of the counts, over the data ranks
@@ -160,11 +165,15 @@ class Learner:
         return d.dp * d.cp * d.ep
 
     def _forward(self, batch: Batch) -> ModelOutput:
-        """The whole model on one micro-batch (the MTP block reads `next_ids`; packed documents give `positions`),
-        under the run's autocast."""
+        """The whole model on one micro-batch (the MTP block reads `next_ids`; packed documents give `positions`;
+        GRPO's `routes.<layer>` are replayed), under the run's autocast."""
         with autocast(self.device, self.dtype):
             return self.model(
-                batch["input_ids"], mtp_input_ids=batch.get("next_ids"), with_aux=True, positions=batch.get("positions")
+                batch["input_ids"],
+                mtp_input_ids=batch.get("next_ids"),
+                with_aux=True,
+                positions=batch.get("positions"),
+                routes=batch_routes(batch),
             )
 
     def _shard(self, batch: Batch) -> Batch:

@@ -8,7 +8,10 @@ shift across positions is done here, on whole rows, before the cut):
 - `labels`: the target of each position (the next token), IGNORE where there is none (prompt, padding, a masked
   turn); every non-IGNORE label is one target token of the convention;
 - `next_ids`: the token after each position, the MTP block's input (arch ref §6: Embed(token_{t+1})), never masked;
-- `mtp_labels`: the MTP target of each position (token t+2, IGNORE where the label after it is IGNORE or absent).
+- `mtp_labels`: the MTP target of each position (token t+2, IGNORE where the label after it is IGNORE or absent);
+- `routes.<layer>` [B, S, k] (GRPO, optional): keep-routing, the experts each token goes to in that learned-routing
+  MoE layer (−1: the router chooses), passed to the model as `routes=` (`batch_routes`).
+A loss function may read further keys of its own (GRPO's old log-probs, advantages, weights).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from dsv4train.models.model import ModelOutput
 
 IGNORE = -100
+ROUTES_PREFIX = "routes."  # batch key of one layer's replayed routes: routes.<layer index>
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ class LossOutput:
     def counted_sums(self, metric_names: tuple[str, ...]) -> torch.Tensor:
         """[n_targets, loss_sum, metrics...] as float64 on the CPU: an evaluation's per-batch contribution."""
         return torch.cat([torch.tensor([float(self.n_targets)], dtype=torch.float64), self.sums(metric_names)])
+
+
+def batch_routes(batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    """The replayed routes of a micro-batch ({layer: [B, S, k]}), None when it carries none."""
+    routes = {int(k[len(ROUTES_PREFIX) :]): v for k, v in batch.items() if k.startswith(ROUTES_PREFIX)}
+    return routes or None
 
 
 def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
