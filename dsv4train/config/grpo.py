@@ -34,6 +34,13 @@ class GRPOOptions:
     problems_seed: int = 0  # the `dsv4 data tasks --seed` / `dsv4 eval --seed` of the problems
     math_difficulty: int = 2  # data/tasks/math.py DIFFICULTIES; the one the SFT records were written with
     code_difficulty: int = 2  # data/tasks/code.py DIFFICULTIES; likewise
+    # where rollouts and rewards run: Ray actors (a local Ray bound to 127.0.0.1, dashboard off, unless
+    # ray_address names a cluster's head, host:port), or this process (ray=false: no Ray start-up, for small runs)
+    ray: bool = True
+    ray_address: str = ""
+    rollout_actors: int = 1  # each holds a policy copy and an Engine, one CPU (the prompts are split between them)
+    reward_actors: int = 1  # each scores its share in reward_workers threads
+    actor_retries: int = 2  # restarts of a dead actor (its call retried) before the run stops naming it
     # rollout
     prompts_per_step: int = 8  # groups per step (after dynamic sampling)
     group_size: int = 8  # G completions per prompt
@@ -65,7 +72,7 @@ class GRPOOptions:
     delta: float | None = None  # V3.2's off-policy sequence mask threshold; None: off
     updates_per_step: int = 1  # optimizer steps per rollout batch (its sequences split in this many mini-batches)
     # held-out evaluation (greedy, the test split), at the start, every train.eval_every steps and at the end
-    eval_n: int = 50
+    eval_n: int = 50  # test problems per task; 0: no evaluation
     eval_max_new_tokens: int = 0  # 0: max_new_tokens
 
     def __post_init__(self) -> None:
@@ -82,7 +89,8 @@ class GRPOOptions:
             "rollout_batch",
             "reward_workers",
             "updates_per_step",
-            "eval_n",
+            "rollout_actors",
+            "reward_actors",
         ):
             value = getattr(self, key)
             require(_positive_int(value), f"grpo.{key}", f"must be a positive integer, got {value!r}")
@@ -105,6 +113,7 @@ class GRPOOptions:
             f"must be in [0, max_new_tokens={self.max_new_tokens}] (0 = off), got {self.overlong_buffer}",
         )
         require(self.overlong_factor >= 0, "grpo.overlong_factor", f"must be >= 0, got {self.overlong_factor}")
+        require(self.actor_retries >= 0, "grpo.actor_retries", f"must be >= 0, got {self.actor_retries}")
         require(self.max_refills >= 0, "grpo.max_refills", f"must be >= 0, got {self.max_refills}")
         require(
             self.aggregation in AGGREGATIONS,
@@ -125,6 +134,7 @@ class GRPOOptions:
         stray = [k for k in self.domain_beta if k not in self.tasks]
         require(not stray, "grpo.domain_beta", f"names {stray}, which are not in grpo.tasks={self.tasks}")
         require(self.delta is None or self.delta >= 0, "grpo.delta", f"must be >= 0 or null (off), got {self.delta}")
+        require(self.eval_n >= 0, "grpo.eval_n", f"must be >= 0 (0: no evaluation), got {self.eval_n}")
         require(self.eval_max_new_tokens >= 0, "grpo.eval_max_new_tokens", "must be >= 0 (0: max_new_tokens)")
 
     def beta_of(self, task: str) -> float:

@@ -27,7 +27,8 @@ from dsv4train.train.pretrained import load_pretrained
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-QUIET = ["train.progress_bar=false", "grpo.eval_n=2", "train.eval_every=100"]
+# in this process (no Ray start-up); tests/e2e/test_grpo_ray.py runs the actors
+QUIET = ["grpo.ray=false", "train.progress_bar=false", "grpo.eval_n=2", "train.eval_every=100"]
 # AdamW at a high constant LR: a random model moves within a dozen steps (the toy preset's Muon LR is for SFT'd
 # experts, which must not move far)
 FAST_LEARNING = ["optim=adamw", "optim.lr=1e-2", "optim.min_lr=1e-2", "optim.warmup_steps=0"]
@@ -130,6 +131,7 @@ def test_the_command_trains_on_the_code_domain_through_the_sandbox(tmp_path, bas
         f"grpo.init={base}",
         f"run.dir={run}",
         "grpo.tasks=[code]",
+        "grpo.ray=false",
         "train.steps=1",
         "grpo.prompts_per_step=2",
         "grpo.group_size=2",

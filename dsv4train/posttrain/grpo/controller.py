@@ -17,15 +17,18 @@ optimizer and the controller state (step, the prompt pool's position, RNG, the f
 the same command again resumes, and draws the prompts and samples the uninterrupted run would (every sampling seed
 is a function of the run seed, the step and the sample's place, rollout.py).
 
-For now everything runs in this one process (rollout, rewards in threads, training): the Ray actors and the
-torchrun layouts come next (docs/posttraining.md)."""
+Rollouts and rewards run in Ray actors (`grpo.ray=true`, ray_actors.py: a local Ray by default, restarts with
+bounded retries) or in this process (`grpo.ray=false`); the policy update runs in this process (the torchrun
+layouts for it come next, docs/posttraining.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +50,7 @@ from dsv4train.posttrain.grpo.advantages import constant_groups, group_advantage
 from dsv4train.posttrain.grpo.batch import ScoredRollout, aggregation_weights, micro_batches
 from dsv4train.posttrain.grpo.loss import GRPOLoss, sampling_logprobs
 from dsv4train.posttrain.grpo.prompts import Prompt, PromptPool, task_prompts
+from dsv4train.posttrain.grpo.ray_actors import RayRewards, RayRollouts, ray_session
 from dsv4train.posttrain.grpo.rollout import Rollout, RolloutWorker, rollout_seed
 from dsv4train.posttrain.rewards.scoring import score_completions
 from dsv4train.posttrain.sft import load_init
@@ -73,7 +77,8 @@ class GRPOContext:
 
     cfg: GRPOConfig
     tokenizer: object
-    worker: RolloutWorker
+    rollouts: RolloutWorker | RayRollouts  # load_weights(state_dict, version), generate(...)
+    score: Callable[[list], list[tuple[float, str]]]  # [(reward function, text)] -> [(reward, reason)]
     reference: DSV4Model | None
     eos_id: int
     learned_layers: list[int]
@@ -110,23 +115,40 @@ def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag
     pool = PromptPool(prompts, cfg.seed)
     reference = _frozen_copy(model, device) if g.uses_reference else None
     model.set_indexer_mode("sparse")  # the SFT expert left the dense warm-up long ago
-    for (
-        p
-    ) in model.mtp.parameters():  # no MTP loss in GRPO: the MTP block stays as SFT left it (and out of the optimizer)
+    # GRPO has no MTP loss: the MTP block stays as SFT left it, out of the optimizer
+    for p in model.mtp.parameters():
         p.requires_grad_(False)
     loop, resume_from, removed, fresh = resumed_loop(cfg, model.to(device), rt, dtype, run_dir, pool, preemption)
+    with ray_session(g.ray_address) if g.ray else contextlib.nullcontext():
+        rollouts, score = _workers(g, model, tokenizer, device)
+        learned = [i for i, layer in enumerate(model.layers) if not layer.ffn.gate.hashed]
+        ctx = GRPOContext(cfg, tokenizer, rollouts, score, reference, tokenizer.token_to_id(EOS), learned)
+        return _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_from, removed, fresh)
+
+
+def _workers(g: GRPOOptions, model: DSV4Model, tokenizer, device: torch.device):
+    """(the rollout workers, the scoring function jobs -> [(reward, reason)]): Ray actors or this process."""
+    if g.ray:
+        rollouts = RayRollouts(
+            g.rollout_actors, g.actor_retries, model.cfg, g.rollout_batch, model.cfg.max_seq_len, tokenizer,
+            g.compile_decode,
+        )  # fmt: skip
+        rewards = RayRewards(g.reward_actors, g.actor_retries, g.reward_workers)
+        return rollouts, lambda jobs: rewards.score(jobs, g.reward_timeout_s)
     worker = RolloutWorker(model.cfg, g.rollout_batch, model.cfg.max_seq_len, device, tokenizer, g.compile_decode)
-    ctx = GRPOContext(
-        cfg, tokenizer, worker, reference, tokenizer.token_to_id(EOS), [i for i in worker.engine.learned_layers]
-    )
+    return worker, lambda jobs: score_completions(jobs, g.reward_timeout_s, g.reward_workers)
+
+
+def _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_from, removed, fresh) -> dict:
+    g, t, run_dir, model = cfg.grpo, cfg.train, loop.run_dir, loop.model
     config_dict = asdict(cfg)
     write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-    tokenizer.save(str(run_dir / "tokenizer.json"))
+    ctx.tokenizer.save(str(run_dir / "tokenizer.json"))
     _print_start(cfg, model, loop, len(prompts), too_long, vocab_note, resume_from, removed, fresh)
 
     trackers = build_trackers(cfg.tracker, run_dir, config_dict)
     callbacks = [
-        GRPOEvalCallback(ctx, t.eval_every),
+        *([GRPOEvalCallback(ctx, t.eval_every)] if g.eval_n > 0 else []),
         TrackerCallback(trackers, t.log_every),
         GRPOProgressCallback(t.progress_bar),
         PreemptionCallback(),
@@ -202,7 +224,7 @@ def grpo_step(loop: Loop, ctx: GRPOContext) -> dict:
     g, step = ctx.g, loop.step
     times: dict[str, float] = {"sync_s": 0.0, "rollout_s": 0.0, "reward_s": 0.0, "train_s": 0.0}
     started = time.perf_counter()
-    ctx.worker.load_weights(loop.model.state_dict(), version=step)
+    ctx.rollouts.load_weights(loop.model.state_dict(), version=step)
     times["sync_s"] = time.perf_counter() - started
 
     kept: list[ScoredRollout] = []
@@ -211,17 +233,15 @@ def grpo_step(loop: Loop, ctx: GRPOContext) -> dict:
     while True:
         batch = loop.train_data.take(g.prompts_per_step - len(kept) // g.group_size)
         t0 = time.perf_counter()
-        rollouts = ctx.worker.generate(
+        rollouts = ctx.rollouts.generate(
             [p.ids for p in batch],
             g.group_size,
             _sampling_params(g, ctx.eos_id),
             [rollout_seed(ctx.cfg.seed, step, rounds, i, k) for i in range(len(batch)) for k in range(g.group_size)],
         )
         t1 = time.perf_counter()
-        scores = score_completions(
-            [(batch[r.group].score, completion_text(ctx.tokenizer, r.completion.token_ids)) for r in rollouts],
-            g.reward_timeout_s,
-            g.reward_workers,
+        scores = ctx.score(
+            [(batch[r.group].score, completion_text(ctx.tokenizer, r.completion.token_ids)) for r in rollouts]
         )
         times["rollout_s"] += t1 - t0
         times["reward_s"] += time.perf_counter() - t1
@@ -372,17 +392,15 @@ def _reference_logprobs(ctx: GRPOContext, batch: dict[str, torch.Tensor], device
 
 # ---------------------------------------------------------------------------------------------------- callbacks
 class GRPOEvalCallback(Callback):
-    """Greedy accuracy on the held-out test split of each task (`dsv4 eval`'s problems and scoring), on the rollout
-    worker's model (it holds the weights of the last sync, i.e. before this step's update, so it syncs first): at
-    the start of a fresh run, every `every` steps and at the last step. `loop.val_first` / `val_last` keep
-    {task: accuracy} (checkpointed)."""
+    """Greedy accuracy on the held-out test split of each task (`dsv4 eval`'s problems and scoring), of the policy
+    (an Engine over the Learner's model, in this process): at the start of a fresh run, every `every` steps and at
+    the last step. `loop.val_first` / `val_last` keep {task: accuracy} (checkpointed)."""
 
     def __init__(self, ctx: GRPOContext, every: int):
         self.ctx, self.every = ctx, every
 
     def _evaluate(self, loop: Loop) -> dict[str, float]:
         g = self.ctx.g
-        self.ctx.worker.load_weights(loop.model.state_dict(), version=loop.step)
         settings = EvalSettings(
             tasks=tuple(g.tasks),
             split="test",
@@ -395,7 +413,7 @@ class GRPOEvalCallback(Callback):
             code_difficulty=g.code_difficulty,
             progress=False,
         )
-        results = evaluate(self.ctx.worker.model, self.ctx.tokenizer, settings)
+        results = evaluate(loop.model, self.ctx.tokenizer, settings)
         return {task: r["accuracy"] for task, r in results.items()}
 
     def on_train_start(self, loop: Loop) -> None:
