@@ -19,7 +19,8 @@ The same work on both sides:
 - loss: token-mean (TRL's "dapo"), ε_low 0.2 / ε_high 0.28, β = 0 (no reference model), one optimizer step per
   rollout batch (TRL: `per_device_train_batch_size` = prompts · G, `num_iterations=1`, `steps_per_generation=1`),
   no load-balancing loss (`router_aux_loss_coef=0`); AdamW at `--lr` on both sides, fp32, `--threads` threads;
-- ours without dynamic sampling (TRL has none, so both train on every group) and without evaluation.
+- ours without dynamic sampling (TRL has none, so both train on every group), without evaluation, and in one
+  process (`grpo.ray=false`, like TRL without vLLM: rollout, reward and update share the same threads).
 
 Measured: the seconds of each step (ours: the controller's `step_s`, split into rollout / reward / train / weight
 sync; TRL: its logged `step_time`, which covers generation, reward, the forward and backward and the optimizer step),
@@ -78,6 +79,7 @@ def run_ours(a) -> dict:
         f"grpo.max_new_tokens={a.max_new_tokens}",
         f"grpo.rollout_batch={a.prompts * a.group}",
         f"grpo.compile_decode={str(a.compile).lower()}",
+        "grpo.ray=false",
         "grpo.dynamic_sampling=false",
         "grpo.eval_n=0",
         "grpo.eps_low=0.2",
@@ -132,7 +134,7 @@ def run_trl(a) -> dict:
     assert all(tokenizer.encode(t, add_special_tokens=False).ids == p.ids for t, p in zip(texts, prompts))
     dataset = Dataset.from_list([{"prompt": t, "index": i} for i, t in enumerate(texts)])
 
-    def reward(prompts_, completions, completion_ids, index, **_):
+    def reward(completion_ids, index, **_):  # TRL passes prompts, completions and the dataset columns by keyword
         return [prompts[i].score(completion_text(tokenizer, ids))[0] for i, ids in zip(index, completion_ids)]
 
     logged: list[dict] = []

@@ -173,11 +173,7 @@ def run_steps(loop: Loop, callbacks: list[Callback], next_micro_batch) -> dict:
     elapsed = time.perf_counter() - t_start
     done = loop.step - loop.start_step
     summary = {
-        "run_dir": str(loop.run_dir),
-        "steps_done": loop.step,
-        "steps_total": t.steps,
-        "resumed_from": loop.start_step,
-        "seconds": round(elapsed, 1),
+        **steps_summary(loop, elapsed),
         "tokens": done * tokens_per_step,
         "tokens_per_sec": round(done * tokens_per_step / max(elapsed, 1e-9)),
         "final_train_lm_loss": None if last is None else round(last.metrics["lm_loss"], 4),
@@ -189,6 +185,17 @@ def run_steps(loop: Loop, callbacks: list[Callback], next_micro_batch) -> dict:
     for cb in callbacks:
         cb.on_train_end(loop, summary)
     return summary
+
+
+def steps_summary(loop: Loop, elapsed: float) -> dict:
+    """The summary entries every training command starts with: where, how far, from where, how long."""
+    return {
+        "run_dir": str(loop.run_dir),
+        "steps_done": loop.step,
+        "steps_total": loop.cfg.train.steps,
+        "resumed_from": loop.start_step,
+        "seconds": round(elapsed, 1),
+    }
 
 
 def _round(x: float | None) -> float | None:

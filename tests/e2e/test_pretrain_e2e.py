@@ -70,11 +70,12 @@ def _weights(step_dir):
     return dsv4train.load_pretrained(step_dir).state_dict()
 
 
-SFT_ONLY_GROUPS = ("sft",)  # presets of dsv4train/conf/sft.yaml; every other group is pre-training's (and SFT's)
+# presets of dsv4train/conf/sft.yaml and grpo.yaml; every other group is pre-training's (and SFT's, GRPO's)
+POSTTRAIN_ONLY_GROUPS = ("sft", "grpo")
 
 
 def test_every_yaml_composes():
-    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in SFT_ONLY_GROUPS):
+    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in POSTTRAIN_ONLY_GROUPS):
         for option in sorted(group_dir.glob("*.yaml")):
             override = f"{group_dir.name}={option.stem}"
             extra = ["model=small"] if override == "train=default" else []  # seq 2048 needs a longer model
@@ -88,6 +89,14 @@ def test_every_sft_preset_composes():
     for option in sorted((CONF_DIR / "sft").glob("*.yaml")):
         cfg, resolved = compose_config("sft", [f"sft={option.stem}", "sft.init=runs/base"])
         assert cfg.sft.init == "runs/base" and cfg.data.train and "run:" in resolved, option.stem
+
+
+def test_every_grpo_preset_composes():
+    from dsv4train.config.hydra_entry import compose_config
+
+    for option in sorted((CONF_DIR / "grpo").glob("*.yaml")):
+        cfg, resolved = compose_config("grpo", [f"grpo={option.stem}", "grpo.init=runs/sft"])
+        assert cfg.grpo.init == "runs/sft" and cfg.grpo.tasks and "run:" in resolved, option.stem
 
 
 def test_model_yamls_match_the_flavor_registry():

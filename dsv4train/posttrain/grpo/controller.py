@@ -57,7 +57,7 @@ from dsv4train.posttrain.sft import load_init
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, CheckpointCallback, Loop, PreemptionCallback, TrackerCallback
 from dsv4train.train.learner import Learner
-from dsv4train.train.trainer import print_summary, resumed_loop
+from dsv4train.train.trainer import print_summary, resumed_loop, steps_summary
 from dsv4train.utils.device import pick_device, seed_everything
 from dsv4train.utils.dist import env_world_size
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
@@ -202,11 +202,7 @@ def run_grpo_steps(loop: Loop, ctx: GRPOContext, callbacks: list[Callback]) -> d
             cb.on_step_end(loop, last)
     elapsed = time.perf_counter() - t_start
     summary = {
-        "run_dir": str(loop.run_dir),
-        "steps_done": loop.step,
-        "steps_total": t.steps,
-        "resumed_from": loop.start_step,
-        "seconds": round(elapsed, 1),
+        **steps_summary(loop, elapsed),
         "samples": samples,
         "samples_per_sec": round(samples / max(elapsed, 1e-9), 3),
         "eval_at_start": loop.val_first,
