@@ -40,7 +40,7 @@ def test_demo_trains_and_validation_loss_falls(tmp_path):
 
 
 def test_pending_commands_fail_with_a_message(capsys):
-    assert main(["grpo"]) == 2
+    assert main(["distill"]) == 2
     assert "not available yet" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
 
