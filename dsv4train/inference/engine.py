@@ -112,7 +112,7 @@ class Engine:
         self.max_batch, self.max_len, self.max_prefill_tokens = max_batch, max_len, max_prefill_tokens
         weight = model.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.learned_layers = [i for i, layer in enumerate(model.layers) if not layer.ffn.gate.hashed]
+        self.learned_layers = model.learned_routing_layers
         self.caches: list[LayerCache] = allocate_layer_caches(
             model, max_batch, max_len, self.dtype, self.device, cache_dtype
         )

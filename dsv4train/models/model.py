@@ -200,6 +200,12 @@ class DSV4Model(nn.Module):
             auxes.append(aux)
         return x_BSND, auxes
 
+    @property
+    def learned_routing_layers(self) -> list[int]:
+        """The indices of the MoE layers whose router learns (hash layers route by token id): the layers whose
+        routes generation records and keep-routing replays."""
+        return [i for i, layer in enumerate(self.layers) if not layer.ffn.gate.hashed]
+
     def check_routes(self, routes: dict[int, torch.Tensor] | None, input_ids: torch.Tensor) -> None:
         """A ValueError naming the layer whose replayed routes cannot be used."""
         if routes is None:

@@ -82,8 +82,14 @@ def _pretrain(cfg: PretrainConfig, resolved_yaml: str | None, preemption: Preemp
 
 def run_and_summarise(loop: Loop, callbacks: list[Callback], next_micro_batch, extra_summary: dict | None = None):
     """The steps, the callbacks closed whatever happens, and summary.json (with `extra_summary`) in the run dir."""
+    return summarise_run(loop, callbacks, lambda: run_steps(loop, callbacks, next_micro_batch), extra_summary)
+
+
+def summarise_run(loop: Loop, callbacks: list[Callback], run, extra_summary: dict | None = None) -> dict:
+    """`run()` (a command's steps, returning its summary), the callbacks closed whatever happens, then the summary
+    with `extra_summary` written to summary.json in the run dir."""
     try:
-        summary = run_steps(loop, callbacks, next_micro_batch)
+        summary = run()
     finally:
         for cb in callbacks:
             cb.close()

@@ -57,7 +57,7 @@ from dsv4train.posttrain.sft import load_init
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, CheckpointCallback, Loop, PreemptionCallback, TrackerCallback
 from dsv4train.train.learner import Learner
-from dsv4train.train.trainer import print_summary, resumed_loop, steps_summary
+from dsv4train.train.trainer import print_summary, resumed_loop, steps_summary, summarise_run
 from dsv4train.utils.device import pick_device, seed_everything
 from dsv4train.utils.dist import env_world_size
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
@@ -121,8 +121,8 @@ def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag
     loop, resume_from, removed, fresh = resumed_loop(cfg, model.to(device), rt, dtype, run_dir, pool, preemption)
     with ray_session(g.ray_address) if g.ray else contextlib.nullcontext():
         rollouts, score = _workers(g, model, tokenizer, device)
-        learned = [i for i, layer in enumerate(model.layers) if not layer.ffn.gate.hashed]
-        ctx = GRPOContext(cfg, tokenizer, rollouts, score, reference, tokenizer.token_to_id(EOS), learned)
+        eos_id = tokenizer.token_to_id(EOS)
+        ctx = GRPOContext(cfg, tokenizer, rollouts, score, reference, eos_id, model.learned_routing_layers)
         return _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_from, removed, fresh)
 
 
@@ -154,13 +154,8 @@ def _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_fr
         PreemptionCallback(),
         CheckpointCallback(t.checkpoint_every, t.keep_checkpoints),
     ]
-    try:
-        summary = run_grpo_steps(loop, ctx, callbacks)
-    finally:
-        for cb in callbacks:
-            cb.close()
-    summary["prompts"] = {"train": len(prompts), "too_long": too_long, "tasks": g.tasks, "mode": g.mode}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    prompt_report = {"train": len(prompts), "too_long": too_long, "tasks": g.tasks, "mode": g.mode}
+    summary = summarise_run(loop, callbacks, lambda: run_grpo_steps(loop, ctx, callbacks), {"prompts": prompt_report})
     print_summary(summary, "grpo")
     return summary
 

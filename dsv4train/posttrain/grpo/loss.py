@@ -41,13 +41,13 @@ def sampling_logprobs(
         support_BSV = sampling_support(logits_BSV, temperature, top_k, top_p)
         logprob_BS = keep_sampling_logprobs(logits_BSV, targets_BS, support_BSV, temperature, real_BS)
         scaled_BSV = (logits_BSV.detach().float() / temperature).masked_fill(~support_BSV, -math.inf)
-    else:
-        scaled_BSV = logits_BSV.float() / temperature
-        logprob_BS = scaled_BSV.log_softmax(-1).gather(-1, targets_BS.unsqueeze(-1)).squeeze(-1)
-        logprob_BS = torch.where(real_BS, logprob_BS, 0.0)
-        scaled_BSV = scaled_BSV.detach()
+        with torch.no_grad():
+            logp_BSV = scaled_BSV.log_softmax(-1)
+    else:  # one log_softmax serves the log-prob (with its gradient) and, detached, the entropy
+        logp_BSV = (logits_BSV.float() / temperature).log_softmax(-1)
+        logprob_BS = torch.where(real_BS, logp_BSV.gather(-1, targets_BS.unsqueeze(-1)).squeeze(-1), 0.0)
+        logp_BSV = logp_BSV.detach()
     with torch.no_grad():
-        logp_BSV = scaled_BSV.log_softmax(-1)
         entropy_BS = -(logp_BSV.exp() * torch.where(torch.isfinite(logp_BSV), logp_BSV, 0.0)).sum(-1)
     return logprob_BS, torch.where(real_BS, entropy_BS, 0.0)
 
