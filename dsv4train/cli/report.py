@@ -1,9 +1,9 @@
 """`dsv4 report RUN_DIR`: PNG plots of a run from its metrics.jsonl, written to RUN_DIR/plots/:
 loss.png (train parts and validation), lr.png, throughput.png (tokens/s and MFU), expert_load.png (a heatmap
 of max/mean expert load per MoE layer over steps; 1.0 is perfectly balanced); for a GRPO run (`dsv4 grpo`) instead
-of the loss and throughput: reward.png (rollout reward and accuracy per task, held-out greedy accuracy),
-grpo_policy.png (clip fraction, KL, entropy, masked fraction, response length) and time_split.png (seconds per step
-in rollout, reward, train and weight sync)."""
+of the loss and throughput: reward.png (rollout reward and accuracy per task, held-out greedy accuracy and
+sampled pass@1), grpo_policy.png (clip fraction, KL, entropy, masked fraction, response length) and
+time_split.png (seconds per step in rollout, reward, train and weight sync)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,9 @@ def _grpo_plots(records: list[dict], series, save, plt) -> None:
         x, y = series(f"eval/{task}_accuracy")
         if x:
             ax.plot(x, y, "o-", color=line.get_color(), markersize=4, label=f"{task} held-out greedy accuracy")
+        x, y = series(f"eval/{task}_sampled_accuracy")
+        if x:
+            ax.plot(x, y, "s--", color=line.get_color(), markersize=4, label=f"{task} held-out sampled pass@1")
     ax.set(xlabel="step", ylabel="reward / accuracy", title="GRPO reward and accuracy")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -39,8 +39,13 @@ class GRPOOptions:
     ray: bool = True
     ray_address: str = ""
     rollout_actors: int = 1  # each holds a policy copy and an Engine, one CPU (the prompts are split between them)
+    rollout_gpus: float = 0.0  # GPUs per rollout actor (Ray's num_gpus; its engine then runs on cuda); 0: CPU
     reward_actors: int = 1  # each scores its share in reward_workers threads
     actor_retries: int = 2  # restarts of a dead actor (its call retried) before the run stops naming it
+    # the rollout WAL (inference/wal.py): every sampled token logged under <run.dir>/rollout_wal/ before the next
+    # decode step, so a rollout killed part-way resumes from its logged tokens; wal_fsync also survives the host
+    rollout_wal: bool = True
+    wal_fsync: bool = False
     # rollout
     prompts_per_step: int = 8  # groups per step (after dynamic sampling)
     group_size: int = 8  # G completions per prompt
@@ -71,9 +76,11 @@ class GRPOOptions:
     kl_kind: str = "k3"  # KL_KINDS
     delta: float | None = None  # V3.2's off-policy sequence mask threshold; None: off
     updates_per_step: int = 1  # optimizer steps per rollout batch (its sequences split in this many mini-batches)
-    # held-out evaluation (greedy, the test split), at the start, every train.eval_every steps and at the end
+    # held-out evaluation (the test split), at the start, every train.eval_every steps and at the end: greedy,
+    # and with eval_samples > 0 also pass@1 over that many samples per problem at `temperature` (dsv4 eval --samples)
     eval_n: int = 50  # test problems per task; 0: no evaluation
-    eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    eval_samples: int = 0
+    eval_max_new_tokens: int = 256  # dsv4 eval's default; 0: max_new_tokens
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", list(self.tasks))
@@ -94,6 +101,17 @@ class GRPOOptions:
         ):
             value = getattr(self, key)
             require(_positive_int(value), f"grpo.{key}", f"must be a positive integer, got {value!r}")
+        require(
+            math.isfinite(self.rollout_gpus) and self.rollout_gpus >= 0,
+            "grpo.rollout_gpus",
+            f"must be a number >= 0 (GPUs per rollout actor; 0: CPU), got {self.rollout_gpus!r}",
+        )
+        require(
+            self.rollout_gpus == 0 or self.ray,
+            "grpo.rollout_gpus",
+            "places Ray rollout actors on GPUs: it needs grpo.ray=true (in one process the rollout uses the trainer's "
+            "device)",
+        )
         require(
             _positive_int(self.group_size) and self.group_size >= 2,
             "grpo.group_size",
@@ -135,6 +153,11 @@ class GRPOOptions:
         require(not stray, "grpo.domain_beta", f"names {stray}, which are not in grpo.tasks={self.tasks}")
         require(self.delta is None or self.delta >= 0, "grpo.delta", f"must be >= 0 or null (off), got {self.delta}")
         require(self.eval_n >= 0, "grpo.eval_n", f"must be >= 0 (0: no evaluation), got {self.eval_n}")
+        require(
+            isinstance(self.eval_samples, int) and self.eval_samples >= 0,
+            "grpo.eval_samples",
+            f"must be an integer >= 0 (0: greedy only), got {self.eval_samples!r}",
+        )
         require(self.eval_max_new_tokens >= 0, "grpo.eval_max_new_tokens", "must be >= 0 (0: max_new_tokens)")
 
     def beta_of(self, task: str) -> float:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from dsv4train.inference.full_forward import request_seed
 from dsv4train.inference.sampling import SamplingParams, sample
+from dsv4train.inference.wal import LoggedRequest, RolloutWAL
 from dsv4train.models.kv_cache import CacheStep, LayerCache, allocate_layer_caches
 
 DEFAULT_MAX_PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward
@@ -56,6 +57,7 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens or the cache's max_len)
     routes: dict[int, torch.Tensor]  # learned-routing MoE layer index -> experts [prompt + generated - 1, k]
     text: str | None = None  # with a tokenizer: the decoded completion, cut before a stop string that ended it
+    resumed: int = 0  # leading tokens taken from a rollout WAL (inference/wal.py) rather than sampled in this call
 
 
 @dataclass
@@ -71,11 +73,23 @@ class _Request:
     routes: list[list[torch.Tensor]] = field(default_factory=list)  # per learned layer, chunks [n, k]
     finish_reason: str | None = None
     text: str | None = None
+    resumed: int = 0
 
     @property
     def length(self) -> int:
         """Tokens in the cache: the prompt and every generated token fed back."""
         return len(self.prompt) + max(len(self.generated) - 1, 0)
+
+    @property
+    def context(self) -> list[int]:
+        """What a prefill puts in the cache: the prompt, and for a request resumed from a WAL its logged tokens
+        but the last (the next decode step feeds that one, as for a request that never stopped)."""
+        return self.prompt + self.generated[:-1]
+
+    def restore(self, logged: LoggedRequest) -> None:
+        self.generated, self.resumed = list(logged.token_ids), len(logged.token_ids)
+        self.logprobs, self.raw_logprobs = list(logged.logprobs), list(logged.raw_logprobs)
+        self.routes = [[p, f] for p, f in zip(logged.prompt_routes, logged.fed_routes)]
 
 
 class Engine:
@@ -150,10 +164,13 @@ class Engine:
         seeds: Sequence[int] | None = None,
         progress: bool = False,
         on_token: Callable[[int, int], None] | None = None,
+        wal: RolloutWAL | None = None,
     ) -> list[Completion]:
         """One completion per prompt, in order. `params`: one for all, or one per prompt. `seeds`: each request's
         sampling seed (default `request_seed(params.seed, index)`). `on_token(request index, token id)` is called
-        for every token as it is sampled (streaming)."""
+        for every token as it is sampled (streaming), after the WAL has it. `wal`: every sampled token is logged
+        there before the next step, and requests it already holds (same prompt, seed and policy version) continue
+        from their logged tokens (inference/wal.py)."""
         prompts = [list(p) for p in prompts]
         per_request = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_request) != len(prompts):
@@ -165,14 +182,20 @@ class Engine:
                 raise ValueError(f"seeds[{i}] = {seed!r}: a seed must be an integer that fits in int64")
         self.check(prompts, per_request)
         prompts = [[int(t) for t in p] for p in prompts]
-        self._on_token = on_token
+        self._on_token, self._wal = on_token, wal
         requests = [
             _Request(i, prompt, p, request_seed(p.seed, i) if seeds is None else int(seeds[i]))
             for i, (prompt, p) in enumerate(zip(prompts, per_request))
         ]
-        waiting, running = deque(requests), []
+        for r in requests:
+            logged = wal.resume(r.index, r.prompt, r.seed) if wal is not None else None
+            if logged is not None and logged.token_ids:
+                r.restore(logged)
+                r.finish_reason = self._finish_reason(r)
+        waiting, running = deque(r for r in requests if r.finish_reason is None), []
         free = list(range(self.max_batch))
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not progress)
+        bar.update(len(requests) - len(waiting))
         while waiting or running:
             joining = []
             while waiting and free:
@@ -203,24 +226,32 @@ class Engine:
         """Joining requests cut into prefill forwards of at most max_prefill_tokens padded tokens (at least one
         request each), longest first so rows of similar length share a forward."""
         groups, group = [], []
-        for r in sorted(joining, key=lambda r: -len(r.prompt)):
-            if group and len(group[0].prompt) * (len(group) + 1) > self.max_prefill_tokens:
+        for r in sorted(joining, key=lambda r: -len(r.context)):
+            if group and len(group[0].context) * (len(group) + 1) > self.max_prefill_tokens:
                 groups.append(group)
                 group = []
             group.append(r)
         return groups + ([group] if group else [])
 
     def _prefill(self, group: list[_Request]) -> None:
-        lengths = [len(r.prompt) for r in group]
+        """Fill the group's slots with their contexts; sample the first token of each fresh request (a resumed one
+        has its next token's input logged already, and keeps its logged routes)."""
+        contexts = [r.context for r in group]
+        lengths = [len(c) for c in contexts]
         ids_RL = torch.zeros(len(group), max(lengths), dtype=torch.long)
-        for row, r in enumerate(group):
-            ids_RL[row, : len(r.prompt)] = torch.as_tensor(r.prompt)
+        for row, context in enumerate(contexts):
+            ids_RL[row, : len(context)] = torch.as_tensor(context)
         lengths_R = torch.tensor(lengths, device=self.device)
         step = CacheStep(self.caches, self._slots(group), lengths_R=lengths_R)
         last_RV = self.model(ids_RL.to(self.device), cache=step)[:, 0]
-        for row, r in enumerate(group):
-            r.routes = [[step.routes[i][row, : lengths[row]].cpu()] for i in self.learned_layers]
-        self._sample_into(group, last_RV)
+        fresh = [row for row, r in enumerate(group) if not r.generated]
+        for row in fresh:
+            group[row].routes = [[step.routes[i][row, : lengths[row]].cpu()] for i in self.learned_layers]
+        fresh_requests = [group[row] for row in fresh]
+        if self._wal is not None:
+            self._wal.log_requests([(r.index, r.prompt, r.seed, [c[0] for c in r.routes]) for r in fresh_requests])
+        if fresh:
+            self._sample_into(fresh_requests, last_RV[fresh], fed=False)
 
     def _decode(self, running: list[_Request]) -> None:
         tokens = [r.generated[-1] for r in running]
@@ -238,7 +269,7 @@ class Engine:
         for row, r in enumerate(running):
             for chunks, layer_routes_RK in zip(r.routes, routes_LRK):
                 chunks.append(layer_routes_RK[row : row + 1])
-        self._sample_into(running, logits_RV[: len(running)])
+        self._sample_into(running, logits_RV[: len(running)], fed=True)
 
     def _decode_forward(
         self, tokens_R1: torch.Tensor, slots_R: torch.Tensor, positions_R: torch.Tensor
@@ -253,7 +284,9 @@ class Engine:
     def _slots(self, requests: list[_Request]) -> torch.Tensor:
         return torch.tensor([r.slot for r in requests], device=self.device)
 
-    def _sample_into(self, requests: list[_Request], logits_RV: torch.Tensor) -> None:
+    def _sample_into(self, requests: list[_Request], logits_RV: torch.Tensor, fed: bool) -> None:
+        """Sample each request's next token; log them (`fed`: this step fed each request's previous token, whose
+        routes the log takes), then tell on_token."""
         logits_RV = logits_RV.float()
         if all(r.params.greedy for r in requests):  # sample()'s greedy rows, without its noise and warpers
             tokens_R = logits_RV.argmax(dim=-1)
@@ -266,8 +299,17 @@ class Engine:
             r.logprobs.append(lp)
             r.raw_logprobs.append(raw_lp)
             r.finish_reason = self._finish_reason(r)
-            if self._on_token is not None:
-                self._on_token(r.index, token)
+        if self._wal is not None:
+            self._wal.log_tokens(
+                [
+                    (r.index, len(r.generated) - 1, r.generated[-1], r.logprobs[-1], r.raw_logprobs[-1],
+                     [chunks[-1][0] for chunks in r.routes] if fed else None)
+                    for r in requests
+                ]
+            )  # fmt: skip
+        if self._on_token is not None:
+            for r in requests:
+                self._on_token(r.index, r.generated[-1])
 
     def _drawn(self, requests: list[_Request], logits_RV: torch.Tensor) -> tuple[list, list, list]:
         def column(values, dtype):
@@ -303,7 +345,7 @@ class Engine:
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
         routes = {i: torch.cat(chunks) for i, chunks in zip(self.learned_layers, r.routes)}
-        return Completion(r.generated, r.logprobs, r.raw_logprobs, r.finish_reason, routes, text)
+        return Completion(r.generated, r.logprobs, r.raw_logprobs, r.finish_reason, routes, text, r.resumed)
 
 
 def generate_with_engine(

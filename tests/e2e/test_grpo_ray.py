@@ -1,11 +1,14 @@
 """GRPO's Ray actors (dsv4train/posttrain/grpo/ray_actors.py): two rollout and two reward actors give the samples
 one in-process worker gives, a rollout actor killed between calls comes back with the weights and the run goes on,
+one killed in the middle of a call continues its requests from the rollout WAL,
 and an actor that keeps dying, or a Ray address that does not answer, stops with an error that names it."""
 
 import json
 import os
 import signal
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -73,6 +76,54 @@ def test_a_killed_rollout_actor_restarts_gets_the_weights_again_and_the_call_com
     os.kill(pid, signal.SIGKILL)
     _same(rollouts.generate(PROMPTS, 3, PARAMS, SEEDS), _local(model))  # same weights: re-sent after the restart
     assert ray.get(rollouts.pool.actors[0].pid.remote()) != pid
+
+
+def _wal_tokens(text: str) -> list[dict]:
+    """The token records of a WAL's text (a torn last line left out, as the WAL's reader does)."""
+    complete = text[: text.rfind("\n") + 1]
+    return [r for r in map(json.loads, complete.splitlines()) if "tok" in r]
+
+
+def test_a_rollout_actor_killed_mid_generation_resumes_from_its_wal(local_ray, tmp_path):
+    """SIGKILL in the middle of a call: the call completes with every sample, the restarted actor continues each
+    request from its logged tokens (none sampled twice), and the samples equal an uninterrupted run's."""
+    model = _model()
+    params = SamplingParams(max_new_tokens=40, temperature=1.0)  # 12 x 40 tokens in 2 slots: long enough to catch
+    worker = RolloutWorker(model.cfg, 2, 64)
+    worker.load_weights(model.state_dict(), 5)
+    want = worker.generate(PROMPTS, 3, params, SEEDS)
+    total = sum(len(r.completion.token_ids) for r in want)
+
+    rollouts = RayRollouts(1, 2, model.cfg, 2, 64, None, False, tmp_path)
+    rollouts.load_weights(model.state_dict(), 5)
+    pid = ray.get(rollouts.pool.actors[0].pid.remote())
+    wal = tmp_path / "step000001-round0-actor0.wal"
+    at_kill: list[str] = []
+
+    def kill_mid_generation():
+        while not (wal.exists() and len(_wal_tokens(wal.read_text())) >= 30):
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            time.sleep(0.001)  # dead (or a zombie): it writes nothing more
+        at_kill.append(wal.read_text())
+
+    killer = threading.Thread(target=kill_mid_generation, daemon=True)
+    killer.start()
+    got = rollouts.generate(PROMPTS, 3, params, SEEDS, wal_key="step000001-round0")
+    killer.join(timeout=60)
+    assert ray.get(rollouts.pool.actors[0].pid.remote()) != pid  # it did die and come back
+
+    logged = _wal_tokens(at_kill[0])
+    assert 30 <= len(logged) < total  # killed in the middle
+    for i, r in enumerate(got):
+        assert r.completion.resumed == sum(t["tok"] == i for t in logged)  # continued from the log, not resampled
+    assert sum(r.completion.resumed for r in got) == len(logged)
+    assert [r.completion.token_ids for r in got] == [r.completion.token_ids for r in want]
+    assert [r.completion.logprobs[: r.completion.resumed] for r in got] == [
+        w.completion.logprobs[: r.completion.resumed] for r, w in zip(got, want)
+    ]
+    assert not wal.exists()  # the call returned: its log is deleted
 
 
 def test_a_rollout_actor_without_restarts_left_is_named(local_ray):

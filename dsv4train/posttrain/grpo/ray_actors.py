@@ -2,7 +2,8 @@
 
     ray_session(address)        ray.init(): a local Ray bound to 127.0.0.1 with the dashboard off, or the cluster at
                                 `address` (grpo.ray_address); an address that does not answer is a clear error
-    RayRollouts(n, ...)         n rollout actors, each a `RolloutWorker` (its own policy copy and Engine); the same
+    RayRollouts(n, ...)         n rollout actors, each a `RolloutWorker` (its own policy copy and Engine, on CPU or
+                                on `gpus` GPUs of Ray's: grpo.rollout_gpus); the same
                                 `load_weights(state_dict, version)` / `generate(...)` as the in-process worker
     RayRewards(n, timeout, ...) n reward actors, each scoring its share of the completions with `score_completions`
 
@@ -11,10 +12,11 @@ step are cut into contiguous runs of whole groups, one per actor, and the result
 samples are the same whatever the number of actors (each completion's seed is its own).
 
 Failures. Ray restarts an actor whose process died (`max_restarts`); the restarted actor holds no weights. A call
-that fails because its actor died (or came back empty) is retried on that actor after sending it the current
-weights again, at most `retries` times in a row; then the run stops with an error that names the actor (its role,
-index and the last error). A reward function that merely raises never gets that far: `safe_reward` turns it into a
-0 with a reason inside the actor."""
+that fails because its actor died (or came back empty) is retried on that actor after sending it the current weights
+again, at most `retries` times in a row; then the run stops with an error that names the actor (its role, index and
+the last error). A retried rollout call continues from its rollout WAL (`<wal_key>-actor<i>`, inference/wal.py): the
+tokens its first life sampled are not sampled again. A reward function that merely raises never gets that far:
+`safe_reward` turns it into a 0 with a reason inside the actor."""
 
 from __future__ import annotations
 
@@ -94,8 +96,8 @@ class _RolloutActor:
         self.worker.load_weights(state_dict, version)
         return os.getpid()
 
-    def generate(self, prompts, group_size: int, params: SamplingParams, seeds) -> list[Rollout]:
-        return self.worker.generate(prompts, group_size, params, seeds)
+    def generate(self, prompts, group_size: int, params: SamplingParams, seeds, wal_key=None) -> list[Rollout]:
+        return self.worker.generate(prompts, group_size, params, seeds, wal_key)
 
     def pid(self) -> int:
         return os.getpid()
@@ -180,19 +182,33 @@ class _Pool:
 class RayRollouts:
     """`n` rollout actors (module docstring); the same interface as `RolloutWorker`."""
 
-    def __init__(self, n: int, retries: int, model_cfg, max_batch: int, max_len: int, tokenizer, compile: bool):
+    def __init__(
+        self,
+        n: int,
+        retries: int,
+        model_cfg,
+        max_batch: int,
+        max_len: int,
+        tokenizer,
+        compile: bool,
+        wal_dir=None,
+        wal_fsync: bool = False,
+        gpus: float = 0.0,
+    ):
         self.pool = _Pool(
             "rollout",
             _RolloutActor,
             n,
             retries,
-            {"num_cpus": 1},
+            {"num_cpus": 1, "num_gpus": gpus},  # Ray sets the actor's CUDA_VISIBLE_DEVICES: "cuda" is its own GPU
             model_cfg,
             max_batch,
             max_len,
-            "cpu",
+            "cuda" if gpus > 0 else "cpu",
             tokenizer,
             compile,
+            wal_dir,
+            wal_fsync,
         )
         self.version, self._weights = -1, None
 
@@ -211,16 +227,22 @@ class RayRollouts:
 
         ray.get(self.pool.actors[i].load_weights.remote(self._weights, self.version))
 
-    def generate(self, prompts, group_size: int, params: SamplingParams, seeds) -> list[Rollout]:
+    def generate(self, prompts, group_size: int, params: SamplingParams, seeds, wal_key=None) -> list[Rollout]:
+        """`RolloutWorker.generate`; actor i's part of the call logs to the WAL `<wal_key>-actor<i>`, which its retry
+        after a restart resumes from."""
         n = len(self.pool.actors)
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
         calls = [
             (
-                lambda actor, lo=lo, hi=hi: actor.generate.remote(
-                    list(prompts[lo:hi]), group_size, params, list(seeds[lo * group_size : hi * group_size])
+                lambda actor, lo=lo, hi=hi, i=i: actor.generate.remote(
+                    list(prompts[lo:hi]),
+                    group_size,
+                    params,
+                    list(seeds[lo * group_size : hi * group_size]),
+                    None if wal_key is None else f"{wal_key}-actor{i}",
                 )
             )
-            for lo, hi in zip(bounds[:-1], bounds[1:])
+            for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
         ]
         parts = self.pool.call_all(calls, self._resync)
         return [

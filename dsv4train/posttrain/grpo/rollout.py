@@ -8,19 +8,29 @@ copies the tensors into the worker's parameters in place, so the engine's cache 
 compiled decode step stay valid.
 
 Each completion's sampling seed is a pure function of (run seed, step, refill round, prompt slot, sample): a resumed
-run draws exactly the samples an uninterrupted one would."""
+run draws exactly the samples an uninterrupted one would.
+
+The rollout WAL (inference/wal.py). With `wal_dir`, a `generate` call given a `wal_key` logs every token to
+`wal_dir/<wal_key>.wal` before the engine's next step. If the call dies part-way (a SIGKILLed Ray actor, a killed
+run) and is made again with the same key, prompts, seeds and weight version, its requests continue from their
+logged tokens by re-prefilling them; the file is deleted once the call returns. The key must name the call
+(the controller uses step, refill round and actor); on a cluster, `wal_dir` must be on storage every node sees for
+a restarted actor on another node to find it (elsewhere its requests start over: still the same samples, because
+the seeds are fixed, at the cost of generating them again)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dsv4train.config.model import ModelConfig
 from dsv4train.inference.engine import Completion, Engine
 from dsv4train.inference.sampling import SamplingParams
+from dsv4train.inference.wal import RolloutWAL
 from dsv4train.models.model import DSV4Model
 
 
@@ -41,7 +51,8 @@ def rollout_seed(seed: int, step: int, round_: int, group: int, sample: int) -> 
 
 
 class RolloutWorker:
-    """A policy copy on `device` with an Engine of `max_batch` slots of `max_len` tokens."""
+    """A policy copy on `device` with an Engine of `max_batch` slots of `max_len` tokens; `wal_dir` turns the
+    rollout WAL on (module docstring), `wal_fsync` syncs it to disk every step."""
 
     def __init__(
         self,
@@ -51,11 +62,14 @@ class RolloutWorker:
         device: torch.device | str = "cpu",
         tokenizer=None,
         compile: bool = False,
+        wal_dir: str | Path | None = None,
+        wal_fsync: bool = False,
     ):
         self.model = DSV4Model(model_cfg).to(device).eval()
         self.model.set_indexer_mode("sparse")
         self.engine = Engine(self.model, max_batch=max_batch, max_len=max_len, tokenizer=tokenizer, compile=compile)
         self.version = -1  # no weights yet
+        self.wal_dir, self.wal_fsync = (Path(wal_dir) if wal_dir is not None else None), wal_fsync
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -66,16 +80,30 @@ class RolloutWorker:
         self.version = version
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seeds: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        params: SamplingParams,
+        seeds: Sequence[int],
+        wal_key: str | None = None,
     ) -> list[Rollout]:
         """`group_size` completions of each prompt, prompt-major (the G rollouts of prompt i are rows i·G..i·G+G−1);
-        `seeds` one per completion in that order."""
+        `seeds` one per completion in that order; `wal_key` names this call's WAL (when the worker has a wal_dir)."""
         if self.version < 0:
             raise RuntimeError("the rollout worker has no weights yet: call load_weights first")
         expanded = [list(p) for p in prompts for _ in range(group_size)]
         if len(seeds) != len(expanded):
             raise ValueError(f"{len(seeds)} seeds for {len(expanded)} completions ({len(prompts)} × {group_size})")
-        completions = self.engine.generate(expanded, params, seeds=list(seeds))
+        wal = None
+        if self.wal_dir is not None and wal_key is not None:
+            wal = RolloutWAL(self.wal_dir / f"{wal_key}.wal", self.version, fsync=self.wal_fsync)
+        try:
+            completions = self.engine.generate(expanded, params, seeds=list(seeds), wal=wal)
+        finally:
+            if wal is not None:
+                wal.close()
+        if wal is not None:
+            wal.path.unlink(missing_ok=True)  # the results are returned: a retry would not need them
         return [
             Rollout(row // group_size, expanded[row], completion, self.version)
             for row, completion in enumerate(completions)
