@@ -90,6 +90,8 @@ class DSV4Model(nn.Module):
         positions: torch.Tensor | None = None,
         cache: CacheStep | None = None,
         routes: dict[int, torch.Tensor] | None = None,
+        with_mtp: bool = True,
+        logits_from: int = 0,
     ):
         """`part`: run only that slice of the model on `acts` (see `forward_part`); the model may then hold only
         the modules of its slices (the others set to None), as a pipeline stage does. `positions` [B, S]: rows
@@ -100,7 +102,10 @@ class DSV4Model(nn.Module):
         `routes`: keep-routing (GRPO): learned-routing layer index -> experts [B, S, k] each token goes to instead
         of the router's top-k, as generation recorded them (`Completion.routes`); a token whose row holds -1 is
         routed by the router. The routing weights are the router's scores of those experts (they keep their
-        gradient). The MTP block routes itself."""
+        gradient). The MTP block routes itself. `with_mtp=False` leaves the MTP block out of a `with_aux` forward
+        (its logits None), for a loss that does not read them (GRPO). `logits_from`: the logits only of positions
+        logits_from.. (the output head and its [B, S, V] skipped where no label is read; not under context
+        parallelism)."""
         if cache is not None:
             if routes is not None:
                 raise ValueError("routes replay a rollout in a training forward; a cached forward records them")
@@ -112,12 +117,14 @@ class DSV4Model(nn.Module):
         x_BSND = self.embed_streams(input_ids)
         layer_routes = _per_layer(routes, range(len(self.layers)))
         x_BSND, auxes = self.run_layers(x_BSND, input_ids, self.layers, docs, layer_routes)
-        logits = self.final(x_BSND)
+        if logits_from and self.seq.shards > 1:
+            raise ValueError("logits_from cuts whole rows: it cannot be used under context parallelism")
+        logits = self.final(x_BSND[:, logits_from:])
         if not with_aux:
             return logits
 
         mtp_logits = None
-        if len(self.mtp):
+        if len(self.mtp) and with_mtp:
             if mtp_input_ids is None and self.seq.shards > 1:
                 raise ValueError(
                     "under context parallelism pass mtp_input_ids (token t+1 at position t, e.g. the "
@@ -130,6 +137,8 @@ class DSV4Model(nn.Module):
             auxes.append(aux)
         balance, indexer = aux_losses(auxes, logits)
         counts = torch.stack([a.moe.counts_E for a in auxes])
+        if len(self.mtp) and not with_mtp:  # the MTP blocks' MoE layers routed nothing (one row each, as ever)
+            counts = torch.cat([counts, counts.new_zeros(len(self.mtp), counts.shape[1])])
         return ModelOutput(logits, mtp_logits, balance, indexer, counts)
 
     def forward_part(

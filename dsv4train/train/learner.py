@@ -22,6 +22,12 @@ and `train.indexer_loss_weight`.
 
 The loss function sees the model's outputs, not the model: under pipeline parallelism only the last stage has the
 logits, and the schedule calls the same `loss_fn` there on each pipeline chunk.
+
+Work a step does not need is not done: with `train.indexer_loss_weight` 0 the attention layers do not compute the
+indexer KL (its metric reads 0), and a loss function whose `uses_mtp` is False (GRPO's) gets no MTP logits, so the
+MTP block is not run, and one with `logits_from(batch)` gets the logits from that position on only (GRPO: from
+the first completion token; the prompt's positions skip the output head). Both without pipeline parallelism,
+whose stages run their whole slice.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ Batch = dict[str, torch.Tensor]  # whole rows [B, S] per key, see train/losses.p
 
 class LossFn(Protocol):
     metric_names: tuple[str, ...]  # the keys of LossOutput.metrics, in a fixed order
+    # uses_mtp: bool, optional (default True): False when the loss never reads outputs.mtp_logits
+    # logits_from(batch) -> int, optional: the first position whose logits the loss reads (outputs.logits then
+    # starts there)
 
     def __call__(self, outputs: ModelOutput, batch: Batch) -> LossOutput: ...
 
@@ -92,6 +101,12 @@ class Learner:
     dtype: torch.dtype = torch.float32  # autocast dtype (float32: none)
     checkpoint_root: Path | None = None  # named in the error when the NaN policy stops the run
     nan_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient
+
+    def __post_init__(self) -> None:
+        if self.train.indexer_loss_weight == 0:  # a KL nothing learns from: the attention layers skip it
+            for m in self.model.modules():
+                if hasattr(m, "indexer_kl"):
+                    m.indexer_kl = False
 
     # ------------------------------------------------------------------ the step
     def step(self, micro_batches: list[Batch], loss_fn: LossFn, number: int | None = None) -> StepResult:
@@ -164,9 +179,12 @@ class Learner:
         d = self.rt.dims
         return d.dp * d.cp * d.ep
 
-    def _forward(self, batch: Batch) -> ModelOutput:
+    def _forward(self, batch: Batch, loss_fn: LossFn) -> ModelOutput:
         """The whole model on one micro-batch (the MTP block reads `next_ids`; packed documents give `positions`;
-        GRPO's `routes.<layer>` are replayed), under the run's autocast."""
+        GRPO's `routes.<layer>` are replayed), under the run's autocast, with what `loss_fn` reads (module
+        docstring)."""
+        with_mtp = getattr(loss_fn, "uses_mtp", True)
+        logits_from = loss_fn.logits_from(batch) if hasattr(loss_fn, "logits_from") else 0
         with autocast(self.device, self.dtype):
             return self.model(
                 batch["input_ids"],
@@ -174,6 +192,8 @@ class Learner:
                 with_aux=True,
                 positions=batch.get("positions"),
                 routes=batch_routes(batch),
+                with_mtp=with_mtp,
+                logits_from=logits_from,
             )
 
     def _shard(self, batch: Batch) -> Batch:
@@ -189,7 +209,7 @@ class Learner:
         sums = torch.zeros(3 + len(loss_fn.metric_names), dtype=torch.float64)
         counts = None
         for batch, n in zip(shards, counted):
-            out = self._forward(batch)
+            out = self._forward(batch, loss_fn)
             lo = loss_fn(out, batch)
             _check_count(lo, n)
             aux = n * (w_bal * out.balance_loss + w_idx * out.indexer_loss)
@@ -249,7 +269,7 @@ class Learner:
         sums = torch.zeros(2 + len(loss_fn.metric_names), dtype=torch.float64)  # [n, loss, metrics...]
         for batch in map(self._shard, batches):
             if self.rt.pipeline is None:
-                lo = loss_fn(self._forward(batch), batch)
+                lo = loss_fn(self._forward(batch, loss_fn), batch)
                 sums += lo.counted_sums(loss_fn.metric_names)
             else:
                 with autocast(self.device, self.dtype):

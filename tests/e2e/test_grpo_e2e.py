@@ -177,13 +177,16 @@ def test_the_command_trains_on_the_code_domain_through_the_sandbox(tmp_path, bas
         ("grpo.aggregation=sum", "grpo.aggregation"),
         ("train.grad_accum=2", "train.grad_accum"),
         ("parallel.pp=2", "parallel"),
+        ("grpo.eval_samples=-1", "grpo.eval_samples"),
+        ("grpo.rollout_gpus=-1", "grpo.rollout_gpus"),
+        ("grpo.rollout_gpus=1 grpo.ray=false", "grpo.rollout_gpus"),  # GPU actors are Ray's
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(tmp_path, override, named):
     from dsv4train.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        compose_config("grpo", ["grpo.init=anything", f"run.dir={tmp_path / 'run'}", override])
+        compose_config("grpo", ["grpo.init=anything", f"run.dir={tmp_path / 'run'}", *override.split()])
 
 
 def test_the_command_exits_2_naming_a_bad_group_size(tmp_path, base):

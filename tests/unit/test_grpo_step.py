@@ -27,7 +27,7 @@ from dsv4train.posttrain.grpo.rollout import Rollout, RolloutWorker, rollout_see
 from dsv4train.testing.sensitive_models import SENSITIVE_INIT, sensitive_model
 from dsv4train.testing.toy_configs import tiny_config
 from dsv4train.train.learner import Learner
-from dsv4train.train.losses import IGNORE
+from dsv4train.train.losses import IGNORE, NextTokenLoss
 
 F64 = torch.float64
 LAYERS = ("swa", "csa", "hca", "csa")  # layer 0 hash-routed, 1..3 learned
@@ -361,7 +361,7 @@ def test_learner_forward_replays_the_batchs_routes(loss_model):
     other[2][1, 6:] = -1  # the tail of one row left to the router (padding in a real micro-batch)
     batch = {"input_ids": ids_BS, "labels": ids_BS, **{f"routes.{i}": r for i, r in other.items()}}
     with torch.no_grad():
-        got = learner._forward(batch).logits
+        got = learner._forward(batch, NextTokenLoss()).logits
         want = model(ids_BS, routes=other)
         plain = model(ids_BS)
     assert torch.equal(got, want)  # the same computation on the same CPU: bitwise
@@ -485,3 +485,41 @@ def test_one_learner_step_moves_the_logprobs_by_the_advantages_sign(policy, work
     # lr 1e-4 is in the linear regime (1e-5 moves both by a tenth as much): ~0.3 here; rounding moves them ~1e-5
     assert after[0] > before[0] + 1e-2
     assert after[1] < before[1] - 1e-2
+
+
+def test_the_learner_takes_logits_only_from_the_first_completion_position(policy, worker):
+    """GRPOLoss's `logits_from`: the output head runs on the micro-batch's positions from its first label on (the
+    shorter prompt's last token), and the step's loss and gradient equal those over the full logits (fp32; the
+    same computation on fewer rows: relative L2 < 1e-6, measured ~1e-8)."""
+    rollouts = worker.generate([PROMPT_A, PROMPT_B], 1, PARAMS, _seeds(2, 1, step=4))
+    samples = [
+        ScoredRollout(rollouts[0], "math", 1.0, advantage=1.0, beta=0.0),
+        ScoredRollout(rollouts[1], "math", 0.0, advantage=-1.0, beta=0.0),
+    ]
+    weights = aggregation_weights([len(r.completion.token_ids) for r in rollouts], "token-mean")
+    (batch,) = micro_batches(samples, weights, 2, LEARNED, PAD)
+    loss_fn = GRPOLoss(temperature=1.0, top_k=0, top_p=1.0, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    assert loss_fn.logits_from(batch) == len(PROMPT_A) - 1
+
+    class FullLogits(GRPOLoss):
+        def logits_from(self, batch):
+            return 0
+
+    full_fn = FullLogits(temperature=1.0, top_k=0, top_p=1.0, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    results = []
+    for fn in (loss_fn, full_fn):
+        model = copy.deepcopy(policy)
+        model.set_indexer_mode("sparse")
+        head_rows = []
+        model.head.register_forward_hook(lambda m, args, out, rows=head_rows: rows.append(args[0].shape[1]))
+        res = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0), NO_EXTRAS).step([batch], fn)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((res, grads, head_rows))
+    (cut, cut_grads, cut_rows), (full, full_grads, full_rows) = results
+    S = batch["input_ids"].shape[1]
+    assert cut_rows == [S - (len(PROMPT_A) - 1)] and full_rows == [S]
+    assert cut.loss == pytest.approx(full.loss, rel=1e-6)
+    assert cut.metrics == pytest.approx(full.metrics, rel=1e-6, abs=1e-9)
+    num = sum(float((cut_grads[k] - full_grads[k]).pow(2).sum()) for k in full_grads)
+    den = sum(float(g.pow(2).sum()) for g in full_grads.values())
+    assert cut_grads.keys() == full_grads.keys() and (num / den) ** 0.5 < 1e-6

@@ -10,6 +10,11 @@ the whole step (tests/unit/test_grpo_step.py checks it against `grpo_loss`). log
 rollout sampled from: logits / temperature, restricted to the top-k / top-p support when the rollout truncated
 (masks.py keep-sampling); π_old is the rollout's log-prob of the token under that same distribution.
 
+What the Learner runs for it: no MTP block (`uses_mtp` False; it is frozen in GRPO), and the logits only from the
+micro-batch's first completion position on (`logits_from`): the prompt's positions skip the output head and its
+[B, S, V] log-softmax. A micro-batch holds whole groups, whose rows share one prompt, so that is most of the
+prompt.
+
 Metrics (each a sum the Learner divides by N): `policy_loss` (the weighted surrogate: the aggregated policy loss),
 `kl` (the estimate per token: its token mean; 0 without a reference), `clip_fraction` (tokens whose ratio was
 clipped, of all target tokens), `masked_fraction` (tokens of sequences the off-policy mask dropped), `entropy` (of
@@ -27,7 +32,7 @@ from dsv4train.models.model import ModelOutput
 from dsv4train.posttrain.grpo.kl import KL_KINDS, kl_estimate, unbiased_k3
 from dsv4train.posttrain.grpo.masks import keep_sampling_logprobs, off_policy_sequence_mask, sampling_support
 from dsv4train.posttrain.grpo.policy_loss import ppo_clip_loss
-from dsv4train.train.losses import IGNORE, LossOutput, count_targets
+from dsv4train.train.losses import IGNORE, ROUTES_PREFIX, LossOutput, count_targets
 
 
 def sampling_logprobs(
@@ -62,6 +67,7 @@ class GRPOLoss:
     dual_clip: float | None = None
     kl_kind: str = "k3"
     delta: float | None = None
+    uses_mtp: bool = False  # the Learner skips the MTP block (frozen in GRPO)
     metric_names: tuple[str, ...] = (
         "policy_loss",
         "kl",
@@ -75,7 +81,14 @@ class GRPOLoss:
         if self.kl_kind not in KL_KINDS:
             raise ValueError(f"unknown kl_kind {self.kl_kind!r}; use one of {KL_KINDS}")
 
+    def logits_from(self, batch: dict[str, torch.Tensor]) -> int:
+        """The first position with a label (a completion token): the prompt's positions need no logits."""
+        real_S = (batch["labels"] != IGNORE).any(0)
+        return int(real_S.nonzero()[0]) if bool(real_S.any()) else 0
+
     def __call__(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> LossOutput:
+        start = batch["labels"].shape[1] - out.logits.shape[1]  # the logits begin at logits_from(batch)
+        batch = {k: v[:, start:] for k, v in batch.items() if not k.startswith(ROUTES_PREFIX)}
         labels_BS = batch["labels"]
         real_BS = labels_BS != IGNORE
         logprob_BS, entropy_BS = sampling_logprobs(out.logits, labels_BS, self.temperature, self.top_k, self.top_p)
