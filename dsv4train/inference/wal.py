@@ -1,7 +1,8 @@
 """The rollout write-ahead log (WAL): every token the engine samples is appended to its request's log before the
 engine takes its next step, so a generation killed part-way (its process SIGKILLed, its node lost) resumes from the
-logged tokens by re-prefilling them, instead of starting its unfinished requests over (DeepSeek-V4 §9.3: restarting
-from scratch biases the samples toward short answers, since long ones are the ones an interruption catches).
+logged tokens by re-prefilling them, instead of starting its unfinished requests over (DeepSeek-V4, arch ref
+§9.2: restarting from scratch biases the samples toward short answers, since long ones are the ones an interruption
+catches).
 
     wal = RolloutWAL(path, version=7)                       # opens path; reads what an earlier life logged there
     completions = engine.generate(prompts, params, seeds=seeds, wal=wal)
