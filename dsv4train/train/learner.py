@@ -23,11 +23,12 @@ and `train.indexer_loss_weight`.
 The loss function sees the model's outputs, not the model: under pipeline parallelism only the last stage has the
 logits, and the schedule calls the same `loss_fn` there on each pipeline chunk.
 
-Work a step does not need is not done: with `train.indexer_loss_weight` 0 the attention layers do not compute the
-indexer KL (its metric reads 0), and a loss function whose `uses_mtp` is False (GRPO's) gets no MTP logits, so the
-MTP block is not run, and one with `logits_from(batch)` gets the logits from that position on only (GRPO: from
+Work a step does not need is not done: a loss function whose `uses_mtp` is False (GRPO's) gets no MTP logits, so
+the MTP block is not run, and one with `logits_from(batch)` gets the logits from that position on only (GRPO: from
 the first completion token; the prompt's positions skip the output head). Both without pipeline parallelism,
-whose stages run their whole slice.
+whose stages run their whole slice. (A stage that does not train the indexer turns its KL off itself,
+`model.set_indexer_kl(False)`, and freezes the indexer: a parameter that never gets a gradient has no optimizer
+state, and a checkpoint without it does not resume.)
 """
 
 from __future__ import annotations
@@ -101,12 +102,6 @@ class Learner:
     dtype: torch.dtype = torch.float32  # autocast dtype (float32: none)
     checkpoint_root: Path | None = None  # named in the error when the NaN policy stops the run
     nan_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient
-
-    def __post_init__(self) -> None:
-        if self.train.indexer_loss_weight == 0:  # a KL nothing learns from: the attention layers skip it
-            for m in self.model.modules():
-                if hasattr(m, "indexer_kl"):
-                    m.indexer_kl = False
 
     # ------------------------------------------------------------------ the step
     def step(self, micro_batches: list[Batch], loss_fn: LossFn, number: int | None = None) -> StepResult:

@@ -116,8 +116,14 @@ def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag
     pool = PromptPool(prompts, cfg.seed)
     reference = _frozen_copy(model, device) if g.uses_reference else None
     model.set_indexer_mode("sparse")  # the SFT expert left the dense warm-up long ago
-    # GRPO has no MTP loss: the MTP block stays as SFT left it, out of the optimizer
-    for p in model.mtp.parameters():
+    # GRPO has no MTP loss: the MTP block stays as SFT left it, out of the optimizer. Likewise the indexer when its KL
+    # has no weight (the toy preset): its top-k is not differentiable, so the KL is all it learns from; the KL is not
+    # computed then, and a parameter without a gradient would have no optimizer state to checkpoint.
+    frozen = list(model.mtp.parameters())
+    if t.indexer_loss_weight == 0:
+        model.set_indexer_kl(False)
+        frozen += [p for name, p in model.named_parameters() if ".indexer." in name]
+    for p in frozen:
         p.requires_grad_(False)
     loop, resume_from, removed, fresh = resumed_loop(cfg, model.to(device), rt, dtype, run_dir, pool, preemption)
     with ray_session(g.ray_address) if g.ray else contextlib.nullcontext():
