@@ -180,7 +180,8 @@ class GRPOConfig(TrainingRunConfig):
         require(
             self.parallel.cp == 1 and self.parallel.pp == 1,
             "parallel",
-            "GRPO runs without context or pipeline parallelism for now (parallel.cp=1, parallel.pp=1)",
+            "GRPO runs without context or pipeline parallelism for now: set parallel.cp=1 and parallel.pp=1 "
+            "(parallel.dp, ep and tp run under torchrun)",
         )
         require(
             self.train.grad_accum == 1,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from dsv4train.models.sequence import WHOLE_SEQUENCE, WholeSequence
 from dsv4train.parallel.dims import ParallelDims
@@ -81,6 +82,23 @@ class ParallelRuntime:
         from dsv4train.parallel.muon import make_distributed
 
         return make_distributed(optimizer, plain_copies=self.dims.world_size // self.dims.pp)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's whole state dict, the names and shapes of the unsharded model (what a rollout worker or an
+        evaluation copy loads), on the main rank; None on the others. On one process `model.state_dict()`. Under
+        a layout every rank must call it: each sharded tensor is all-gathered in turn, and the other ranks drop it
+        at once (they never hold more than one whole tensor). Not under pipeline parallelism, where a rank holds only
+        its stages."""
+        if not self.distributed:
+            return model.state_dict()
+        if self.dims.pp > 1:
+            raise NotImplementedError("full_state_dict under pipeline parallelism (a pp rank holds only its stages)")
+        full = {}
+        for name, t in model.state_dict().items():
+            whole = t.full_tensor() if isinstance(t, DTensor) else t
+            if self.is_main:
+                full[name] = whole
+        return full if self.is_main else None
 
     def _pp_group(self):
         return self.mesh["pp"].get_group()

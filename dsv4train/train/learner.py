@@ -15,6 +15,11 @@ then back-propagates (loss_sum + n · aux) · R / N, where R = dp·cp·ep is the
 averages, so the averaged gradient is that of Σ loss / N. When every row has the same number of targets (packed
 pre-training rows) this equals the old mean of micro-batch means; with masks (SFT, RL token-mean) only this is right.
 
+**Padding.** A step whose micro-batches the data ranks cannot share equally (GRPO's, of any number) gives the ranks
+with fewer some padding micro-batches (`step(..., padding=k)`, the last k): every label IGNORE, so they add no target
+to N and nothing to the loss, and their expert counts are left out. They only make every rank run as many
+forward/backward passes, which FSDP's and EP's collectives need.
+
 The model's auxiliary losses (the MoE balance loss and the indexer KL, arch ref §5.3, §3.4) are means over one
 micro-batch; they enter weighted by the micro-batch's target count n, i.e. as a token-weighted mean over the
 micro-batches (the plain mean when micro-batches hold equal counts), with the weights of `train.balance_loss_weight`
@@ -104,16 +109,26 @@ class Learner:
     nan_skips: int = 0  # steps skipped in a row for a non-finite loss or gradient
 
     # ------------------------------------------------------------------ the step
-    def step(self, micro_batches: list[Batch], loss_fn: LossFn, number: int | None = None) -> StepResult:
+    def step(
+        self, micro_batches: list[Batch], loss_fn: LossFn, number: int | None = None, padding: int = 0
+    ) -> StepResult:
         """Forward/backward over this rank's micro-batches, then clip and step (or skip, by the NaN policy). Every
         rank returns the same numbers and takes the same skip decision. `number`: the step's number in the run, for
-        the messages."""
+        the messages. `padding`: the last that many micro-batches only keep this rank in step with data ranks that
+        have more (FSDP's collectives need as many forward/backward passes on every rank; GRPO's step splits into
+        any number): their labels must be all IGNORE, and their tokens add nothing, not even expert counts."""
         rt, model = self.rt, self.model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         shards = [self._shard(b) for b in micro_batches]
         rows_counted = [row_targets(b) for b in shards]
         counted = torch.stack([r.sum().cpu() for r in rows_counted])
+        n_real = len(shards) - padding
+        if not 0 <= padding <= len(shards) or bool(counted[n_real:].any()):
+            raise ValueError(
+                f"padding={padding}: the last {padding} of the {len(shards)} micro-batches must exist and have every "
+                "label IGNORE (padding holds no target tokens)"
+            )
         n_global = int(rt.sum_over_data(counted.sum().double()))
         if n_global == 0:
             raise ValueError(
@@ -123,14 +138,14 @@ class Learner:
         scale = self._grad_average_ranks() / n_global
         names = ("loss", *loss_fn.metric_names, *_AUX)
         if rt.pipeline is None:
-            sums, counts = self._forward_backward(shards, counted, loss_fn, scale)
+            sums, counts = self._forward_backward(shards, counted, loss_fn, scale, n_real)
         elif any(batch_routes(b) for b in shards):
             raise NotImplementedError(
                 "keep-routing (routes.<layer> batch keys) is not passed through the pipeline schedule yet: train "
                 "with replayed routes without pipeline parallelism (parallel.pp=1)"
             )
         else:
-            sums, counts = self._pipelined_forward_backward(shards, rows_counted, counted, loss_fn, scale)
+            sums, counts = self._pipelined_forward_backward(shards, rows_counted, counted, loss_fn, scale, n_real)
         # one all-reduce of the sums [loss, metrics..., balance, indexer] and one of the counts, over the data ranks
         totals = dict(zip(names, (rt.sum_over_data(sums) / n_global).tolist()))
         counts = rt.sum_over_data(counts)
@@ -196,13 +211,13 @@ class Learner:
         return {k: self.rt.seq.shard(v.to(self.device, non_blocking=True)) for k, v in batch.items()}
 
     def _forward_backward(
-        self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn, scale: float
+        self, shards: list[Batch], counted: torch.Tensor, loss_fn: LossFn, scale: float, n_real: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole model on this rank: the float64 sums [loss, metrics..., n·balance, n·indexer] over its
-        micro-batches, and its expert counts [n_moe_layers, E]."""
+        micro-batches, and the expert counts [n_moe_layers, E] of the first `n_real` (the rest is padding)."""
         w_bal, w_idx = self._aux_weights()
         sums = torch.zeros(3 + len(loss_fn.metric_names), dtype=torch.float64)
-        counts = None
+        counts = []
         for batch, n in zip(shards, counted):
             out = self._forward(batch, loss_fn)
             lo = loss_fn(out, batch)
@@ -211,8 +226,8 @@ class Learner:
             ((lo.loss_sum + aux) * scale).backward()
             n_aux = torch.stack([n * out.balance_loss, n * out.indexer_loss]).detach().double().cpu()
             sums += torch.cat([lo.sums(loss_fn.metric_names), n_aux])
-            counts = out.expert_counts if counts is None else counts + out.expert_counts
-        return sums, counts.detach()
+            counts.append(out.expert_counts.detach())
+        return sums, _real_counts(counts, n_real)
 
     def _pipelined_forward_backward(
         self,
@@ -221,6 +236,7 @@ class Learner:
         counted: torch.Tensor,
         loss_fn: LossFn,
         scale: float,
+        n_real: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through this rank's pipeline stages (parallel/pp.py): the schedule calls `loss_fn` on the last
         stage's chunks, the aux losses get their gradient on the stage that computed them; the sums and counts of
@@ -234,7 +250,7 @@ class Learner:
             for rec, n in zip(records, counted):
                 _check_count(rec, n)
         sums = self.rt.sum_over_stages(sum(r.sums for r in records))
-        return sums, self.rt.sum_over_stages(sum(r.counts for r in records))
+        return sums, self.rt.sum_over_stages(_real_counts([r.counts for r in records], n_real))
 
     def _local_expert_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """The rows of the global expert counts that belong to this rank's MoE layers (its stages' under pp)."""
@@ -272,6 +288,12 @@ class Learner:
         self.model.train()
         n, _, *values = self.rt.sum_over_data(self.rt.sum_over_stages(sums)).tolist()
         return dict(zip(loss_fn.metric_names, (v / n for v in values)))
+
+
+def _real_counts(counts: list[torch.Tensor], n_real: int) -> torch.Tensor:
+    """The sum of the first `n_real` micro-batches' expert counts (zeros when there are none): padding routes
+    tokens too, but they are not the step's."""
+    return sum(counts[:n_real], torch.zeros_like(counts[0]))
 
 
 def _check_count(lo, counted: torch.Tensor) -> None:

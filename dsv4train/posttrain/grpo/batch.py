@@ -20,7 +20,12 @@ attention is causal, so padding never changes a real position.
 step. Every aggregation of policy_loss.py is such a sum with a weight per token of sequence i (|o_i| its tokens,
 B the step's sequences, H the horizon): token-mean 1; seq-mean-token-mean N / (B' |o_i|) with B' the sequences that
 have a token; seq-mean-token-sum N / B; seq-mean-token-sum-norm N / (B H). So Σ w ℓ / N is the aggregated loss, for
-any cut of the step into micro-batches (and over data ranks, with the global N and B)."""
+any cut of the step into micro-batches (and over data ranks, with the global N and B).
+
+**Over data ranks** (torchrun layouts). Every rank builds the step's micro-batches from the same samples and trains
+its share (`data_rank_share`): a contiguous run of ⌈M / R⌉ of the M micro-batches per data rank, completed by
+padding micro-batches (no targets; train/learner.py "Padding") where M does not divide, so every rank runs as many
+forward/backward passes. Each micro-batch is the one a single process trains, so its numbers are too."""
 
 from __future__ import annotations
 
@@ -122,3 +127,20 @@ def _micro_batch(chunk, learned_layers: Sequence[int], pad_id: int) -> dict[str,
                 )
             batch[f"{ROUTES_PREFIX}{i}"][b, :L] = routes
     return batch
+
+
+def data_rank_share(
+    batches: Sequence[dict[str, torch.Tensor]], rank: int, n_ranks: int
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(data rank `rank`'s micro-batches: [rank·m, (rank+1)·m) of the step's M, m = ⌈M / n_ranks⌉; the padding that
+    brings it to m: one-row copies of the step's last micro-batch with every label IGNORE)."""
+    m = -(-len(batches) // n_ranks)
+    mine = list(batches[rank * m : (rank + 1) * m])
+    return mine, [_padding(batches[-1]) for _ in range(m - len(mine))]
+
+
+def _padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A micro-batch of one row of `batch` without targets: it runs like any other and adds nothing."""
+    pad = {k: v[:1].clone() for k, v in batch.items()}
+    pad["labels"] = torch.full_like(pad["labels"], IGNORE)
+    return pad

@@ -18,8 +18,24 @@ the same command again resumes, and draws the prompts and samples the uninterrup
 is a function of the run seed, the step and the sample's place, rollout.py).
 
 Rollouts and rewards run in Ray actors (`grpo.ray=true`, ray_actors.py: a local Ray by default, restarts with
-bounded retries) or in this process (`grpo.ray=false`); the policy update runs in this process (the torchrun
-layouts for it come next, docs/posttraining.md)."""
+bounded retries) or in this process (`grpo.ray=false`); the policy update runs in this process, or in every process
+of a torchrun layout (`parallel.dp`, `ep`, `tp`; not `cp` or `pp`):
+
+- every rank runs this loop; rank 0, the driver, alone owns the rollout workers, the rewards, the prompt pool's draws,
+  the evaluation, samples.jsonl and the tracker and progress output (the other ranks create no workers);
+- each step the driver's scored samples (none: skip the update) and its rollout metrics are broadcast, so every rank
+  returns the same metrics;
+- every rank builds the step's micro-batches from them and trains its data rank's share, padded with micro-batches
+  without targets to as many as the others (batch.py `data_rank_share`); the aggregation weights are the whole
+  step's and the Learner divides by the whole step's target count, so the update is the one-process update;
+- the weight sync and the evaluation gather the whole state dict to the driver (`ParallelRuntime.full_state_dict`;
+  every rank takes part), the rollout workers load it with the version as on one process, and the evaluation runs
+  on an unsharded copy of the policy on the driver;
+- with a reference (β > 0) every rank keeps its own frozen unsharded copy of `grpo.init` and computes the reference
+  log-probs of the micro-batches it trains: the reference forwards are spread over the ranks like the update, and
+  nothing more is broadcast (every rank loaded the whole init anyway, before sharding it);
+- checkpoints are the Learner's (DCP shards of every rank) with the driver's controller state (its prompt pool
+  position and RNG), so a resumed run draws what the uninterrupted one would, in any layout."""
 
 from __future__ import annotations
 
@@ -38,9 +54,11 @@ from tqdm import tqdm
 
 from dsv4train.config.errors import ConfigError
 from dsv4train.config.grpo import GRPOConfig, GRPOOptions
+from dsv4train.config.pretrain import TrainConfig
 from dsv4train.data.chat import EOS
 from dsv4train.inference.sampling import SamplingParams
 from dsv4train.models.model import DSV4Model
+from dsv4train.models.pretrained import build_empty
 from dsv4train.observability.run_dir import open_run_dir, write_snapshot
 from dsv4train.observability.trackers import build_trackers
 from dsv4train.optim.schedule import lr_at
@@ -48,19 +66,20 @@ from dsv4train.parallel.dims import ParallelDims
 from dsv4train.parallel.runtime import ParallelRuntime
 from dsv4train.posttrain.evaluation import EvalSettings, completion_text, evaluate
 from dsv4train.posttrain.grpo.advantages import constant_groups, group_advantages, overlong_penalty
-from dsv4train.posttrain.grpo.batch import ScoredRollout, aggregation_weights, micro_batches
+from dsv4train.posttrain.grpo.batch import ScoredRollout, aggregation_weights, data_rank_share, micro_batches
 from dsv4train.posttrain.grpo.loss import GRPOLoss, sampling_logprobs
 from dsv4train.posttrain.grpo.prompts import Prompt, PromptPool, task_prompts
 from dsv4train.posttrain.grpo.ray_actors import RayRewards, RayRollouts, ray_session
 from dsv4train.posttrain.grpo.rollout import Rollout, RolloutWorker, rollout_seed
 from dsv4train.posttrain.rewards.scoring import score_completions
 from dsv4train.posttrain.sft import load_init
+from dsv4train.quant import apply_precision
 from dsv4train.train import checkpoint
 from dsv4train.train.callbacks import Callback, CheckpointCallback, Loop, PreemptionCallback, TrackerCallback
 from dsv4train.train.learner import Learner
-from dsv4train.train.trainer import print_summary, resumed_loop, steps_summary, summarise_run
+from dsv4train.train.trainer import placement, print_summary, resumed_loop, same_run_dir, steps_summary, summarise_run
 from dsv4train.utils.device import pick_device, seed_everything
-from dsv4train.utils.dist import env_world_size
+from dsv4train.utils.dist import env_world_size, init_distributed
 from dsv4train.utils.signals import PreemptionFlag, catch_preemption
 
 
@@ -78,9 +97,9 @@ class GRPOContext:
 
     cfg: GRPOConfig
     tokenizer: object
-    rollouts: RolloutWorker | RayRollouts  # load_weights(state_dict, version), generate(...)
-    score: Callable[[list], list[tuple[float, str]]]  # [(reward function, text)] -> [(reward, reason)]
-    reference: DSV4Model | None
+    rollouts: RolloutWorker | RayRollouts | None  # load_weights(state_dict, version), generate(...); the driver's
+    score: Callable[[list], list[tuple[float, str]]] | None  # [(reward function, text)] -> [(reward, reason)]
+    reference: DSV4Model | None  # every rank's own frozen copy of grpo.init (β > 0)
     eos_id: int
     learned_layers: list[int]
 
@@ -91,8 +110,6 @@ class GRPOContext:
 
 def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag, prompts: list[Prompt] | None) -> dict:
     g, t = cfg.grpo, cfg.train
-    if env_world_size() > 1:
-        raise ConfigError("dsv4 grpo runs in one process for now: launch it with `dsv4 grpo`, not torchrun")
     tokenizer, model, vocab_note = load_init(g.init, g.tokenizer, cfg.seed, key="grpo.init")
     max_prompt_len = model.cfg.max_seq_len - g.max_new_tokens
     if max_prompt_len < 1:
@@ -100,9 +117,11 @@ def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag
             f"grpo.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the model's max_seq_len "
             f"{model.cfg.max_seq_len}; lower it"
         )
-    device = pick_device(t.device)
-    rt = ParallelRuntime(ParallelDims.from_config(cfg.parallel), device)
-    run_dir = open_run_dir(cfg.run.dir)
+    dims = ParallelDims.from_config(cfg.parallel)  # cp and pp were refused with the config (config/grpo.py)
+    dims.validate(env_world_size(), model.cfg, model.cfg.max_seq_len, t.micro_batch_size)  # before any collective
+    device = init_distributed(pick_device(t.device), cfg.parallel.timeout_s)
+    rt = ParallelRuntime(dims, device)
+    run_dir = open_run_dir(same_run_dir(cfg, rt))
     dtype = torch.bfloat16 if cfg.precision.compute_dtype == "bfloat16" else torch.float32
     seed_everything(cfg.seed)
 
@@ -113,21 +132,14 @@ def _grpo(cfg: GRPOConfig, resolved_yaml: str | None, preemption: PreemptionFlag
         )  # fmt: skip
     else:
         prompts, too_long = _fitting(prompts, max_prompt_len)
-    pool = PromptPool(prompts, cfg.seed)
-    reference = _frozen_copy(model, device) if g.uses_reference else None
-    model.set_indexer_mode("sparse")  # the SFT expert left the dense warm-up long ago
-    # GRPO has no MTP loss: the MTP block stays as SFT left it, out of the optimizer. Likewise the indexer when its KL
-    # has no weight (the toy preset): its top-k is not differentiable, so the KL is all it learns from; the KL is not
-    # computed then, and a parameter without a gradient would have no optimizer state to checkpoint.
-    frozen = list(model.mtp.parameters())
-    if t.indexer_loss_weight == 0:
-        model.set_indexer_kl(False)
-        frozen += [p for name, p in model.named_parameters() if ".indexer." in name]
-    for p in frozen:
-        p.requires_grad_(False)
+    pool = PromptPool(prompts, cfg.seed)  # on every rank (its position is checkpointed); only the driver draws
+    reference = frozen_copy(model, device) if g.uses_reference else None
+    prepare_policy(model, t)
     loop, resume_from, removed, fresh = resumed_loop(cfg, model.to(device), rt, dtype, run_dir, pool, preemption)
-    with ray_session(g.ray_address) if g.ray else contextlib.nullcontext():
-        rollouts, score = _workers(g, model, tokenizer, device, run_dir / ROLLOUT_WAL_DIR if g.rollout_wal else None)
+    driver = rt.is_main
+    with ray_session(g.ray_address) if g.ray and driver else contextlib.nullcontext():
+        wal_dir = run_dir / ROLLOUT_WAL_DIR if g.rollout_wal else None
+        rollouts, score = _workers(g, model, tokenizer, device, wal_dir) if driver else (None, None)
         eos_id = tokenizer.token_to_id(EOS)
         ctx = GRPOContext(cfg, tokenizer, rollouts, score, reference, eos_id, model.learned_routing_layers)
         return _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_from, removed, fresh)
@@ -153,22 +165,26 @@ def _workers(g: GRPOOptions, model: DSV4Model, tokenizer, device: torch.device, 
 
 def _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_from, removed, fresh) -> dict:
     g, t, run_dir, model = cfg.grpo, cfg.train, loop.run_dir, loop.model
-    config_dict = asdict(cfg)
-    write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
-    ctx.tokenizer.save(str(run_dir / "tokenizer.json"))
-    _print_start(cfg, model, loop, len(prompts), too_long, vocab_note, resume_from, removed, fresh)
+    config_dict, driver = asdict(cfg), loop.rt.is_main
+    if driver:
+        write_snapshot(run_dir, resolved_yaml or OmegaConf.to_yaml(config_dict), loop.start_step)
+        ctx.tokenizer.save(str(run_dir / "tokenizer.json"))
+        _print_start(cfg, model, loop, len(prompts), too_long, vocab_note, resume_from, removed, fresh)
 
-    trackers = build_trackers(cfg.tracker, run_dir, config_dict)
-    callbacks = [
+    driver_only = []
+    if driver:
+        trackers = build_trackers(cfg.tracker, run_dir, config_dict)
+        driver_only = [TrackerCallback(trackers, t.log_every), GRPOProgressCallback(t.progress_bar)]
+    callbacks = [  # evaluation (its weight gather), preemption and checkpoints are collective: every rank runs them
         *([GRPOEvalCallback(ctx, t.eval_every)] if g.eval_n > 0 else []),
-        TrackerCallback(trackers, t.log_every),
-        GRPOProgressCallback(t.progress_bar),
+        *driver_only,
         PreemptionCallback(),
         CheckpointCallback(t.checkpoint_every, t.keep_checkpoints),
     ]
     prompt_report = {"train": len(prompts), "too_long": too_long, "tasks": g.tasks, "mode": g.mode}
     summary = summarise_run(loop, callbacks, lambda: run_grpo_steps(loop, ctx, callbacks), {"prompts": prompt_report})
-    print_summary(summary, "grpo")
+    if driver:
+        print_summary(summary, "grpo")
     return summary
 
 
@@ -185,7 +201,22 @@ def _fitting(prompts: list[Prompt], max_prompt_len: int) -> tuple[list[Prompt], 
     return fitting, len(prompts) - len(fitting)
 
 
-def _frozen_copy(model: DSV4Model, device: torch.device) -> DSV4Model:
+def prepare_policy(model: DSV4Model, t: TrainConfig) -> None:
+    """The SFT expert as GRPO trains it: the sparse indexer, and out of the optimizer what no
+    GRPO loss reaches. GRPO has no MTP loss: the MTP block stays as SFT left it. Likewise the indexer when its KL has
+    no weight (the toy preset): its top-k is not differentiable, so the KL is all it learns from; the KL is not
+    computed then, and a parameter without a gradient would have no optimizer state to checkpoint."""
+    model.set_indexer_mode("sparse")  # the SFT expert left the dense warm-up long ago
+    frozen = list(model.mtp.parameters())
+    if t.indexer_loss_weight == 0:
+        model.set_indexer_kl(False)
+        frozen += [p for name, p in model.named_parameters() if ".indexer." in name]
+    for p in frozen:
+        p.requires_grad_(False)
+
+
+def frozen_copy(model: DSV4Model, device: torch.device) -> DSV4Model:
+    """The reference: a frozen copy of the (unsharded) init, in eval mode with the sparse indexer."""
     reference = copy.deepcopy(model).to(device).eval()
     reference.set_indexer_mode("sparse")
     for p in reference.parameters():
@@ -223,13 +254,57 @@ def run_grpo_steps(loop: Loop, ctx: GRPOContext, callbacks: list[Callback]) -> d
 
 
 def grpo_step(loop: Loop, ctx: GRPOContext) -> dict:
-    """One GRPO step at `loop.step` (not advanced here): its metrics."""
-    g, step = ctx.g, loop.step
-    times: dict[str, float] = {"sync_s": 0.0, "rollout_s": 0.0, "reward_s": 0.0, "train_s": 0.0}
+    """One GRPO step at `loop.step` (not advanced here): its metrics, the same on every rank. The driver draws and
+    scores the samples; every rank trains on them (its data rank's share)."""
+    step = loop.step
     started = time.perf_counter()
-    ctx.rollouts.load_weights(loop.model.state_dict(), version=step)
-    times["sync_s"] = time.perf_counter() - started
+    _sync_weights(loop, ctx, version=step)
+    sync_s = time.perf_counter() - started
+    drawn = loop.rt.from_main(_draw_samples(loop, ctx) if loop.rt.is_main else None)  # one broadcast
+    t0 = time.perf_counter()
+    lr = lr_at(step, ctx.cfg.optim, ctx.cfg.train.steps)
+    loop.optimizer.set_lr(lr)
+    metrics = dict(drawn.metrics)
+    if drawn.trained:
+        metrics.update(update_policy(loop.learner, ctx, drawn.trained, step))
+    else:
+        metrics["skipped"] = True  # every group had equal rewards even after the refills: nothing to learn from
+    train_s = time.perf_counter() - t0
+    step_s = time.perf_counter() - started
+    metrics.update(
+        {
+            "sync_s": sync_s,
+            "train_s": train_s,
+            "lr": lr,
+            "trained_samples": len(drawn.trained),
+            "step_s": step_s,
+            "samples_per_sec": metrics["samples"] / step_s,
+        }
+    )
+    return metrics
 
+
+def _sync_weights(loop: Loop, ctx: GRPOContext, version: int) -> None:
+    """The policy's whole weights into the rollout workers, with their version (under torchrun gathered to the
+    driver from every rank's shards: every rank takes part)."""
+    weights = loop.rt.full_state_dict(loop.model)
+    if ctx.rollouts is not None:
+        ctx.rollouts.load_weights(weights, version=version)
+
+
+@dataclass
+class DrawnSamples:
+    """What the driver's rollouts give a step (broadcast to every rank): the samples to train on (none: the update
+    is skipped) and the rollout metrics."""
+
+    trained: list[ScoredRollout]
+    metrics: dict
+
+
+def _draw_samples(loop: Loop, ctx: GRPOContext) -> DrawnSamples:
+    """The driver's part of a step: prompts -> G rollouts each -> rewards -> dynamic sampling -> advantages."""
+    g, step = ctx.g, loop.step
+    times: dict[str, float] = {"rollout_s": 0.0, "reward_s": 0.0}
     kept: list[ScoredRollout] = []
     drawn: list[tuple[Prompt, Rollout, float, float]] = []  # every sample: prompt, rollout, shaped reward, score
     rounds = groups_drawn = groups_constant = 0
@@ -266,6 +341,7 @@ def grpo_step(loop: Loop, ctx: GRPOContext) -> dict:
         if not g.dynamic_sampling or len(kept) >= g.prompts_per_step * g.group_size or rounds > g.max_refills:
             break
 
+    generated = sum(len(r.completion.token_ids) for _, r, _, _ in drawn)
     metrics = {
         **_rollout_metrics(drawn),
         "groups_drawn": groups_drawn,
@@ -274,30 +350,12 @@ def grpo_step(loop: Loop, ctx: GRPOContext) -> dict:
         "rollout_rounds": rounds,
         "rollout_resumed_tokens": sum(r.completion.resumed for _, r, _, _ in drawn),
         "policy_version": step,
+        **times,
+        "samples": len(drawn),
+        "rollout_tokens_per_sec": generated / max(times["rollout_s"], 1e-9),
     }
     trained = [s for s in kept if not (g.overlong_filter and s.rollout.completion.finish_reason == "length")]
-    t0 = time.perf_counter()
-    lr = lr_at(step, ctx.cfg.optim, ctx.cfg.train.steps)
-    loop.optimizer.set_lr(lr)
-    if trained:
-        metrics.update(_update(loop.learner, ctx, trained, step))
-    else:
-        metrics["skipped"] = True  # every group had equal rewards even after the refills: nothing to learn from
-    times["train_s"] = time.perf_counter() - t0
-    generated = sum(len(r.completion.token_ids) for _, r, _, _ in drawn)
-    step_s = time.perf_counter() - started
-    metrics.update(
-        {
-            **times,
-            "lr": lr,
-            "samples": len(drawn),
-            "trained_samples": len(trained),
-            "step_s": step_s,
-            "samples_per_sec": len(drawn) / step_s,
-            "rollout_tokens_per_sec": generated / max(times["rollout_s"], 1e-9),
-        }
-    )
-    return metrics
+    return DrawnSamples(trained, metrics)
 
 
 SAMPLES_JSONL = "samples.jsonl"  # one line per step: the first prompt's group, its completions and rewards
@@ -360,10 +418,12 @@ def _rollout_metrics(drawn: list[tuple[Prompt, Rollout, float, float]]) -> dict:
     return metrics
 
 
-def _update(learner: Learner, ctx: GRPOContext, samples: list[ScoredRollout], step: int) -> dict:
-    """grpo.updates_per_step optimizer steps over contiguous mini-batches of the samples; the metrics of the last
-    one, and the tokens/s of all."""
-    g, t = ctx.g, ctx.cfg.train
+def update_policy(learner: Learner, ctx: GRPOContext, samples: list[ScoredRollout], step: int) -> dict:
+    """grpo.updates_per_step optimizer steps over contiguous mini-batches of the samples (the same on every rank);
+    the metrics of the last one, and the tokens/s of all. A mini-batch's aggregation weights and micro-batches are
+    the whole mini-batch's on every rank; each data rank trains its share of the micro-batches, padded to as many as
+    the others (batch.py `data_rank_share`), and the Learner divides by the target count of all of them."""
+    g, t, rt = ctx.g, ctx.cfg.train, learner.rt
     loss_fn = GRPOLoss(g.temperature, g.top_k, g.top_p, g.eps_low, g.eps_high, g.dual_clip, g.kl_kind, g.delta)
     n_mini = min(g.updates_per_step, len(samples))
     bounds = [round(i * len(samples) / n_mini) for i in range(n_mini + 1)]
@@ -376,11 +436,12 @@ def _update(learner: Learner, ctx: GRPOContext, samples: list[ScoredRollout], st
             g.max_new_tokens if g.aggregation == "seq-mean-token-sum-norm" else None,
         )
         batches = micro_batches(chunk, weights, t.micro_batch_size, ctx.learned_layers, ctx.eos_id)
+        mine, padding = data_rank_share(batches, rt.data_rank, rt.data_ranks)
         if ctx.reference is not None:
-            for b in batches:
+            for b in mine:
                 b["ref_logprobs"] = _reference_logprobs(ctx, b, learner.device)
-        tokens += sum(int(b["input_ids"].numel()) for b in batches)
-        result = learner.step(batches, loss_fn, number=step + 1)
+        tokens += sum(int(b["input_ids"].numel()) for b in batches)  # every rank's: the step's throughput
+        result = learner.step(mine + padding, loss_fn, number=step + 1, padding=len(padding))
     metrics = result.log()
     metrics["train_tokens_per_sec"] = tokens / (time.perf_counter() - t0)
     return metrics
@@ -400,12 +461,32 @@ class GRPOEvalCallback(Callback):
     """Accuracy on the held-out test split of each task (`dsv4 eval`'s problems and scoring), of the policy (an
     Engine over the Learner's model, in this process): greedy, and with `grpo.eval_samples` K > 0 also pass@1 over
     K samples per problem at `grpo.temperature`; at the start of a fresh run, every `every` steps and at the last
-    step. `loop.val_first` / `val_last` keep {task: greedy accuracy, "<task>_sampled": pass@1} (checkpointed)."""
+    step. `loop.val_first` / `val_last` keep {task: greedy accuracy, "<task>_sampled": pass@1} (checkpointed).
+    Under torchrun the driver evaluates an unsharded copy of the policy (`_policy`); the other ranks only take part
+    in gathering its weights, and keep None."""
 
     def __init__(self, ctx: GRPOContext, every: int):
         self.ctx, self.every = ctx, every
+        self.copy: DSV4Model | None = None  # under torchrun: the driver's unsharded policy, built once
 
-    def _evaluate(self, loop: Loop) -> dict[str, float]:
+    def _policy(self, loop: Loop) -> DSV4Model | None:
+        """The policy as one whole model on the driver, None on the other ranks: the Learner's model on one process;
+        under torchrun a copy (same precision, no random init) loaded with the gathered weights (every rank calls)."""
+        if not loop.rt.distributed:
+            return loop.model
+        weights = loop.rt.full_state_dict(loop.model)
+        if weights is None:
+            return None
+        if self.copy is None:
+            self.copy = apply_precision(build_empty(loop.model.cfg, loop.learner.device), loop.cfg.precision)
+            self.copy.set_indexer_mode("sparse")
+        self.copy.load_state_dict(weights)
+        return self.copy
+
+    def _evaluate(self, loop: Loop) -> dict[str, float] | None:
+        model = self._policy(loop)
+        if model is None:
+            return None
         g = self.ctx.g
         common = dict(
             tasks=tuple(g.tasks),
@@ -419,24 +500,26 @@ class GRPOEvalCallback(Callback):
             code_difficulty=g.code_difficulty,
             progress=False,
         )
-        results = evaluate(loop.model, self.ctx.tokenizer, EvalSettings(**common))
+        results = evaluate(model, self.ctx.tokenizer, EvalSettings(**common))
         accuracies = {task: r["accuracy"] for task, r in results.items()}
         if g.eval_samples > 0:
             sampled = EvalSettings(**common, samples=g.eval_samples, temperature=g.temperature)
-            results = evaluate(loop.model, self.ctx.tokenizer, sampled)
+            results = evaluate(model, self.ctx.tokenizer, sampled)
             accuracies.update({f"{task}_sampled": r["accuracy"] for task, r in results.items()})
         return accuracies
 
     def on_train_start(self, loop: Loop) -> None:
         if loop.step == 0 and loop.stop_reason is None:
             loop.val_first = loop.val_last = self._evaluate(loop)
-            tqdm.write(f"grpo: held-out accuracy at the start: {_show(loop.val_first)}")
+            if loop.val_first is not None:
+                tqdm.write(f"grpo: held-out accuracy at the start: {_show(loop.val_first)}")
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
         if loop.step % self.every == 0 or loop.is_last_step:
             loop.val_last = self._evaluate(loop)
-            metrics.update({f"eval/{task}_accuracy": acc for task, acc in loop.val_last.items()})
-            tqdm.write(f"grpo: step {loop.step}: held-out accuracy {_show(loop.val_last)}")
+            if loop.val_last is not None:
+                metrics.update({f"eval/{task}_accuracy": acc for task, acc in loop.val_last.items()})
+                tqdm.write(f"grpo: step {loop.step}: held-out accuracy {_show(loop.val_last)}")
 
 
 def _show(accuracies: dict[str, float]) -> str:
@@ -477,7 +560,7 @@ def _print_start(cfg, model, loop, n_prompts, too_long, vocab_note, resume_from,
     g, t = cfg.grpo, cfg.train
     n = sum(p.numel() for p in model.parameters())
     print(
-        f"dsv4 grpo: {g.init} ({n / 1e6:.2f}M params) on {loop.learner.device}, {t.steps} steps of "
+        f"dsv4 grpo: {g.init} ({n / 1e6:.2f}M params) on {placement(loop)}, {t.steps} steps of "
         f"{g.prompts_per_step} prompts x {g.group_size} samples (up to {g.max_new_tokens} new tokens, temperature "
         f"{g.temperature}), tasks {g.tasks} in {g.mode} mode, run dir {loop.run_dir}"
     )
