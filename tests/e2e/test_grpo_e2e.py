@@ -156,7 +156,13 @@ def test_the_command_trains_on_the_code_domain_through_the_sandbox(tmp_path, bas
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps_done"] == 1 and summary["samples"] == 4
     assert set(summary["eval_at_start"]) == set(summary["eval_last"]) == {"code", "code_sampled"}
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    start, record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start_eval = summary["eval_at_start"]  # step 0 of the metrics: where the held-out curves of `dsv4 report` start
+    assert start == {
+        "step": 0,
+        "eval/code_accuracy": start_eval["code"],
+        "eval/code_sampled_accuracy": start_eval["code_sampled"],
+    }
     assert record["code/reward_mean"] == 0.0
     assert {"eval/code_accuracy", "eval/code_sampled_accuracy"} <= set(record)
     assert re.search(r"held-out accuracy at the start: code [\d.]+ greedy, [\d.]+ sampled", result.stdout)

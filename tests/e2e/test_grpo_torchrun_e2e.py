@@ -90,25 +90,26 @@ def test_grpo_under_torchrun_dp2_trains_checkpoints_and_resumes(tmp_path, base):
     for name in ("config.resolved.yaml", "metrics.jsonl", "samples.jsonl", "summary.json", "tokenizer.json"):
         assert (run / name).is_file(), name
     assert len(list((run / "checkpoints" / "step_1").glob("*.distcp"))) == 2  # both ranks' shards
-    (step1,) = _lines(run / "metrics.jsonl")
+    start, step1 = _lines(run / "metrics.jsonl")
+    assert start == {"step": 0, "eval/math_accuracy": want[0]["eval/math_accuracy"]}  # the start's evaluation
     assert step1["step"] == 1 and step1["skipped"] is False and step1["trained_samples"] == 6
     # the same 6 samples as one process (the rollout worker got the gathered init weights), and over both ranks the
     # one-process gradient (fp32 reduction order: measured 3e-7 of it)
-    assert step1["response_length"] == want[0]["response_length"]
-    assert step1["grad_norm"] == pytest.approx(want[0]["grad_norm"], rel=1e-5)
+    assert step1["response_length"] == want[1]["response_length"]
+    assert step1["grad_norm"] == pytest.approx(want[1]["grad_norm"], rel=1e-5)
 
     second = _torchrun(base, run, steps=2)  # the same command, one step more: resumes
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resuming from" in second.stdout and "step_1" in second.stdout
     metrics = _lines(run / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert metrics[1]["policy_version"] == 1 and metrics[1]["skipped"] is False
-    assert {"eval/math_accuracy", "loss", "grad_norm"} <= set(metrics[1])
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # the start's evaluation is not repeated on resuming
+    assert metrics[2]["policy_version"] == 1 and metrics[2]["skipped"] is False
+    assert {"eval/math_accuracy", "loss", "grad_norm"} <= set(metrics[2])
     samples = _lines(run / "samples.jsonl")
     assert [s["step"] for s in samples] == [1, 2]
     assert samples[1]["prompt"] == want_samples[1]["prompt"]  # the pool resumed where the driver left it
     assert [c["text"] for c in samples[1]["completions"]] == [c["text"] for c in want_samples[1]["completions"]]
     # and the resumed policy (weights and optimizer state from both ranks' shards) trains as the uninterrupted one
-    assert metrics[1]["kl"] == pytest.approx(want[1]["kl"], rel=1e-4)
-    assert metrics[1]["grad_norm"] == pytest.approx(want[1]["grad_norm"], rel=1e-4)
+    assert metrics[2]["kl"] == pytest.approx(want[2]["kl"], rel=1e-4)
+    assert metrics[2]["grad_norm"] == pytest.approx(want[2]["grad_norm"], rel=1e-4)
     assert json.loads((run / "summary.json").read_text())["steps_done"] == 2

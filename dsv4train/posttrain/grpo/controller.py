@@ -171,12 +171,12 @@ def _run(cfg, ctx, loop, resolved_yaml, prompts, too_long, vocab_note, resume_fr
         ctx.tokenizer.save(str(run_dir / "tokenizer.json"))
         _print_start(cfg, model, loop, len(prompts), too_long, vocab_note, resume_from, removed, fresh)
 
-    driver_only = []
+    driver_only, trackers = [], None
     if driver:
         trackers = build_trackers(cfg.tracker, run_dir, config_dict)
         driver_only = [TrackerCallback(trackers, t.log_every), GRPOProgressCallback(t.progress_bar)]
     callbacks = [  # evaluation (its weight gather), preemption and checkpoints are collective: every rank runs them
-        *([GRPOEvalCallback(ctx, t.eval_every)] if g.eval_n > 0 else []),
+        *([GRPOEvalCallback(ctx, t.eval_every, trackers)] if g.eval_n > 0 else []),
         *driver_only,
         PreemptionCallback(),
         CheckpointCallback(t.checkpoint_every, t.keep_checkpoints),
@@ -465,8 +465,8 @@ class GRPOEvalCallback(Callback):
     Under torchrun the driver evaluates an unsharded copy of the policy (`_policy`); the other ranks only take part
     in gathering its weights, and keep None."""
 
-    def __init__(self, ctx: GRPOContext, every: int):
-        self.ctx, self.every = ctx, every
+    def __init__(self, ctx: GRPOContext, every: int, trackers=None):
+        self.ctx, self.every, self.trackers = ctx, every, trackers  # trackers: the driver's, to log the start at step 0
         self.copy: DSV4Model | None = None  # under torchrun: the driver's unsharded policy, built once
 
     def _policy(self, loop: Loop) -> DSV4Model | None:
@@ -513,13 +513,21 @@ class GRPOEvalCallback(Callback):
             loop.val_first = loop.val_last = self._evaluate(loop)
             if loop.val_first is not None:
                 tqdm.write(f"grpo: held-out accuracy at the start: {_show(loop.val_first)}")
+                if self.trackers is not None:  # step 0 in metrics.jsonl: the start of the held-out curves
+                    self.trackers.log(_eval_metrics(loop.val_first), 0)
 
     def on_step_end(self, loop: Loop, metrics: dict) -> None:
         if loop.step % self.every == 0 or loop.is_last_step:
             loop.val_last = self._evaluate(loop)
             if loop.val_last is not None:
-                metrics.update({f"eval/{task}_accuracy": acc for task, acc in loop.val_last.items()})
+                metrics.update(_eval_metrics(loop.val_last))
                 tqdm.write(f"grpo: step {loop.step}: held-out accuracy {_show(loop.val_last)}")
+
+
+def _eval_metrics(accuracies: dict[str, float]) -> dict[str, float]:
+    """{task: greedy, "<task>_sampled": pass@1} as the metric keys `eval/<task>_accuracy`,
+    `eval/<task>_sampled_accuracy`."""
+    return {f"eval/{task}_accuracy": acc for task, acc in accuracies.items()}
 
 
 def _show(accuracies: dict[str, float]) -> str:
