@@ -17,13 +17,9 @@ import torch
 from tokenizers import Tokenizer
 
 from dsv4train.config.hydra_entry import compose_config
-from dsv4train.data.tasks.records import domain_records
-from dsv4train.data.tokenizer import train_tokenizer
-from dsv4train.models.model import DSV4Model
-from dsv4train.models.pretrained import save_dsv4
 from dsv4train.posttrain.grpo.controller import grpo
 from dsv4train.posttrain.grpo.prompts import Prompt
-from dsv4train.testing.toy_configs import tiny_config
+from dsv4train.testing.grpo_base import save_grpo_base
 from dsv4train.train.pretrained import load_pretrained
 
 pytestmark = pytest.mark.e2e
@@ -44,14 +40,7 @@ FAST_LEARNING = ["optim=adamw", "optim.lr=1e-2", "optim.min_lr=1e-2", "optim.war
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A dsv4 folder: a small random model and its tokenizer.json (every chat special token at its fixed id)."""
-    records = [*domain_records("math", "train", 40, seed=0), *domain_records("code", "train", 10, seed=0)]
-    tokenizer = train_tokenizer([json.dumps(r) for r in records], 512)
-    folder = tmp_path_factory.mktemp("grpo") / "base"
-    model = DSV4Model(tiny_config(vocab_size=tokenizer.get_vocab_size(), max_seq_len=256))
-    model.init_weights(0)
-    save_dsv4(model, folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    return save_grpo_base(tmp_path_factory.mktemp("grpo") / "base")
 
 
 def _digit_share(text: str) -> float:

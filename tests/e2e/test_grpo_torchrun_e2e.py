@@ -16,12 +16,8 @@ from pathlib import Path
 import pytest
 
 from dsv4train.config.hydra_entry import compose_config
-from dsv4train.data.tasks.records import domain_records
-from dsv4train.data.tokenizer import train_tokenizer
-from dsv4train.models.model import DSV4Model
-from dsv4train.models.pretrained import save_dsv4
 from dsv4train.posttrain.grpo.controller import grpo
-from dsv4train.testing.toy_configs import tiny_config
+from dsv4train.testing.grpo_base import save_grpo_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +45,7 @@ COMMON = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A dsv4 folder: a small random model and its tokenizer.json (as tests/e2e/test_grpo_e2e.py makes it)."""
-    records = [*domain_records("math", "train", 40, seed=0), *domain_records("code", "train", 10, seed=0)]
-    tokenizer = train_tokenizer([json.dumps(r) for r in records], 512)
-    folder = tmp_path_factory.mktemp("grpo_torchrun") / "base"
-    model = DSV4Model(tiny_config(vocab_size=tokenizer.get_vocab_size(), max_seq_len=256))
-    model.init_weights(0)
-    save_dsv4(model, folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    return save_grpo_base(tmp_path_factory.mktemp("grpo_torchrun") / "base")
 
 
 def _torchrun(base: Path, run_dir: Path, steps: int) -> subprocess.CompletedProcess:
