@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv4train.inference.full_forward import request_seed
-from dsv4train.inference.sampling import SamplingParams, sample
+from dsv4train.inference.sampling import SAMPLING_KINDS, SamplingParams, draw, sampling_kind
 from dsv4train.inference.wal import LoggedRequest, RolloutWAL
 from dsv4train.models.kv_cache import CacheStep, LayerCache, allocate_layer_caches
 
@@ -101,8 +101,10 @@ class Engine:
     `compile=True` runs every decode step as one `torch.compile`d graph of fixed shape: all `max_batch` rows
     every step, the slots no request holds decoding a dummy token at position 0 (their contents are garbage
     until a prefill fills them, so nothing is lost). The first step compiles (about a minute for the toy flavor
-    on 2 CPU cores); later steps skip eager PyTorch's per-operator overhead. Prefill stays eager (its shapes
-    change with every group of prompts). CUDA graphs are not used."""
+    on 2 CPU cores); later steps skip eager PyTorch's per-operator overhead (`compile_decode_step`: guards without
+    nn.Module bookkeeping, so forward hooks added after the first step are not run; a C++ wrapper on the CPU).
+    Switching a module flag such as the indexer mode recompiles. Prefill stays eager (its shapes change with
+    every group of prompts). CUDA graphs are not used."""
 
     def __init__(
         self,
@@ -131,7 +133,9 @@ class Engine:
             model, max_batch, max_len, self.dtype, self.device, cache_dtype
         )
         self.compiled = compile
-        self._decode_step = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
+        # One compiled decode-and-draw step per sampling kind (three functions, so a kind never recompiles another)
+        steps = (self._decode_greedy, self._decode_sampled, self._decode_truncated) if compile else ()
+        self._compiled_steps = {kind: compile_decode_step(f, self.device) for kind, f in zip(SAMPLING_KINDS, steps)}
 
     # ------------------------------------------------------------------------------------------ checks
     def check(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
@@ -251,49 +255,79 @@ class Engine:
         if self._wal is not None:
             self._wal.log_requests([(r.index, r.prompt, r.seed, [c[0] for c in r.routes]) for r in fresh_requests])
         if fresh:
-            self._sample_into(fresh_requests, last_RV[fresh], fed=False)
+            kind = sampling_kind([r.params for r in fresh_requests])
+            drawn = draw(kind, last_RV[fresh], *self._settings(fresh_requests))
+            self._record(fresh_requests, drawn, fed=False)
 
     def _decode(self, running: list[_Request]) -> None:
         tokens = [r.generated[-1] for r in running]
         positions = [r.length for r in running]
         slots = [r.slot for r in running]
+        kind = sampling_kind([r.params for r in running])
+        settings = self._settings(running, rows=self.max_batch if self.compiled else len(running))
         if self.compiled:  # one shape for every step: the free slots decode a dummy token at position 0
             spare = sorted(set(range(self.max_batch)) - set(slots))
             tokens, positions, slots = tokens + [0] * len(spare), positions + [0] * len(spare), slots + spare
-        logits_RV, routes_LR1K = self._decode_step(
+        inputs = (
             torch.tensor(tokens, device=self.device).unsqueeze(1),
             torch.tensor(slots, device=self.device),
             torch.tensor(positions, device=self.device),
         )
+        if self.compiled:
+            *drawn, routes_LR1K = self._compiled_steps[kind](*inputs, *settings)
+        else:
+            *drawn, routes_LR1K = self._decode_and_draw(kind, *inputs, *settings)
         routes_LRK = routes_LR1K[:, :, 0].cpu()  # one copy to the host for every layer and row
         for row, r in enumerate(running):
             for chunks, layer_routes_RK in zip(r.routes, routes_LRK):
                 chunks.append(layer_routes_RK[row : row + 1])
-        self._sample_into(running, logits_RV[: len(running)], fed=True)
+        self._record(running, [t[: len(running)] for t in drawn], fed=True)
 
-    def _decode_forward(
-        self, tokens_R1: torch.Tensor, slots_R: torch.Tensor, positions_R: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step: (logits [R, V], routes of the learned-routing layers [layers, R, 1, k])."""
+    def _decode_and_draw(
+        self, kind: str, tokens_R1: torch.Tensor, slots_R: torch.Tensor, positions_R: torch.Tensor, *settings
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step and its draw (`sampling.draw`; `settings`: `_settings`' five per-row tensors): (tokens,
+        sampled logprobs, raw logprobs [R], routes of the learned-routing layers [layers, R, 1, k])."""
         step = CacheStep(self.caches, slots_R, positions_R=positions_R)
         logits_RV = self.model(tokens_R1, cache=step)[:, 0]
         R, k = tokens_R1.shape[0], self.model.cfg.n_activated_experts
         routes = [step.routes[i] for i in self.learned_layers]
-        return logits_RV, torch.stack(routes) if routes else torch.zeros(0, R, 1, k, dtype=torch.long)
+        routes_LR1K = torch.stack(routes) if routes else torch.zeros(0, R, 1, k, dtype=torch.long)
+        return *draw(kind, logits_RV, *settings), routes_LR1K
+
+    # The compiled steps: one function per sampling kind (torch.compile keeps one cache per function).
+    def _decode_greedy(self, *inputs):
+        return self._decode_and_draw("greedy", *inputs)
+
+    def _decode_sampled(self, *inputs):
+        return self._decode_and_draw("sampled", *inputs)
+
+    def _decode_truncated(self, *inputs):
+        return self._decode_and_draw("truncated", *inputs)
 
     def _slots(self, requests: list[_Request]) -> torch.Tensor:
         return torch.tensor([r.slot for r in requests], device=self.device)
 
-    def _sample_into(self, requests: list[_Request], logits_RV: torch.Tensor, fed: bool) -> None:
-        """Sample each request's next token; log them (`fed`: this step fed each request's previous token, whose
-        routes the log takes), then tell on_token."""
-        logits_RV = logits_RV.float()
-        if all(r.params.greedy for r in requests):  # sample()'s greedy rows, without its noise and warpers
-            tokens_R = logits_RV.argmax(dim=-1)
-            raw_R = logits_RV.log_softmax(dim=-1).gather(-1, tokens_R.unsqueeze(-1)).squeeze(-1)
-            tokens, logprobs, raw = tokens_R.tolist(), [0.0] * len(requests), raw_R.tolist()
-        else:
-            tokens, logprobs, raw = self._drawn(requests, logits_RV)
+    def _settings(self, requests: list[_Request], rows: int | None = None) -> tuple[torch.Tensor, ...]:
+        """`sampling.draw`'s per-row tensors (temperature, top-k, top-p, seed, counter = tokens generated so far)
+        for `requests`, padded to `rows` with greedy dummy rows."""
+        pad = (rows or len(requests)) - len(requests)
+
+        def column(values, dtype):
+            return torch.tensor(values + [0] * pad, dtype=dtype, device=self.device)
+
+        return (
+            column([r.params.temperature for r in requests], torch.float32),
+            column([r.params.top_k for r in requests], torch.long),
+            column([r.params.top_p for r in requests], torch.float32),
+            column([r.seed for r in requests], torch.long),
+            column([len(r.generated) for r in requests], torch.long),
+        )
+
+    def _record(self, requests: list[_Request], drawn: Sequence[torch.Tensor], fed: bool) -> None:
+        """Append each request's drawn token (`drawn`: tokens, sampled and raw logprobs [len(requests)]); log them
+        (`fed`: this step fed each request's previous token, whose routes the log takes), then tell on_token."""
+        tokens, logprobs, raw = (t.tolist() for t in drawn)
         for r, token, lp, raw_lp in zip(requests, tokens, logprobs, raw):
             r.generated.append(token)
             r.logprobs.append(lp)
@@ -310,21 +344,6 @@ class Engine:
         if self._on_token is not None:
             for r in requests:
                 self._on_token(r.index, r.generated[-1])
-
-    def _drawn(self, requests: list[_Request], logits_RV: torch.Tensor) -> tuple[list, list, list]:
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        drawn = sample(
-            logits_RV,
-            column([r.params.temperature for r in requests], torch.float32),
-            column([r.params.top_k for r in requests], torch.long),
-            column([r.params.top_p for r in requests], torch.float32),
-            column([r.seed for r in requests], torch.long),
-            column([len(r.generated) for r in requests], torch.long),
-            truncated=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in requests),
-        )
-        return drawn.tokens_R.tolist(), drawn.sampled_logprob_R.tolist(), drawn.raw_logprob_R.tolist()
 
     def _finish_reason(self, r: _Request) -> str | None:
         p = r.params
@@ -346,6 +365,31 @@ class Engine:
             text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
         routes = {i: torch.cat(chunks) for i, chunks in zip(self.learned_layers, r.routes)}
         return Completion(r.generated, r.logprobs, r.raw_logprobs, r.finish_reason, routes, text, r.resumed)
+
+
+# Guards on nn.Module bookkeeping (hook dicts, attributes absent from a module's __dict__, module types): most of a
+# decode step's dynamo guards, re-checked on every call. The ones that carry meaning stay: module
+# flags and config values (CONSTANT_MATCH / EQUALS_MATCH, e.g. the indexer mode), tensor metadata, identities.
+_BOOKKEEPING_GUARDS = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "TYPE_MATCH"})
+
+
+def _skip_module_bookkeeping_guards(guard_entries) -> list[bool]:
+    return [
+        not (entry.guard_type in _BOOKKEEPING_GUARDS and entry.orig_guard.source.is_unspecialized_nn_module())
+        for entry in guard_entries
+    ]
+
+
+def compile_decode_step(decode_forward: Callable, device: torch.device) -> Callable:
+    """`torch.compile` of one decode step at fixed shapes. Per call a decode step does little work, so the fixed
+    cost per call decides its speed: the graph's dynamo guards are checked without nn.Module bookkeeping (hooks
+    added to the model after the first step are therefore not run by the compiled step), and on the CPU inductor
+    writes its wrapper in C++ rather than Python (`cpp_wrapper`), which leaves out the Python code that launches
+    each kernel; docs/benchmarks.md measures both."""
+    options = {"guard_filter_fn": _skip_module_bookkeeping_guards}
+    if device.type == "cpu":
+        options["cpp_wrapper"] = True
+    return torch.compile(decode_forward, dynamic=False, options=options)
 
 
 def generate_with_engine(

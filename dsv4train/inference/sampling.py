@@ -252,3 +252,37 @@ def sample(
     sampled_logprob_R = processed_RV.log_softmax(dim=-1).gather(-1, tokens_R1).squeeze(-1)
     raw_logprob_R = logits_RV.log_softmax(dim=-1).gather(-1, tokens_R1).squeeze(-1)
     return SampledTokens(tokens_R, torch.where(greedy_R, 0.0, sampled_logprob_R), raw_logprob_R)
+
+
+# ----------------------------------------------------------------------------- one decode step's draw
+SAMPLING_KINDS = ("greedy", "sampled", "truncated")
+
+
+def sampling_kind(params: list[SamplingParams]) -> str:
+    """How much of `sample` a step's rows need: "greedy" (every row temperature 0: the argmax, no noise),
+    "sampled" (no row uses top-k or top-p: no vocabulary sort) or "truncated"."""
+    if all(p.greedy for p in params):
+        return "greedy"
+    return "truncated" if any(p.top_k > 0 or p.top_p < 1.0 for p in params) else "sampled"
+
+
+def draw(
+    kind: str,
+    logits_RV: torch.Tensor,
+    temperature_R: torch.Tensor,
+    top_k_R: torch.Tensor,
+    top_p_R: torch.Tensor,
+    seeds_R: torch.Tensor,
+    counters_R: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample`'s (tokens, sampled logprobs, raw logprobs) for rows of `sampling_kind` `kind`. A greedy step takes
+    the argmax (first index on ties, as `sample` does for greedy rows) and skips the noise and the warpers."""
+    if kind == "greedy":
+        logits_RV = logits_RV.float()
+        tokens_R = logits_RV.argmax(dim=-1)
+        raw_logprob_R = logits_RV.log_softmax(dim=-1).gather(-1, tokens_R.unsqueeze(-1)).squeeze(-1)
+        return tokens_R, torch.zeros_like(raw_logprob_R), raw_logprob_R
+    if kind not in SAMPLING_KINDS:
+        raise ValueError(f"sampling kind must be one of {SAMPLING_KINDS}, got {kind!r}")
+    drawn = sample(logits_RV, temperature_R, top_k_R, top_p_R, seeds_R, counters_R, truncated=kind == "truncated")
+    return drawn.tokens_R, drawn.sampled_logprob_R, drawn.raw_logprob_R

@@ -190,11 +190,12 @@ def test_greedy_completions_equal_transformers_generate():
 
 
 def test_a_compiled_engine_generates_what_the_eager_one_does(model, model64, prompts, greedy_reference, sampled):
-    """compile=True: each decode step is one compiled graph over all 3 slots, the slots no request holds decoding a
-    dummy token. 8 requests queue through 3 slots, so steps run with free slots (after early stops and at the end).
-    Greedy: the full-forward reference's tokens, raw logprobs those of the float64 forward. Sampled: the eager
-    engine's tokens and routes, logprobs to BATCH_LOGPROB_TOL (other kernels, other fp32 summation order). The
-    decode step is traced once into one graph (no break, no recompile)."""
+    """compile=True: each decode step, with its draw, is one compiled graph over all 3 slots, the slots no request
+    holds decoding a dummy token. 8 requests queue through 3 slots, so steps run with free slots (after early stops
+    and at the end). Greedy: the full-forward reference's tokens, raw logprobs those of the float64 forward.
+    Sampled (top-k and top-p): the eager engine's tokens and routes, logprobs to BATCH_LOGPROB_TOL (other kernels,
+    other fp32 summation order). Each of the two sampling kinds is traced once into one graph (no break, no
+    recompile)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -203,7 +204,7 @@ def test_a_compiled_engine_generates_what_the_eager_one_does(model, model64, pro
         engine = Engine(model, max_batch=3, compile=True)
         greedy = engine.generate(prompts, GREEDY)
         drawn = engine.generate(prompts, SAMPLED, seeds=list(range(100, 108)))
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
     assert [c.token_ids for c in greedy] == greedy_reference
     for c, prompt in zip(greedy, prompts):
         logits = float64_logits(model64, prompt + c.token_ids[:-1])[len(prompt) - 1 :]
@@ -215,6 +216,34 @@ def test_a_compiled_engine_generates_what_the_eager_one_does(model, model64, pro
         assert c.raw_logprobs == pytest.approx(eager.raw_logprobs, abs=BATCH_LOGPROB_TOL)
         assert c.routes.keys() == eager.routes.keys()
         assert all(torch.equal(c.routes[i], eager.routes[i]) for i in c.routes)
+
+
+def test_a_compiled_engine_follows_a_switch_of_the_indexer_mode(prompts):
+    """The compiled step keeps dynamo's guards on module flags (engine.py drops only nn.Module bookkeeping guards):
+    switching the CSA layers to the dense indexer after the first compiled step recompiles, and the compiled
+    engine then generates what an eager dense one does. Dense and sparse pick differently on these prompts
+    (checked below, so the comparison can fail)."""
+    from torch._dynamo.utils import counters
+
+    # One CSA layer keeps the two compiles short; the prompts' 30 and 20 tokens give it 5 to 13 compressed entries
+    # at csa_ratio 4 (overlapping windows), more than its top-k of 3.
+    one_csa = sensitive_model(tiny_config(("csa",), vocab_size=VOCAB, max_seq_len=MAX_SEQ_LEN, **SENSITIVE_INIT))
+    long_prompts = [prompts[1], prompts[4]]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(one_csa, max_batch=2, compile=True)
+    sparse = engine.generate(long_prompts, GREEDY)
+    one_csa.set_indexer_mode("dense")
+    dense = engine.generate(long_prompts, GREEDY)
+    assert counters["stats"]["unique_graphs"] == 2
+    eager_dense = Engine(one_csa, max_batch=2).generate(long_prompts, GREEDY)
+    for compiled_dense, eager in zip(dense, eager_dense, strict=True):
+        assert compiled_dense.token_ids == eager.token_ids
+        assert compiled_dense.raw_logprobs == pytest.approx(eager.raw_logprobs, abs=BATCH_LOGPROB_TOL)
+    assert any(
+        s.token_ids != d.token_ids or s.raw_logprobs != pytest.approx(d.raw_logprobs, abs=BATCH_LOGPROB_TOL)
+        for s, d in zip(sparse, dense, strict=True)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sampling
