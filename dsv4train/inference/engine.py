@@ -98,9 +98,10 @@ class Engine:
     dtype; "fp8" stores main entries in FP8 E4M3 (RoPE dims BF16) and indexer keys in FP4, V4's layout (the
     bytes of `models/flops.py`'s formula; models/kv_store.py).
 
-    `compile=True` runs every decode step as one `torch.compile`d graph of fixed shape: all `max_batch` rows
-    every step, the slots no request holds decoding a dummy token at position 0 (their contents are garbage
-    until a prefill fills them, so nothing is lost). The first step compiles (about a minute for the toy flavor
+    `compile=True` runs every decode step, with the draw of its tokens, as one `torch.compile`d graph of fixed
+    shape (one per sampling kind, `sampling.sampling_kind`): all `max_batch` rows every step, the slots no
+    request holds decoding a dummy token at position 0 (their contents are garbage until a prefill fills them,
+    so nothing is lost). The first step compiles (about a minute for the toy flavor
     on 2 CPU cores); later steps skip eager PyTorch's per-operator overhead (`compile_decode_step`: guards without
     nn.Module bookkeeping, so forward hooks added after the first step are not run; a C++ wrapper on the CPU).
     Switching a module flag such as the indexer mode recompiles. Prefill stays eager (its shapes change with
@@ -133,9 +134,12 @@ class Engine:
             model, max_batch, max_len, self.dtype, self.device, cache_dtype
         )
         self.compiled = compile
-        # One compiled decode-and-draw step per sampling kind (three functions, so a kind never recompiles another)
-        steps = (self._decode_greedy, self._decode_sampled, self._decode_truncated) if compile else ()
-        self._compiled_steps = {kind: compile_decode_step(f, self.device) for kind, f in zip(SAMPLING_KINDS, steps)}
+        # One decode-and-draw step per sampling kind; three functions, so that compiled, one kind never recompiles
+        # another (torch.compile keeps one cache per function)
+        steps = (self._decode_greedy, self._decode_sampled, self._decode_truncated)
+        self._decode_steps = {
+            kind: compile_decode_step(f, self.device) if compile else f for kind, f in zip(SAMPLING_KINDS, steps)
+        }
 
     # ------------------------------------------------------------------------------------------ checks
     def check(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
@@ -273,10 +277,7 @@ class Engine:
             torch.tensor(slots, device=self.device),
             torch.tensor(positions, device=self.device),
         )
-        if self.compiled:
-            *drawn, routes_LR1K = self._compiled_steps[kind](*inputs, *settings)
-        else:
-            *drawn, routes_LR1K = self._decode_and_draw(kind, *inputs, *settings)
+        *drawn, routes_LR1K = self._decode_steps[kind](*inputs, *settings)
         routes_LRK = routes_LR1K[:, :, 0].cpu()  # one copy to the host for every layer and row
         for row, r in enumerate(running):
             for chunks, layer_routes_RK in zip(r.routes, routes_LRK):
@@ -295,7 +296,6 @@ class Engine:
         routes_LR1K = torch.stack(routes) if routes else torch.zeros(0, R, 1, k, dtype=torch.long)
         return *draw(kind, logits_RV, *settings), routes_LR1K
 
-    # The compiled steps: one function per sampling kind (torch.compile keeps one cache per function).
     def _decode_greedy(self, *inputs):
         return self._decode_and_draw("greedy", *inputs)
 
@@ -385,7 +385,7 @@ def compile_decode_step(decode_forward: Callable, device: torch.device) -> Calla
     cost per call decides its speed: the graph's dynamo guards are checked without nn.Module bookkeeping (hooks
     added to the model after the first step are therefore not run by the compiled step), and on the CPU inductor
     writes its wrapper in C++ rather than Python (`cpp_wrapper`), which leaves out the Python code that launches
-    each kernel; docs/benchmarks.md measures both."""
+    each kernel (docs/generation.md, "Compiled decode")."""
     options = {"guard_filter_fn": _skip_module_bookkeeping_guards}
     if device.type == "cpu":
         options["cpp_wrapper"] = True
