@@ -3,7 +3,7 @@ in a fresh subprocess on the same machine in the same run. Prints one JSON line 
 with the ratios; `--write-docs` puts it into docs/benchmarks.md.
 
     .venv/bin/python -m bench.grpo_vs_trl MODEL [--task math --steps 6 --prompts 8 --group 8 --max-new-tokens 96
-        --threads 2 --lr 1e-5] [--compile] [--host-malloc keep|system] [--write-docs]
+        --threads 2 --lr 1e-5] [--compile] [--write-docs]
 
 MODEL: an SFT run directory (or any folder `dsv4 grpo` takes as grpo.init). TRL gets the same weights exported to
 transformers' `DeepseekV4ForCausalLM` (`save_hf`, MTP dropped) with the same tokenizer (`write_hf_tokenizer`).
@@ -20,9 +20,7 @@ The same work on both sides:
   rollout batch (TRL: `per_device_train_batch_size` = prompts · G, `num_iterations=1`, `steps_per_generation=1`),
   no load-balancing loss (`router_aux_loss_coef=0`); AdamW at `--lr` on both sides, fp32, `--threads` threads;
 - ours without dynamic sampling (TRL has none, so both train on every group), without evaluation, and in one
-  process (`grpo.ray=false`, like TRL without vLLM: rollout, reward and update share the same threads);
-- the same host allocator setting in both processes, `--host-malloc` (default `keep`: freed memory stays mapped
-  for reuse, what every `dsv4` command does, dsv4train/utils/host_memory.py; `system`: glibc's defaults).
+  process (`grpo.ray=false`, like TRL without vLLM: rollout, reward and update share the same threads).
 
 Measured: the seconds of each step (ours: the controller's `step_s`, split into rollout / reward / train / weight
 sync; TRL: its logged `step_time`, which covers generation, reward, the forward and backward and the optimizer step),
@@ -64,10 +62,6 @@ def _prompts(model_path: str, task: str, n: int, seed: int):
 
 def run_ours(a) -> dict:
     import torch
-
-    from dsv4train.utils.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # as `dsv4 grpo` does; DSV4_HOST_MALLOC comes from --host-malloc
 
     from dsv4train.config.hydra_entry import compose_config
     from dsv4train.posttrain.grpo.controller import grpo
@@ -124,10 +118,6 @@ def run_trl(a) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from dsv4train.utils.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # the same host allocator setting as ours (--host-malloc)
 
     from dsv4train.data.hf_tokenizer import write_hf_tokenizer
     from dsv4train.models.pretrained import save_hf
@@ -224,8 +214,7 @@ def render(ours: dict, trl: dict, a, argv: list[str]) -> str:
         "",
         f"{a.steps} GRPO steps of {a.prompts} prompts × {a.group} completions (task {a.task}, {MODE} mode, difficulty "
         f"{DIFFICULTY}, at most {a.max_new_tokens} new tokens, temperature 1), token-mean loss, β = 0, AdamW lr "
-        f"{a.lr}, fp32, {a.threads} thread(s); ours {'with' if a.compile else 'without'} the compiled decode step; "
-        f"host allocator `{a.host_malloc}` on both sides. "
+        f"{a.lr}, fp32, {a.threads} thread(s); ours {'with' if a.compile else 'without'} the compiled decode step. "
         "bench/grpo_vs_trl.py's docstring says what each side runs and how each number is taken.",
         "",
         "| side | first step s | later steps s (mean) | rollout s | reward s | train s | sync s | samples/s "
@@ -262,9 +251,6 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="ours with the compiled decode step")
-    ap.add_argument(
-        "--host-malloc", choices=("keep", "system"), default="keep", help="both sides' host allocator (docstring)"
-    )
     ap.add_argument("--write-docs", action="store_true", help=f"replace the section of {DOCS_PATH}")
     ap.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # one side, in this process
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -277,7 +263,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for side in ("ours", "trl"):
-            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "DSV4_HOST_MALLOC": a.host_malloc}
+            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
             cmd = [sys.executable, "-m", "bench.grpo_vs_trl", *sys.argv[1:], "--side", side, "--workdir", work]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:

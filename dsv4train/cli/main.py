@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from dsv4train.utils.host_memory import keep_freed_memory
-
 COMMANDS = {  # name -> (module, function taking argv, one-line help)
     "demo": ("dsv4train.cli.demo", "demo_main", "toy-scale pipeline on CPU"),
     "pretrain": ("dsv4train.cli.pretrain", "pretrain_main", "[overrides]: pre-train (Hydra; --cfg job, -m)"),
@@ -56,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in COMMANDS:
         module, func, _ = COMMANDS[cmd]
         try:
-            keep_freed_memory()  # large per-step tensors reuse their pages (utils/host_memory.py)
             return getattr(importlib.import_module(module), func)(rest)
         except Exception as e:  # a user's mistake gets one paragraph and status 2; a bug keeps its traceback
             message = user_error_message(e)
