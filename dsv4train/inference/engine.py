@@ -70,7 +70,9 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     raw_logprobs: list[float] = field(default_factory=list)
-    routes: list[list[torch.Tensor]] = field(default_factory=list)  # per learned layer, chunks [n, k]
+    prefix_routes: list[torch.Tensor] = field(default_factory=list)  # per learned layer [prefilled tokens, k]
+    first_step: int = -1  # the engine's first decode step that fed this request (_StepRoutes), -1 before it
+    routes: dict[int, torch.Tensor] | None = None  # Completion.routes, set when the request finishes
     finish_reason: str | None = None
     text: str | None = None
     resumed: int = 0
@@ -89,7 +91,7 @@ class _Request:
     def restore(self, logged: LoggedRequest) -> None:
         self.generated, self.resumed = list(logged.token_ids), len(logged.token_ids)
         self.logprobs, self.raw_logprobs = list(logged.logprobs), list(logged.raw_logprobs)
-        self.routes = [[p, f] for p, f in zip(logged.prompt_routes, logged.fed_routes)]
+        self.prefix_routes = [torch.cat([p, f]) for p, f in zip(logged.prompt_routes, logged.fed_routes)]
 
 
 class Engine:
@@ -134,6 +136,7 @@ class Engine:
             model, max_batch, max_len, self.dtype, self.device, cache_dtype
         )
         self.compiled = compile
+        self._step_routes = _StepRoutes(max_batch)
         # One decode-and-draw step per sampling kind; three functions, so that compiled, one kind never recompiles
         # another (torch.compile keeps one cache per function)
         steps = (self._decode_greedy, self._decode_sampled, self._decode_truncated)
@@ -220,15 +223,25 @@ class Engine:
         return [self._completion(r) for r in requests]
 
     def _release(self, running: list[_Request], free: list[int], bar) -> list[_Request]:
+        """The requests still running; the finished ones take their routes and free their slots."""
         still = []
         for r in running:
             if r.finish_reason is None:
                 still.append(r)
             else:
+                r.routes = self._routes(r)
                 free.append(r.slot)
                 bar.update(1)
         free.sort()
+        self._step_routes.drop_before(min((r.first_step for r in still if r.first_step >= 0), default=None))
         return still
+
+    def _routes(self, r: _Request) -> dict[int, torch.Tensor]:
+        """Completion.routes: the prefilled tokens' routes, then those of every decode step that fed the request."""
+        decoded_LTK = self._step_routes.of_slot(r.slot, r.first_step)
+        if decoded_LTK is None:
+            return dict(zip(self.learned_layers, r.prefix_routes))
+        return {i: torch.cat([p, d]) for i, p, d in zip(self.learned_layers, r.prefix_routes, decoded_LTK)}
 
     def _prefill_groups(self, joining: list[_Request]) -> list[list[_Request]]:
         """Joining requests cut into prefill forwards of at most max_prefill_tokens padded tokens (at least one
@@ -254,14 +267,14 @@ class Engine:
         last_RV = self.model(ids_RL.to(self.device), cache=step)[:, 0]
         fresh = [row for row, r in enumerate(group) if not r.generated]
         for row in fresh:
-            group[row].routes = [[step.routes[i][row, : lengths[row]].cpu()] for i in self.learned_layers]
+            group[row].prefix_routes = [step.routes[i][row, : lengths[row]].cpu() for i in self.learned_layers]
         fresh_requests = [group[row] for row in fresh]
         if self._wal is not None:
-            self._wal.log_requests([(r.index, r.prompt, r.seed, [c[0] for c in r.routes]) for r in fresh_requests])
+            self._wal.log_requests([(r.index, r.prompt, r.seed, r.prefix_routes) for r in fresh_requests])
         if fresh:
             kind = sampling_kind([r.params for r in fresh_requests])
             drawn = draw(kind, last_RV[fresh], *self._settings(fresh_requests))
-            self._record(fresh_requests, drawn, fed=False)
+            self._record(fresh_requests, drawn)
 
     def _decode(self, running: list[_Request]) -> None:
         tokens = [r.generated[-1] for r in running]
@@ -278,11 +291,11 @@ class Engine:
             torch.tensor(positions, device=self.device),
         )
         *drawn, routes_LR1K = self._decode_steps[kind](*inputs, *settings)
-        routes_LRK = routes_LR1K[:, :, 0].cpu()  # one copy to the host for every layer and row
-        for row, r in enumerate(running):
-            for chunks, layer_routes_RK in zip(r.routes, routes_LRK):
-                chunks.append(layer_routes_RK[row : row + 1])
-        self._record(running, [t[: len(running)] for t in drawn], fed=True)
+        fed_SLK = self._step_routes.append(routes_LR1K[:, :, 0], inputs[1])
+        for r in running:
+            if r.first_step < 0:
+                r.first_step = self._step_routes.count - 1
+        self._record(running, [t[: len(running)] for t in drawn], fed_SLK)
 
     def _decode_and_draw(
         self, kind: str, tokens_R1: torch.Tensor, slots_R: torch.Tensor, positions_R: torch.Tensor, *settings
@@ -324,9 +337,12 @@ class Engine:
             column([len(r.generated) for r in requests], torch.long),
         )
 
-    def _record(self, requests: list[_Request], drawn: Sequence[torch.Tensor], fed: bool) -> None:
+    def _record(
+        self, requests: list[_Request], drawn: Sequence[torch.Tensor], fed_SLK: torch.Tensor | None = None
+    ) -> None:
         """Append each request's drawn token (`drawn`: tokens, sampled and raw logprobs [len(requests)]); log them
-        (`fed`: this step fed each request's previous token, whose routes the log takes), then tell on_token."""
+        (`fed_SLK`: a decode step's routes by slot, of the previous token it fed each request, for the log; None
+        after a prefill), then tell on_token."""
         tokens, logprobs, raw = (t.tolist() for t in drawn)
         for r, token, lp, raw_lp in zip(requests, tokens, logprobs, raw):
             r.generated.append(token)
@@ -337,7 +353,7 @@ class Engine:
             self._wal.log_tokens(
                 [
                     (r.index, len(r.generated) - 1, r.generated[-1], r.logprobs[-1], r.raw_logprobs[-1],
-                     [chunks[-1][0] for chunks in r.routes] if fed else None)
+                     None if fed_SLK is None else fed_SLK[r.slot])
                     for r in requests
                 ]
             )  # fmt: skip
@@ -363,8 +379,42 @@ class Engine:
         text = r.text
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
-        routes = {i: torch.cat(chunks) for i, chunks in zip(self.learned_layers, r.routes)}
+        routes = r.routes if r.routes is not None else self._routes(r)
         return Completion(r.generated, r.logprobs, r.raw_logprobs, r.finish_reason, routes, text, r.resumed)
+
+
+class _StepRoutes:
+    """The routes of the learned-routing layers at every decode step, on the host, by slot: one [slots, layers, k]
+    tensor per step (one copy and one scatter per step, whatever the batch), which a request reads once, when it
+    finishes (`of_slot`): it was fed at every step from its first one on. Steps before the first one a running
+    request needs are dropped (`drop_before`)."""
+
+    def __init__(self, slots: int):
+        self.slots, self.steps, self.base = slots, [], 0  # steps[j] is decode step base + j
+
+    @property
+    def count(self) -> int:
+        return self.base + len(self.steps)
+
+    def append(self, routes_LRK: torch.Tensor, slots_R: torch.Tensor) -> torch.Tensor:
+        """Log one step's routes (row r fed slot slots_R[r]); return them by slot [slots, layers, k]."""
+        L, R, K = routes_LRK.shape
+        by_slot_SLK = torch.empty(self.slots, L, K, dtype=routes_LRK.dtype)
+        by_slot_SLK[slots_R.cpu()] = routes_LRK.cpu().transpose(0, 1)
+        self.steps.append(by_slot_SLK)
+        return by_slot_SLK
+
+    def of_slot(self, slot: int, first: int) -> torch.Tensor | None:
+        """[layers, steps, k]: slot's routes from step `first` to the last; None when it was never decoded."""
+        if first < 0:
+            return None
+        return torch.stack([s[slot] for s in self.steps[first - self.base :]], dim=1)
+
+    def drop_before(self, step: int | None) -> None:
+        """Forget the steps before `step` (None: every step so far)."""
+        step = self.count if step is None else step
+        del self.steps[: max(step - self.base, 0)]
+        self.base = max(self.base, step)
 
 
 # Guards on nn.Module bookkeeping (hook dicts, attributes absent from a module's __dict__, module types): most of a
