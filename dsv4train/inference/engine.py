@@ -398,7 +398,7 @@ class _StepRoutes:
 
     def append(self, routes_LRK: torch.Tensor, slots_R: torch.Tensor) -> torch.Tensor:
         """Log one step's routes (row r fed slot slots_R[r]); return them by slot [slots, layers, k]."""
-        L, R, K = routes_LRK.shape
+        L, _, K = routes_LRK.shape
         by_slot_SLK = torch.empty(self.slots, L, K, dtype=routes_LRK.dtype)
         by_slot_SLK[slots_R.cpu()] = routes_LRK.cpu().transpose(0, 1)
         self.steps.append(by_slot_SLK)

@@ -57,10 +57,10 @@ def run_distributed_test(
 ) -> None:
     """Run fn(rank, world_size, *args) on world_size spawned processes; re-raise the first failure here.
 
-    Started again, up to `attempts` runs in all, in two cases that say nothing about `fn`:
+    Started again, up to `attempts` runs in all, in two cases that need not come from `fn`:
     - the rendezvous port is picked free here but bound later by rank 0; if another process took it meanwhile
       (tests running side by side open many sockets), rank 0 fails with EADDRINUSE before `fn` runs;
-    - a rank killed by a signal (a SIGSEGV inside gloo, seen once in a full `make test` on 2 loaded cores and not
+    - a rank killed by a signal (a SIGSEGV of rank 0 in pp2xcp2-1f1b, seen once in a full `make test` on 2 cores and not
       again in 8 reruns): the rerun is warned about, with the rank's Python stack (faulthandler) in the
       captured stderr, and a crash that repeats fails the test."""
     for attempt in range(attempts):
