@@ -39,7 +39,7 @@ def _worker(rank: int, fn, world_size: int, port: int, backend: str, timeout_s: 
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    faulthandler.enable()  # a rank that crashes (SIGSEGV in a collective) prints its Python stack to the test's stderr
+    faulthandler.enable()  # a rank killed by a signal (a SIGSEGV, say) prints its Python stack to the test's stderr
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
